@@ -1,0 +1,1 @@
+"""Tenants, API keys, limits and the spend ledger (see issue 4)."""

@@ -1,0 +1,1 @@
+"""The `twllm` command line: thin commands over the library packages."""

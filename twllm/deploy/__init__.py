@@ -1,0 +1,1 @@
+"""Spec, plan, placement and (later) the runtime of a twllm deployment."""

@@ -1,0 +1,1 @@
+"""Safety Guard: screening of gateway inputs and outputs (see issue 5)."""

@@ -1,0 +1,1 @@
+"""Plan → LiteLLM proxy config and the gateway settings our hooks read."""

@@ -1,0 +1,133 @@
+"""Render a plan into the files the gateway runs from: LiteLLM's proxy config and our settings.
+
+Both are pure functions of the plan (and the spec, for guard settings) and come out in a stable
+order, so two renders of one spec are byte-identical. Secrets appear only as references:
+``os.environ/VAR`` in the LiteLLM config, variable names in the gateway settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from twllm.deploy.plan import Plan, Route
+from twllm.deploy.spec import Spec
+
+LITELLM_CONFIG = "litellm_config.yaml"
+GATEWAY_SETTINGS = "gateway.json"
+PLAN_FILE = "plan.json"
+SETTINGS_ENV = "TWLLM_GATEWAY_SETTINGS"
+"""The variable through which the gateway process finds gateway.json."""
+
+
+def litellm_config(plan: Plan) -> dict[str, Any]:
+    """The LiteLLM proxy config as a dict."""
+    gw = plan.gateway
+    router: dict[str, Any] = {
+        "routing_strategy": gw.routing_strategy,
+        "num_retries": gw.num_retries,
+        "timeout": gw.request_timeout_s,
+        "retry_after": 0,
+        "cooldown_time": gw.cooldown_s,
+        "allowed_fails": gw.allowed_fails,
+        "enable_pre_call_checks": True,
+    }
+    if gw.fallbacks:
+        router["fallbacks"] = [{name: list(targets)} for name, targets in gw.fallbacks.items()]
+    if any(r.rpm or r.tpm for r in plan.routes):
+        router["optional_pre_call_checks"] = ["enforce_model_rate_limits"]
+    return {
+        "model_list": [_deployment(r, gw.request_timeout_s) for r in plan.routes],
+        "router_settings": router,
+        "litellm_settings": {
+            "drop_params": True,
+            "request_timeout": gw.request_timeout_s,
+            "num_retries": gw.num_retries,
+            "telemetry": False,
+        },
+        "general_settings": {
+            "master_key": f"os.environ/{gw.master_key_env}",
+            "background_health_checks": True,
+            "health_check_interval": gw.health_check_interval_s,
+            "enable_health_check_routing": True,
+            "disable_spend_logs": True,
+            "store_model_in_db": False,
+        },
+    }
+
+
+def _deployment(route: Route, timeout: float) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "model": route.provider_model,
+        "api_base": route.api_base,
+        "timeout": timeout,
+        "input_cost_per_token": route.input_cost_per_token,
+        "output_cost_per_token": route.output_cost_per_token,
+    }
+    if route.api_key_env:
+        params["api_key"] = f"os.environ/{route.api_key_env}"
+    if route.rpm:
+        params["rpm"] = route.rpm
+    if route.tpm:
+        params["tpm"] = route.tpm
+    info: dict[str, Any] = {
+        "id": route.deployment_id,
+        "mode": "embedding" if route.task == "embed" else "chat",
+        "input_cost_per_token": route.input_cost_per_token,
+        "output_cost_per_token": route.output_cost_per_token,
+        "twllm_engine": route.engine_id,
+        "twllm_currency": route.currency,
+    }
+    if route.max_input_tokens:
+        info["max_input_tokens"] = route.max_input_tokens
+    return {"model_name": route.model_name, "litellm_params": params, "model_info": info}
+
+
+def gateway_settings(plan: Plan, spec: Spec) -> dict[str, Any]:
+    """What our hooks inside the gateway read (never prod.yaml itself)."""
+    models: dict[str, Any] = {}
+    for route in plan.routes:
+        entry = models.setdefault(route.model_name, {
+            "task": route.task,
+            "price": {
+                "input_per_token": route.input_cost_per_token,
+                "output_per_token": route.output_cost_per_token,
+                "currency": route.currency,
+            },
+            "deployments": [],
+        })
+        entry["deployments"].append(route.deployment_id)
+    return {
+        "name": plan.name,
+        "spec_file": plan.spec_file,
+        "master_key_env": plan.gateway.master_key_env,
+        "database": {
+            "embedded": plan.database.embedded,
+            "url_env": plan.database.url_env,
+            "url": plan.database.url,
+        },
+        "guard": spec.guard.model_dump(mode="json"),
+        "models": models,
+    }
+
+
+def render(plan: Plan, spec: Spec, out: Path) -> list[Path]:
+    """Write the LiteLLM config, gateway settings and plan into ``out``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        LITELLM_CONFIG: "# Rendered by twllm from the deployment spec; edit the spec, not this file.\n"
+        + yaml.safe_dump(litellm_config(plan), sort_keys=False, allow_unicode=True),
+        GATEWAY_SETTINGS: json.dumps(gateway_settings(plan, spec), indent=2, ensure_ascii=False) + "\n",
+        PLAN_FILE: json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) + "\n",
+    }
+    written = []
+    for name, text in files.items():
+        path = out / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        written.append(path)
+    return written
