@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 import traceback
 
-import click
 import typer
+# typer 0.29 vendors click as typer._click; its exceptions are not the `click` package's.
+from typer._click import exceptions as click_errors
 from rich.console import Console
 
 from twllm import __version__
@@ -67,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         report(error)
         return error.exit_code
-    except click.exceptions.Exit as exit_:
-        return exit_.exit_code
-    except click.ClickException as error:
+    except typer.Exit as exit_:
+        return getattr(exit_, "exit_code", 0)
+    except click_errors.ClickException as error:
         error.show()
         return EXIT_INVALID
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         stderr.print("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -17,14 +17,31 @@ _PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.*)$", re.S)
 
 def issues_from_validation(exc: ValidationError, source: SpecSource, root: type[BaseModel]) -> list[SpecIssue]:
     """One SpecIssue per pydantic error, sorted by line."""
-    issues = []
+    issues: dict[Path_, SpecIssue] = {}
+    union_misses: dict[Path_, list[str]] = {}
     for err in exc.errors(include_url=False):
         loc = _clean_loc(err["loc"], source)
-        message = _message(err, loc, root)
-        if err["type"] == "value_error":
-            loc, message = _refine(loc, message, source)
-        issues.append(SpecIssue(source.file, source.line_of(loc), format_path(loc), message))
-    return sorted(issues, key=lambda i: (i.line or 0, i.path))
+        member = _union_member(err["loc"], loc)
+        if member is not None:
+            # A value that matches none of a union's types: one issue, not one per type.
+            union_misses.setdefault(loc, []).append(member)
+            message = f"has the wrong type ({type(err.get('input')).__name__}); expected one of: " \
+                      + ", ".join(union_misses[loc])
+        else:
+            message = _message(err, loc, root)
+            if err["type"] == "value_error":
+                loc, message = _refine(loc, message, source)
+            if loc in issues:
+                message = f"{issues[loc].message}; {message}"
+        issues[loc] = SpecIssue(source.file, source.line_of(loc), format_path(loc), message)
+    return sorted(issues.values(), key=lambda i: (i.line or 0, i.path))
+
+
+def _union_member(raw: tuple, cleaned: Path_) -> str | None:
+    """The union member a pydantic error was raised for, when its location names one."""
+    dropped = [p for p in raw if isinstance(p, str) and p not in cleaned]
+    members = [p for p in dropped if p in _UNION_MEMBERS or p.startswith("list[")]
+    return members[-1] if members else None
 
 
 _UNION_MEMBERS = {"bool", "int", "float", "str"}

@@ -52,6 +52,11 @@ def _env_secret(value: Any) -> SecretRef:
     if isinstance(value, SecretRef):
         return value
     if isinstance(value, EnvStr):
+        if value.has_default:
+            raise ValueError(
+                f"a secret cannot have a default in the spec file: write ${{{value.var}}} "
+                "and set the variable"
+            )
         if not value:
             raise ValueError(f"environment variable {value.var} is empty")
         return SecretRef(value.var, str(value))

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.scalarbool import ScalarBoolean
 
 from twllm.errors import SpecError, SpecIssue
 
@@ -31,10 +32,12 @@ class EnvStr(str):
     """A string that came from exactly one ``${VAR}`` reference; remembers the variable."""
 
     var: str
+    has_default: bool
 
-    def __new__(cls, value: str, var: str) -> "EnvStr":
+    def __new__(cls, value: str, var: str, has_default: bool = False) -> "EnvStr":
         obj = super().__new__(cls, value)
         obj.var = var
+        obj.has_default = has_default
         return obj
 
 
@@ -126,7 +129,7 @@ def _walk(node: Any, path: Path_, src: SpecSource, env: Mapping[str, str], issue
         return items
     if isinstance(node, str):
         return _interpolate(str(node), path, src, env, issues)
-    if isinstance(node, bool):
+    if isinstance(node, (bool, ScalarBoolean)):  # an anchored boolean is a ScalarBoolean (an int)
         return bool(node)
     if isinstance(node, int):
         return int(node)
@@ -159,5 +162,5 @@ def _interpolate(text: str, path: Path_, src: SpecSource, env: Mapping[str, str]
         ))
     if whole:
         src.env_refs[path] = whole.group(1)
-        return EnvStr(result, whole.group(1))
+        return EnvStr(result, whole.group(1), whole.group(2) is not None)
     return result

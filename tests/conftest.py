@@ -1,0 +1,42 @@
+"""Fixtures shared by every test tier.
+
+Every test starts from a clean environment: no ``TWLLM_*`` variable and no ``DATABASE_URL`` from
+the developer's shell leaks in, and numeric libraries use one thread.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+MASTER_KEY = "sk-test-master"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove every TWLLM_* variable and DATABASE_URL; set OMP_NUM_THREADS=1."""
+    for name in list(os.environ):
+        if name.startswith("TWLLM_") or name == "DATABASE_URL":
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def spec_env() -> dict[str, str]:
+    """An environment mapping for parse_spec/load_spec with a valid master key."""
+    return {"TWLLM_MASTER_KEY": MASTER_KEY}
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path) -> Callable[..., Path]:
+    """write_spec(text, name="spec.yaml") -> the path of a spec file under tmp_path."""
+
+    def write(text: str, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
