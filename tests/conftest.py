@@ -14,6 +14,10 @@ import pytest
 
 MASTER_KEY = "sk-test-master"
 
+# LiteLLM fetches a price list from GitHub when imported unless told not to; tests run offline.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,6 +78,9 @@ def _deployment(route: Route, timeout: float) -> dict[str, Any]:
         "mode": "embedding" if route.task == "embed" else "chat",
         "input_cost_per_token": route.input_cost_per_token,
         "output_cost_per_token": route.output_cost_per_token,
+        # Prompt tokens served from vLLM's prefix cache cost tenants the same as any others.
+        "cache_read_input_token_cost": route.input_cost_per_token,
+        "cache_creation_input_token_cost": route.input_cost_per_token,
         "twllm_engine": route.engine_id,
         "twllm_currency": route.currency,
     }
