@@ -13,7 +13,11 @@ VARIABLES: dict[str, str] = {
     "TWLLM_DEBUG": "Set to 1 to show tracebacks (same as --debug).",
     "TWLLM_MASTER_KEY": "The gateway's admin key, by convention referenced from the spec.",
     "TWLLM_GATEWAY_SETTINGS": "Path of gateway.json; set by the supervisor for the gateway's hooks.",
+    "TWLLM_ENGINES_DIR": "Where `twllm engines install` puts engine environments (default $XDG_DATA_HOME/twllm/engines).",
+    "TWLLM_MODELS_DIR": "Where locally built models live (the demo chat model, copies of packaged models); default ~/.cache/twllm/models.",
+    "TWLLM_OLLAMA_BIN": "The ollama executable (default: `ollama` on PATH).",
     "XDG_STATE_HOME": "Base of the default per-user state directory (~/.local/state).",
+    "XDG_DATA_HOME": "Base of the default engines directory (~/.local/share).",
 }
 
 
@@ -25,13 +29,20 @@ class Settings:
     gpus: int | None
     debug: bool
     state_home: Path
+    engines_dir: Path
+    models_dir: Path
+    ollama_bin: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
         gpus = env.get("TWLLM_GPUS")
         home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
         return cls(
+            engines_dir=Path(env.get("TWLLM_ENGINES_DIR") or Path(data) / "twllm" / "engines").expanduser(),
+            models_dir=Path(env.get("TWLLM_MODELS_DIR") or Path.home() / ".cache" / "twllm" / "models").expanduser(),
+            ollama_bin=env.get("TWLLM_OLLAMA_BIN") or "ollama",
             state_dir=Path(env["TWLLM_STATE_DIR"]) if env.get("TWLLM_STATE_DIR") else None,
             gpus=int(gpus) if gpus and gpus.isdigit() else None,
             debug=env.get("TWLLM_DEBUG", "") not in ("", "0", "false"),
