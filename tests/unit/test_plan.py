@@ -224,3 +224,12 @@ def test_examples_plan(monkeypatch):
     local = make_plan(load_spec(root / "local.yaml", env), GpuInventory(0), STATE)
     assert {e.device for e in local.engines} == {"cpu"}
     assert {r.task for r in local.routes} == {"chat", "embed"}
+
+
+def test_plan_round_trips_through_json():
+    from twllm.deploy.plan import plan_from_dict
+
+    plan = plan_of(
+        "  - {name: a, model: llama-3.1-8b-instruct, replicas: 2}\n"
+        "  - {name: phi, model: phi-4-mini-instruct, engine: ollama}\n")
+    assert plan_from_dict(json.loads(json.dumps(plan.to_dict()))) == plan

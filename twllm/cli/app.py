@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        from twllm.cli import commands  # noqa: F401  (registers the commands)
+        from twllm.cli import commands, runtime_cmds  # noqa: F401  (registers the commands)
 
         command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="twllm", standalone_mode=False)

@@ -44,6 +44,7 @@ class EngineProcess:
     gpus: tuple[int, ...]
     ready_url: str
     """Polled until it lists the served models."""
+    start_timeout_s: float = 900.0
     provision: tuple[dict[str, str], ...] = ()
     """Ollama only: models to pull or create before the engine counts as ready."""
 
@@ -83,6 +84,10 @@ class GatewayPlan:
     allowed_fails: int
     health_check_interval_s: int
     fallbacks: dict[str, list[str]]
+    start_timeout_s: float = 180.0
+    probe_model: str | None = None
+    """A chat model the readiness check asks through the gateway (None: embeddings only)."""
+    probe_embed_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class DatabasePlan:
 
     embedded: bool
     data_dir: str | None
+    port: int | None
+    """Port of the embedded server (127.0.0.1)."""
     url_env: str | None
     url: str | None
     """A literal URL without a password (secrets are only referenced through url_env)."""
@@ -109,6 +116,8 @@ class Plan:
     engines: tuple[EngineProcess, ...]
     routes: tuple[Route, ...]
     notes: tuple[str, ...] = field(default=())
+    vllm_python: str | None = None
+    """The spec's engines.vllm_python, if it names one."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +131,8 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
     spec = loaded.spec
     placements = place_replicas(loaded.models, inventory)
     ports = _PortAllocator(spec.engines.port_base, reserved={spec.gateway.port: "gateway"})
+    if spec.database.url is None:
+        ports.reserve("database", spec.database.port)
     for model in loaded.models:
         if model.engine == "vllm" and model.spec.port is not None:
             for replica in range(model.spec.replicas):
@@ -139,7 +150,8 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
             engine_id = f"vllm-{model.name}-{replica}"
             port = ports.take(engine_id)
             gpus = placements.get((model.name, replica), ())
-            engines.append(_vllm_process(engine_id, model, spec.engines.host, port, gpus))
+            engines.append(_vllm_process(engine_id, model, spec.engines.host, port, gpus,
+                                         spec.engines.start_timeout_s))
             routes.append(_route(model, engine_id, f"{engine_id}", f"hosted_vllm/{model.name}",
                                  f"http://{_connect_host(spec.engines.host)}:{port}/v1", ENGINE_KEY_ENV))
 
@@ -178,16 +190,21 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
             routing_strategy=gw.routing_strategy, cooldown_s=gw.cooldown_s,
             allowed_fails=gw.allowed_fails, health_check_interval_s=gw.health_check_interval_s,
             fallbacks=dict(sorted(fallbacks.items())),
+            start_timeout_s=gw.start_timeout_s,
+            probe_model=next((m.name for m in loaded.models if m.task == "chat"), None),
+            probe_embed_model=next((m.name for m in loaded.models if m.task == "embed"), None),
         ),
         database=DatabasePlan(
             embedded=db.url is None,
             data_dir=str(state_dir / "postgres") if db.url is None else None,
+            port=db.port if db.url is None else None,
             url_env=db.url.var if db.url is not None else None,
             url=db.url.reveal() if db.url is not None and db.url.var is None else None,
         ),
         engines=tuple(engines),
         routes=tuple(routes),
         notes=tuple(notes),
+        vllm_python=str(spec.engines.vllm_python.expanduser()) if spec.engines.vllm_python else None,
     )
 
 
@@ -215,7 +232,8 @@ def _share(limit: int | None, replicas: int) -> int | None:
     return None if limit is None else max(1, limit // replicas)
 
 
-def _vllm_process(engine_id: str, model: ResolvedModel, host: str, port: int, gpus: tuple[int, ...]) -> EngineProcess:
+def _vllm_process(engine_id: str, model: ResolvedModel, host: str, port: int, gpus: tuple[int, ...],
+                  start_timeout_s: float) -> EngineProcess:
     spec = model.spec
     argv: list[str] = ["vllm", "serve", model.weights, "--served-model-name", model.name,
                        "--host", host, "--port", str(port)]
@@ -252,7 +270,7 @@ def _vllm_process(engine_id: str, model: ResolvedModel, host: str, port: int, gp
         id=engine_id, engine="vllm", device=model.device, models=(model.name,), argv=tuple(argv),
         env=dict(sorted(env.items())), secret_env={"VLLM_API_KEY": ENGINE_KEY_ENV},
         host=host, port=port, gpus=tuple(gpus),
-        ready_url=f"http://{_connect_host(host)}:{port}/v1/models",
+        ready_url=f"http://{_connect_host(host)}:{port}/v1/models", start_timeout_s=start_timeout_s,
     )
 
 
@@ -298,7 +316,7 @@ def _ollama_process(models: list[ResolvedModel], spec: Any, port: int, state_dir
         id="ollama", engine="ollama", device="cpu", models=tuple(m.name for m in models),
         argv=("ollama", "serve"), env=dict(sorted(env.items())), secret_env={},
         host="127.0.0.1", port=port, gpus=(), ready_url=f"http://127.0.0.1:{port}/api/tags",
-        provision=provision,
+        provision=provision, start_timeout_s=spec.engines.start_timeout_s,
     )
 
 
@@ -327,3 +345,19 @@ class _PortAllocator:
             raise PlanError("ran out of ports above engines.port_base")
         self.used[self.next] = owner
         return self.next
+
+
+def plan_from_dict(data: dict[str, Any]) -> Plan:
+    """Rebuild a Plan from its JSON form (plan.json in the state directory)."""
+    def engine(e: dict[str, Any]) -> EngineProcess:
+        return EngineProcess(**{**e, "models": tuple(e["models"]), "argv": tuple(e["argv"]),
+                                "gpus": tuple(e["gpus"]), "provision": tuple(e.get("provision", ()))})
+
+    return Plan(
+        name=data["name"], spec_file=data.get("spec_file"), state_dir=data["state_dir"],
+        gpus_total=data["gpus_total"], gateway=GatewayPlan(**data["gateway"]),
+        database=DatabasePlan(**data["database"]),
+        engines=tuple(engine(e) for e in data["engines"]),
+        routes=tuple(Route(**r) for r in data["routes"]),
+        notes=tuple(data.get("notes", ())), vllm_python=data.get("vllm_python"),
+    )

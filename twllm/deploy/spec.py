@@ -56,6 +56,8 @@ class GatewaySpec(_Model):
     """Seconds between background health checks of every deployment."""
     fallbacks: dict[str, list[str]] = {}
     """Model name -> models tried in order when it fails, for every model at once."""
+    start_timeout_s: float = Field(180.0, gt=0, le=3600)
+    """Seconds the gateway may take to answer its first request at deploy."""
 
     @model_validator(mode="after")
     def _key_prefix(self) -> "GatewaySpec":
@@ -73,6 +75,8 @@ class DatabaseSpec(_Model):
     url: DatabaseUrl | None = None
     """PostgreSQL URL, as ${VAR} when it holds a password. Omit it for an embedded
     PostgreSQL inside the state directory."""
+    port: Port = 15432
+    """Port of the embedded PostgreSQL (bound to 127.0.0.1); unused with `url`."""
 
 
 class LlamaGuardSpec(_Model):
@@ -169,8 +173,10 @@ class EnginesSpec(_Model):
     port_base: Port = 8100
     """First port handed to vLLM processes; later ones count up from it."""
     vllm_python: Path | None = None
-    """Python of an existing environment with vLLM installed; twllm's own one is used
-    when omitted."""
+    """Python of an existing environment with vLLM installed; when omitted, the one
+    `twllm engines install` made for the model's device."""
+    start_timeout_s: float = Field(900.0, gt=0, le=7200)
+    """Seconds an engine may take to load its model (downloads included)."""
 
 
 class HardwareSpec(_Model):

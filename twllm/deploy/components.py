@@ -1,0 +1,90 @@
+"""Components: the plan's processes (database, engines, gateway) as uniform things to supervise.
+
+Each component knows how to launch itself, how to tell it is ready, what to provision once it
+answers, and a fingerprint of everything that would make a running copy stale. The supervisor
+treats them all alike, in order: database, engines, gateway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from twllm.deploy.engines.base import Launch, Progress, RuntimeContext, driver_for
+from twllm.deploy.gateway import gateway_launch, gateway_ready
+from twllm.deploy.plan import Plan
+from twllm.litellm_config.render import GATEWAY_SETTINGS, LITELLM_CONFIG
+
+DATABASE_START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Component:
+    """One supervised process."""
+
+    name: str
+    kind: str
+    """database | engine | gateway (also the start order)."""
+    port: int | None
+    start_timeout_s: float
+    launch: Callable[[], Launch]
+    ready: Callable[[], bool]
+    provision: Callable[[Progress], None] = lambda progress: None
+    prepare: Callable[[], None] = lambda: None
+    """Run once before every launch (e.g. initdb); may raise RuntimeFailure."""
+    after_ready: Callable[[], None] = lambda: None
+    fingerprint: str = ""
+    stop_timeout_s: float = 15.0
+    log_name: str = field(default="")
+
+    def __post_init__(self) -> None:
+        self.log_name = self.log_name or self.name
+
+
+KIND_ORDER = {"database": 0, "engine": 1, "gateway": 2}
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Component]:
+    """Every component of ``plan``, in start order."""
+    components: list[Component] = []
+    if plan.database.embedded:
+        components.append(_database(plan, ctx))
+    for proc in plan.engines:
+        driver = driver_for(proc.engine)
+        components.append(Component(
+            name=proc.id, kind="engine", port=proc.port, start_timeout_s=proc.start_timeout_s,
+            launch=lambda proc=proc, driver=driver: driver.launch(proc, ctx),
+            ready=lambda proc=proc, driver=driver: driver.ready(proc, ctx),
+            provision=lambda progress, proc=proc, driver=driver: driver.provision(proc, ctx, progress),
+            fingerprint=_digest(proc.argv, proc.env, proc.secret_env, proc.provision, str(ctx.vllm_python)),
+        ))
+    gw = plan.gateway
+    master_key = ctx.secrets[gw.master_key_env]
+    config_text = [(rendered / name).read_text() if (rendered / name).exists() else ""
+                   for name in (LITELLM_CONFIG, GATEWAY_SETTINGS)]
+    components.append(Component(
+        name="gateway", kind="gateway", port=gw.port, start_timeout_s=gw.start_timeout_s,
+        launch=lambda: gateway_launch(gw, rendered, ctx.secrets),
+        ready=lambda: gateway_ready(gw, master_key),
+        fingerprint=_digest(gw, config_text, hashlib.sha256(master_key.encode()).hexdigest()),
+        stop_timeout_s=20.0,
+    ))
+    return components
+
+
+def _database(plan: Plan, ctx: RuntimeContext) -> Component:
+    from twllm.deploy.database import EmbeddedPostgres
+
+    db = EmbeddedPostgres(Path(plan.database.data_dir or ctx.state_dir / "postgres"), plan.database.port or 15432)
+    return Component(
+        name="database", kind="database", port=plan.database.port, start_timeout_s=DATABASE_START_TIMEOUT_S,
+        launch=db.launch, ready=db.ready, prepare=db.initialize, after_ready=db.ensure_database,
+        fingerprint=_digest(plan.database), stop_timeout_s=30.0,
+    )

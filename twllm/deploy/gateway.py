@@ -1,0 +1,64 @@
+"""The gateway component: the LiteLLM proxy started from the rendered config, with our hooks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import httpx
+
+from twllm.deploy.engines.base import Launch
+from twllm.deploy.plan import ENGINE_KEY_ENV, GatewayPlan
+from twllm.litellm_config.render import GATEWAY_SETTINGS, LITELLM_CONFIG, SETTINGS_ENV
+
+PROBE_TEXT = "ping"
+
+
+def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str]) -> Launch:
+    """The LiteLLM proxy command, run with twllm's own Python so our hooks import."""
+    argv = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(rendered / LITELLM_CONFIG),
+            "--host", gw.host, "--port", str(gw.port), "--num_workers", str(gw.workers)]
+    if gw.workers > 1:
+        # gunicorn loads the app once and forks: ~13 s to start 2 workers instead of ~28 s with
+        # uvicorn's supervisor, which also kills workers slower than 5 s to import.
+        argv.append("--run_gunicorn")
+    env = {
+        SETTINGS_ENV: str(rendered / GATEWAY_SETTINGS),
+        # Prices come from the spec; never fetch LiteLLM's price list at start.
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_OFFLINE_MODE": "true",
+        "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true",
+        "PYTHONUNBUFFERED": "1",
+        gw.master_key_env: secrets[gw.master_key_env],
+        ENGINE_KEY_ENV: secrets[ENGINE_KEY_ENV],
+    }
+    return Launch(argv=argv, env=env, cwd=rendered)
+
+
+def gateway_ready(gw: GatewayPlan, master_key: str, timeout: float = 30.0) -> bool:
+    """True once a real request through the gateway succeeds (a chat, else an embedding)."""
+    base = gw.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {master_key}"}
+    try:
+        if gw.probe_model is not None:
+            body = {"model": gw.probe_model, "max_tokens": 1, "temperature": 0,
+                    "messages": [{"role": "user", "content": PROBE_TEXT}]}
+            reply = httpx.post(f"{base}/chat/completions", json=body, headers=headers, timeout=timeout, trust_env=False)
+        elif gw.probe_embed_model is not None:
+            body = {"model": gw.probe_embed_model, "input": PROBE_TEXT}
+            reply = httpx.post(f"{base}/embeddings", json=body, headers=headers, timeout=timeout, trust_env=False)
+        else:
+            reply = httpx.get(f"{base}/models", headers=headers, timeout=timeout, trust_env=False)
+    except httpx.HTTPError:
+        return False
+    return reply.status_code == 200
+
+
+def gateway_listening(gw: GatewayPlan) -> bool:
+    """True once the proxy answers its liveness route (before engines are asked)."""
+    try:
+        url = gw.url.rstrip("/").removesuffix("/v1") + "/health/liveliness"
+        return httpx.get(url, timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
