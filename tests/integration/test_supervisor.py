@@ -84,7 +84,7 @@ def test_order_readiness_restart_and_stop(tmp_path, ports, monkeypatch):
     db, engine, gateway = ports
     stopped: list[int] = []
     real_stop = supervisor_mod.stop_group
-    monkeypatch.setattr(supervisor_mod, "stop_group", lambda pgid, t, proc=None: (stopped.append(pgid), real_stop(pgid, t, proc)))
+    monkeypatch.setattr(supervisor_mod, "stop_group", lambda pgid, t, proc=None, sig=15: (stopped.append(pgid), real_stop(pgid, t, proc, sig)))
 
     def factory(plan, ctx, rendered):
         return [http_server("database", "database", db), http_server("vllm-m-0", "engine", engine),

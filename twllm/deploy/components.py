@@ -8,6 +8,7 @@ treats them all alike, in order: database, engines, gateway.
 from __future__ import annotations
 
 import hashlib
+import signal
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class Component:
     after_ready: Callable[[], None] = lambda: None
     fingerprint: str = ""
     stop_timeout_s: float = 15.0
+    stop_signal: int = signal.SIGTERM
     log_name: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -80,11 +82,12 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
 
 
 def _database(plan: Plan, ctx: RuntimeContext) -> Component:
-    from twllm.deploy.database import EmbeddedPostgres
+    from twllm.deploy.database import STOP_SIGNAL, EmbeddedPostgres
 
     db = EmbeddedPostgres(Path(plan.database.data_dir or ctx.state_dir / "postgres"), plan.database.port or 15432)
     return Component(
         name="database", kind="database", port=plan.database.port, start_timeout_s=DATABASE_START_TIMEOUT_S,
         launch=db.launch, ready=db.ready, prepare=db.initialize, after_ready=db.ensure_database,
         fingerprint=_digest(plan.database), stop_timeout_s=30.0,
+        stop_signal=STOP_SIGNAL,  # SIGINT: a fast shutdown that does not wait for clients
     )

@@ -120,6 +120,8 @@ class EmbeddedPostgres:
             fresh = True
         self._check_socket_path()
         user = _run_as(create=True)
+        if not fresh:
+            _check_owner(self.data_dir, user)
         try:
             if user is not None:
                 _grant_search(bin_dir.parent)
@@ -317,6 +319,18 @@ def _run_as(*, create: bool) -> _User | None:
     return _User(entry.pw_uid, entry.pw_gid)
 
 
+def _check_owner(data_dir: Path, user: _User | None) -> None:
+    """PostgreSQL only starts on a data directory that its own user owns; say so before it fails."""
+    owner = data_dir.stat().st_uid
+    expected = user.uid if user is not None else os.geteuid()
+    if owner != expected:
+        runs_as = f"the system user {ROOT_RUN_AS!r}" if user is not None else "the user running twllm"
+        raise RuntimeFailure(
+            f"the embedded database {data_dir} belongs to uid {owner}, but PostgreSQL runs as {runs_as}",
+            hint=f"run twllm as the user who created it, or chown -R {expected} {data_dir}",
+        )
+
+
 def _grant_search(path: Path) -> None:
     """Let other users traverse ``path`` and every folder above it (o+x; no listing)."""
     for folder in (path, *path.parents):
@@ -326,17 +340,17 @@ def _grant_search(path: Path) -> None:
 
 
 def _prepare_socket_dir(socket_dir: Path, user: _User | None) -> None:
-    """Create the socket folder, refusing one that someone else owns (it may sit in /tmp)."""
+    """Create the socket folder, refusing one someone else made (it may sit in a shared /tmp)."""
     socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     owner = user.uid if user is not None else os.geteuid()
-    if user is not None:
-        os.chown(socket_dir, user.uid, user.gid)
     info = socket_dir.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != owner:
-        raise RuntimeFailure(f"the socket folder {socket_dir} belongs to another user",
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in {owner, os.geteuid()}:
+        raise RuntimeFailure(f"the socket folder {socket_dir} is not a folder of this user",
                              hint="remove it, or choose another socket folder")
     if user is not None:
+        os.chown(socket_dir, user.uid, user.gid)
         _grant_search(socket_dir.parent)
+    socket_dir.chmod(0o700)
 
 
 def _run(argv: list[str], user: _User | None, stdin: str | None = None) -> str:
@@ -349,8 +363,8 @@ def _run(argv: list[str], user: _User | None, stdin: str | None = None) -> str:
         raise RuntimeFailure(f"{Path(argv[0]).name} could not run: {exc}", hint=_INSTALL_HINT) from exc
     output = done.stdout + done.stderr
     if done.returncode != 0:
-        who = f" (as the system user {ROOT_RUN_AS!r}, who must reach the binaries and the data)" if user else ""
-        raise RuntimeFailure(f"{Path(argv[0]).name} failed{who}: {_tail(output)}",
+        who = f" (as the system user {ROOT_RUN_AS!r}, who must reach the binaries and the data)"
+        raise RuntimeFailure(f"{Path(argv[0]).name} failed{who if user else ''}: {_tail(output)}",
                              hint="check that the state directory is writable and has free space")
     return output
 

@@ -311,7 +311,7 @@ class Supervisor:
         proc = run.proc
         if proc is None:
             return
-        stop_group(proc.pid, run.comp.stop_timeout_s, proc)
+        stop_group(proc.pid, run.comp.stop_timeout_s, proc, run.comp.stop_signal)
         run.proc = None
         run.state.pid = None
         if run.log:
@@ -334,10 +334,11 @@ class Supervisor:
         self.sd.write_state(self.state)
 
 
-def stop_group(pgid: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """SIGTERM a process group, SIGKILL it after ``timeout``; reap ``proc`` if it is ours."""
+def stop_group(pgid: int, timeout: float, proc: subprocess.Popen | None = None,
+               sig: int = signal.SIGTERM) -> None:
+    """Signal a process group (SIGTERM unless told), SIGKILL it after ``timeout``; reap ``proc``."""
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout
