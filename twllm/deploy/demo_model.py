@@ -122,8 +122,8 @@ def build_demo_models(
 def script_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The build script's environment: offline, one thread, nothing of twllm's Python leaking in."""
     env = dict(os.environ if base is None else base)
-    # PYTHONPATH/PYTHONHOME of twllm's environment would mix its packages into the engine's.
-    for name in ("PYTHONPATH", "PYTHONHOME"):
+    # These would tie the engine's interpreter to twllm's own venv and mix its packages in.
+    for name in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
         env.pop(name, None)
     env.update({
         "OMP_NUM_THREADS": "1",  # tiny models: more threads only add synchronisation (FACTS.md)

