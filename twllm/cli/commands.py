@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from twllm.cli.app import app
+from twllm.cli.output import table as _table
 from twllm.deploy.hardware import inventory
 from twllm.deploy.plan import Plan, make_plan
 from twllm.deploy.resolve import LoadedSpec, load_spec
@@ -32,21 +32,6 @@ app.add_typer(models_app, name="models")
 
 def _emit_json(document: object) -> None:
     typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
-
-
-def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    """A rich table on a terminal; aligned plain text when stdout is a pipe or file."""
-    if stdout.is_terminal:
-        table = Table()
-        for column in columns:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*row)
-        stdout.print(table)
-        return
-    widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows)]
-    for row in (columns, *rows):
-        typer.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
 def _state_dir(loaded: LoadedSpec, flag: Path | None) -> Path:

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from twllm.cli.output import table
 from twllm.deploy.engines.envs import RECIPES, engines_root, env_record, install_engine, install_steps, list_engines
 
 engines_app = typer.Typer(
@@ -77,14 +77,4 @@ def list_(json_out: bool = JSON) -> None:
     columns = ("name", "version", "ok", "path", "problem")
     rows = [tuple("yes" if r[c] is True else "no" if r[c] is False else str(r[c] or "")
                   for c in columns) for r in records]
-    if stdout.is_terminal:
-        table = Table()
-        for column in columns:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*row)
-        stdout.print(table)
-        return
-    widths = [max(len(x) for x in col) for col in zip(columns, *rows)]
-    for row in (columns, *rows):
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    table(columns, rows)

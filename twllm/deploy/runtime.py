@@ -73,6 +73,14 @@ def preflight(loaded: LoadedSpec, plan: Plan, sd: StateDir) -> None:
                 problems.append(f"no vLLM environment for device {device}: run `twllm engines install {name}`")
     elif plan.vllm_python and not Path(plan.vllm_python).exists():
         problems.append(f"engines.vllm_python: {plan.vllm_python} does not exist")
+    if not plan.database.embedded:
+        from twllm.deploy.database import check_external
+
+        url = plan.database.url or os.environ.get(plan.database.url_env or "", "")
+        try:
+            check_external(url)
+        except TwllmError as exc:
+            problems.append(f"database: {exc.message}")
     ours = _ports_held_by_us(sd)
     wanted = [("gateway", plan.gateway.host, plan.gateway.port)]
     wanted += [(e.id, e.host, e.port) for e in plan.engines]

@@ -1,0 +1,23 @@
+"""Output helpers shared by commands: tables that read well on a terminal and in a pipe."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A rich table on a terminal; aligned plain text when stdout is a pipe or file."""
+    console = Console(highlight=False, soft_wrap=True)
+    if console.is_terminal:
+        rich_table = Table()
+        for column in columns:
+            rich_table.add_column(column)
+        for row in rows:
+            rich_table.add_row(*row)
+        console.print(rich_table)
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows)]
+    for row in (columns, *rows):
+        typer.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
