@@ -216,10 +216,16 @@ def test_killed_engine_is_restarted_and_serves_again(stack):
     assert len(vec) == 384
 
 
-def test_logs_command_shows_the_component_log(stack):
+def test_logs_show_each_component_and_no_secret_anywhere(stack):
     result = twllm("logs", "gateway", "--state-dir", str(stack["state"]), "-n", "20")
     assert result.returncode == 0 and result.stdout.strip()
     assert MASTER not in result.stdout
+    engine_key = (stack["state"] / "secrets" / "engine_key").read_text().strip()
+    logs = [p for p in (stack["state"] / "logs").iterdir()] + [stack["state"] / "supervisor.log"]
+    assert len(logs) >= 5
+    for path in logs + [stack["state"] / "plan.json", *(stack["state"] / "rendered").iterdir()]:
+        text = path.read_text(errors="replace")
+        assert MASTER not in text and engine_key not in text, path
     missing = twllm("logs", "nope", "--state-dir", str(stack["state"]))
     assert missing.returncode == 1 and "gateway" in missing.stderr
 

@@ -73,12 +73,22 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
                    for name in (LITELLM_CONFIG, GATEWAY_SETTINGS)]
     components.append(Component(
         name="gateway", kind="gateway", port=gw.port, start_timeout_s=gw.start_timeout_s,
-        launch=lambda: gateway_launch(gw, rendered, ctx.secrets),
+        launch=lambda: gateway_launch(gw, rendered, ctx.secrets, _database_url(plan, ctx)),
         ready=lambda: gateway_ready(gw, master_key),
         fingerprint=_digest(gw, config_text, hashlib.sha256(master_key.encode()).hexdigest()),
         stop_timeout_s=20.0,
     ))
     return components
+
+
+def _database_url(plan: Plan, ctx: RuntimeContext) -> str | None:
+    """The URL the gateway's hooks use: the embedded server's, or the spec's external one."""
+    db = plan.database
+    if db.embedded:
+        from twllm.deploy.database import EmbeddedPostgres
+
+        return EmbeddedPostgres(Path(db.data_dir or ctx.state_dir / "postgres"), db.port or 15432).url
+    return db.url or (ctx.secrets.get(db.url_env) if db.url_env else None)
 
 
 def _database(plan: Plan, ctx: RuntimeContext) -> Component:

@@ -15,7 +15,11 @@ from twllm.litellm_config.render import GATEWAY_SETTINGS, LITELLM_CONFIG, SETTIN
 PROBE_TEXT = "ping"
 
 
-def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str]) -> Launch:
+DATABASE_URL_ENV = "TWLLM_DATABASE_URL"
+"""How the gateway's hooks find the deployment's PostgreSQL (set by the supervisor)."""
+
+
+def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str], database_url: str | None = None) -> Launch:
     """The LiteLLM proxy command, run with twllm's own Python so our hooks import."""
     argv = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(rendered / LITELLM_CONFIG),
             "--host", gw.host, "--port", str(gw.port), "--num_workers", str(gw.workers)]
@@ -33,6 +37,8 @@ def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str]) 
         gw.master_key_env: secrets[gw.master_key_env],
         ENGINE_KEY_ENV: secrets[ENGINE_KEY_ENV],
     }
+    if database_url:
+        env[DATABASE_URL_ENV] = database_url
     return Launch(argv=argv, env=env, cwd=rendered)
 
 
