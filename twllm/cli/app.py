@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if not any(group.name == "engines" for group in app.registered_groups):
             app.add_typer(engines_app, name="engines")
             app.add_typer(demo_app, name="demo")
+        from twllm.cli.accounts_cmds import register as register_accounts
+
+        register_accounts(app)  # tenants, keys, usage, db
 
         command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="twllm", standalone_mode=False)

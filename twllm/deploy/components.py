@@ -74,6 +74,7 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
     components.append(Component(
         name="gateway", kind="gateway", port=gw.port, start_timeout_s=gw.start_timeout_s,
         launch=lambda: gateway_launch(gw, rendered, ctx.secrets, _database_url(plan, ctx)),
+        prepare=lambda: _migrate(plan, ctx),
         ready=lambda: gateway_ready(gw, master_key),
         fingerprint=_digest(gw, config_text, hashlib.sha256(master_key.encode()).hexdigest()),
         stop_timeout_s=20.0,
@@ -89,6 +90,15 @@ def _database_url(plan: Plan, ctx: RuntimeContext) -> str | None:
 
         return EmbeddedPostgres(Path(db.data_dir or ctx.state_dir / "postgres"), db.port or 15432).url
     return db.url or (ctx.secrets.get(db.url_env) if db.url_env else None)
+
+
+def _migrate(plan: Plan, ctx: RuntimeContext) -> None:
+    """Bring the accounting schema up to date before the gateway (and its hooks) start."""
+    from twllm.accounting.migrate import migrate
+
+    url = _database_url(plan, ctx)
+    if url:
+        migrate(url)
 
 
 def _database(plan: Plan, ctx: RuntimeContext) -> Component:

@@ -1,0 +1,94 @@
+"""Where a deployment's database is, and connecting to it with errors that never show a password."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+
+from twllm.deploy.database import DATABASE, SUPERUSER, mask_password
+from twllm.deploy.state import StateDir
+from twllm.errors import RuntimeFailure
+
+CONNECT_TIMEOUT_S = 5
+
+
+def database_url(source: StateDir | Path | str | Mapping[str, Any] | Any,
+                 environ: Mapping[str, str] | None = None) -> str:
+    """The URL of a deployment's database, from its state directory or its plan.
+
+    ``source`` is a state directory (path or StateDir; its plan.json is read), a plan as a dict
+    (plan.json's content), or a Plan. Embedded: ``postgresql://twllm@127.0.0.1:PORT/twllm``.
+    External: the plan's literal URL, or the value of the environment variable it names."""
+    db = _database_section(source)
+    env = os.environ if environ is None else environ
+    if db.get("embedded"):
+        port = db.get("port")
+        if not isinstance(port, int):
+            raise RuntimeFailure("the plan's embedded database has no port",
+                                 hint="deploy (or render) the spec again to rewrite plan.json")
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{DATABASE}"
+    if db.get("url"):
+        return str(db["url"])
+    var = db.get("url_env")
+    if not var:
+        raise RuntimeFailure("the plan names no database URL",
+                             hint="set database.url in the spec, or omit it for the embedded database")
+    value = env.get(var, "")
+    if not value:
+        raise RuntimeFailure(f"the database URL is read from ${var}, which is not set",
+                             hint=f"export {var} as when the deployment was started")
+    return value
+
+
+def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
+    """A connection to ``url``; RuntimeFailure naming the server (never the password) if it fails."""
+    try:
+        return psycopg.connect(url, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S)
+    except (psycopg.Error, OSError) as exc:
+        reason = _redact(" ".join(str(exc).split()), url)
+        raise RuntimeFailure(
+            f"cannot connect to the database {mask_password(url)}: {reason}",
+            hint="is the deployment running? (twllm status; an embedded database runs only while "
+                 "the deployment does)") from None
+
+
+def _database_section(source: Any) -> Mapping[str, Any]:
+    if isinstance(source, (str, Path)):
+        source = StateDir(Path(source))
+    if isinstance(source, StateDir):
+        plan = source.read_plan()
+        if plan is None:
+            raise RuntimeFailure(f"no plan.json in {source.root}",
+                                 hint="pass the state directory of a deployment (twllm deploy writes it)")
+        source = plan
+    if is_dataclass(source) and not isinstance(source, type):
+        source = asdict(source)
+    if not isinstance(source, Mapping) or not isinstance(source.get("database"), Mapping):
+        raise RuntimeFailure("the plan has no database section",
+                             hint="deploy (or render) the spec again to rewrite plan.json")
+    return source["database"]
+
+
+def _redact(text: str, url: str) -> str:
+    """``text`` with every spelling of the URL's password replaced by ***."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    found: set[str] = set()
+    try:
+        found.add(str(conninfo_to_dict(url).get("password") or ""))
+    except psycopg.Error:
+        pass
+    try:
+        raw = urlsplit(url).password or ""
+    except ValueError:
+        raw = ""
+    found |= {raw, unquote(raw)}
+    for secret in sorted((s for s in found if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
