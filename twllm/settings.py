@@ -13,6 +13,8 @@ VARIABLES: dict[str, str] = {
     "TWLLM_DEBUG": "Set to 1 to show tracebacks (same as --debug).",
     "TWLLM_MASTER_KEY": "The gateway's admin key, by convention referenced from the spec.",
     "TWLLM_GATEWAY_SETTINGS": "Path of gateway.json; set by the supervisor for the gateway's hooks.",
+    "TWLLM_DATABASE_URL": "The deployment's PostgreSQL, for the gateway's hooks; set by the supervisor.",
+    "TWLLM_SPOOL_DIR": "Where the gateway journals ledger rows until PostgreSQL has them; set by the supervisor (<state_dir>/spool).",
     "TWLLM_ENGINES_DIR": "Where `twllm engines install` puts engine environments (default $XDG_DATA_HOME/twllm/engines).",
     "TWLLM_MODELS_DIR": "Where locally built models live (the demo chat model, copies of packaged models); default ~/.cache/twllm/models.",
     "TWLLM_OLLAMA_BIN": "The ollama executable (default: `ollama` on PATH).",

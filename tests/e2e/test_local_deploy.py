@@ -177,6 +177,63 @@ def test_both_replicas_get_traffic(stack):
     assert sum(gained) >= 12
 
 
+def test_operator_rents_the_service_to_a_tenant(stack):
+    """Create a tenant and a key, hand it out, watch usage and cost accrue, cut it off."""
+    from openai import AuthenticationError, OpenAI, PermissionDeniedError, RateLimitError
+
+    sd = ["--state-dir", str(stack["state"])]
+    assert twllm("tenants", "create", "ntu-hospital", *sd).returncode == 0
+    made = twllm("keys", "create", "--tenant", "ntu-hospital", "--models", "demo-chat", "--json", *sd)
+    assert made.returncode == 0, made.stderr
+    secret = json.loads(made.stdout)["secret"]
+    assert secret.startswith("sk-tw-")
+    listed = twllm("keys", "list", "--json", *sd)
+    assert secret not in listed.stdout  # stored hashed, shown once
+
+    tenant = OpenAI(base_url=stack["url"], api_key=secret, timeout=60, max_retries=0)
+    assert [m.id for m in tenant.models.list().data] == ["demo-chat"]
+    answered = 0
+    for _ in range(3):
+        tenant.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "台北天氣"}], max_tokens=4)
+        answered += 1
+    with pytest.raises(PermissionDeniedError):
+        tenant.embeddings.create(model="minilm", input="不允許")
+    answered += 1  # refusals are ledger rows too
+
+    # Usage and cost accrue per tenant: one ledger row per answered request, priced from the spec.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        report = json.loads(twllm("usage", "--tenant", "ntu-hospital", "--by", "model", "--json", *sd).stdout)
+        if sum(r["requests"] for r in report["rows"]) >= answered:
+            break
+        time.sleep(1)
+    rows = {r["model"]: r for r in report["rows"]}
+    assert rows["demo-chat"]["requests"] == 3 and rows["demo-chat"]["errors"] == 0
+    assert rows["minilm"]["requests"] == 1 and rows["minilm"]["errors"] == 1
+    chat = rows["demo-chat"]
+    expected = (chat["prompt_tokens"] * 1 + chat["completion_tokens"] * 2) / 1e6
+    assert chat["cost"] == pytest.approx(expected) and chat["currency"] == "TWD"
+
+    # A key with a budget of 0.000001 TWD: its first request spends it, later ones are refused.
+    capped = json.loads(twllm("keys", "create", "--tenant", "ntu-hospital", "--budget", "0.000001",
+                              "--period", "monthly", "--json", *sd).stdout)
+    spender = OpenAI(base_url=stack["url"], api_key=capped["secret"], timeout=60, max_retries=0)
+    spender.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "花錢"}], max_tokens=4)
+    time.sleep(3)  # the spend reaches the ledger (~0.2 s) and the budget cache (2 s)
+    with pytest.raises(RateLimitError) as refused:
+        spender.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "再一次"}], max_tokens=4)
+    assert "budget" in str(refused.value).lower() or "quota" in str(refused.value).lower()
+
+    # Revocation cuts a key off within the documented cache time (5 s).
+    second = json.loads(twllm("keys", "create", "--tenant", "ntu-hospital", "--json", *sd).stdout)
+    other = OpenAI(base_url=stack["url"], api_key=second["secret"], timeout=60, max_retries=0)
+    other.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert twllm("keys", "revoke", str(second["key"]["id"]), *sd).returncode == 0
+    time.sleep(6)
+    with pytest.raises(AuthenticationError):
+        other.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
 def test_broken_spec_leaves_the_running_stack_untouched(stack, tmp_path):
     before = {c["name"]: c["pid"] for c in status(stack)["components"]}
     broken = tmp_path / "broken.yaml"

@@ -37,6 +37,8 @@ class Component:
     prepare: Callable[[], None] = lambda: None
     """Run once before every launch (e.g. initdb); may raise RuntimeFailure."""
     after_ready: Callable[[], None] = lambda: None
+    after_stop: Callable[[], None] = lambda: None
+    """Run once the process has stopped (the gateway: store rows it journaled at exit)."""
     fingerprint: str = ""
     stop_timeout_s: float = 15.0
     stop_signal: int = signal.SIGTERM
@@ -73,8 +75,9 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
                    for name in (LITELLM_CONFIG, GATEWAY_SETTINGS)]
     components.append(Component(
         name="gateway", kind="gateway", port=gw.port, start_timeout_s=gw.start_timeout_s,
-        launch=lambda: gateway_launch(gw, rendered, ctx.secrets, _database_url(plan, ctx)),
+        launch=lambda: gateway_launch(gw, rendered, ctx.secrets, _database_url(plan, ctx), ctx.state_dir / "spool"),
         prepare=lambda: _migrate(plan, ctx),
+        after_stop=lambda: _replay_spool(plan, ctx),
         ready=lambda: gateway_ready(gw, master_key),
         fingerprint=_digest(gw, config_text, hashlib.sha256(master_key.encode()).hexdigest()),
         stop_timeout_s=20.0,
@@ -90,6 +93,18 @@ def _database_url(plan: Plan, ctx: RuntimeContext) -> str | None:
 
         return EmbeddedPostgres(Path(db.data_dir or ctx.state_dir / "postgres"), db.port or 15432).url
     return db.url or (ctx.secrets.get(db.url_env) if db.url_env else None)
+
+
+def _replay_spool(plan: Plan, ctx: RuntimeContext) -> None:
+    """Rows the gateway journaled at exit reach the ledger now, while PostgreSQL still runs."""
+    from twllm.accounting.ledger import replay_folder
+
+    url, spool = _database_url(plan, ctx), ctx.state_dir / "spool"
+    if url and spool.exists():
+        try:
+            replay_folder(url, spool)
+        except Exception:  # noqa: BLE001 - the rows stay journaled and replay at the next start
+            pass
 
 
 def _migrate(plan: Plan, ctx: RuntimeContext) -> None:

@@ -19,7 +19,11 @@ DATABASE_URL_ENV = "TWLLM_DATABASE_URL"
 """How the gateway's hooks find the deployment's PostgreSQL (set by the supervisor)."""
 
 
-def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str], database_url: str | None = None) -> Launch:
+SPOOL_DIR_ENV = "TWLLM_SPOOL_DIR"
+
+
+def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str], database_url: str | None = None,
+                   spool_dir: Path | None = None) -> Launch:
     """The LiteLLM proxy command, run with twllm's own Python so our hooks import."""
     argv = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(rendered / LITELLM_CONFIG),
             "--host", gw.host, "--port", str(gw.port), "--num_workers", str(gw.workers)]
@@ -39,6 +43,9 @@ def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str], 
     }
     if database_url:
         env[DATABASE_URL_ENV] = database_url
+    if spool_dir is not None:
+        # In the state dir, not beside gateway.json: rendered/ is replaced on every redeploy.
+        env[SPOOL_DIR_ENV] = str(spool_dir)
     return Launch(argv=argv, env=env, cwd=rendered)
 
 

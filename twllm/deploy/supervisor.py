@@ -303,7 +303,10 @@ class Supervisor:
         self._save()
 
     def _stop(self, run: _Run) -> None:
+        had_process = run.proc is not None
         self._kill(run)
+        if had_process:
+            run.comp.after_stop()
         if run.phase != "failed":  # keep why it failed visible in status
             self._set(run, "stopped", "")
 

@@ -47,9 +47,13 @@ def litellm_config(plan: Plan) -> dict[str, Any]:
             "request_timeout": gw.request_timeout_s,
             "num_retries": gw.num_retries,
             "telemetry": False,
+            # The spend ledger: an instance (LiteLLM refuses a class), found on the import path.
+            "callbacks": ["twllm.accounting.hooks.spend_logger"],
         },
         "general_settings": {
             "master_key": f"os.environ/{gw.master_key_env}",
+            # Master and tenant keys, models, rate limits and budgets (twllm.accounting.auth).
+            "custom_auth": "twllm.accounting.hooks.user_api_key_auth",
             "background_health_checks": True,
             "health_check_interval": gw.health_check_interval_s,
             "enable_health_check_routing": True,

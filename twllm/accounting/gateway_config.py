@@ -1,0 +1,197 @@
+"""What the accounting hooks inside the gateway connect to: gateway.json, PostgreSQL, the spool folder.
+
+The supervisor starts the LiteLLM proxy with these variables (read here and nowhere else in
+the hooks):
+
+- ``TWLLM_GATEWAY_SETTINGS``: the path of gateway.json (``render.gateway_settings``): model
+  prices, the name of the master key's variable, the database section.
+- ``TWLLM_DATABASE_URL``: the PostgreSQL URL of keys, limits and the ledger. Without it the URL
+  comes from gateway.json (``database.url``, or the variable ``database.url_env`` names).
+- ``TWLLM_SPOOL_DIR``: where ledger rows wait while PostgreSQL is down (default: ``spool/``
+  next to gateway.json).
+- the master key, in the variable gateway.json names (``master_key_env``, default
+  ``TWLLM_MASTER_KEY``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger(__name__)
+
+SETTINGS_ENV = "TWLLM_GATEWAY_SETTINGS"
+DATABASE_URL_ENV = "TWLLM_DATABASE_URL"
+SPOOL_DIR_ENV = "TWLLM_SPOOL_DIR"
+DEFAULT_MASTER_KEY_ENV = "TWLLM_MASTER_KEY"
+DEFAULT_CURRENCY = "TWD"
+"""The ledger's currency for a model gateway.json does not price."""
+
+
+@dataclass(frozen=True)
+class Price:
+    """What one token of a model costs tenants, in ``currency`` (from the spec, never LiteLLM's map)."""
+
+    input_per_token: Decimal = Decimal(0)
+    output_per_token: Decimal = Decimal(0)
+    currency: str = DEFAULT_CURRENCY
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        return self.input_per_token * prompt_tokens + self.output_per_token * completion_tokens
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The hooks' view of their environment; ``from_env`` builds it once per process."""
+
+    database_url: str | None
+    master_key: str | None
+    spool_dir: Path
+    prices: Mapping[str, Price] = field(default_factory=dict)
+    """Client-facing model name -> price."""
+    settings_path: Path | None = None
+
+    def price(self, model: str | None) -> Price:
+        return self.prices.get(model or "", Price())
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
+        env = os.environ if env is None else env
+        path_text = env.get(SETTINGS_ENV, "")
+        path = Path(path_text) if path_text else None
+        settings: dict[str, Any] = {}
+        if path is not None:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        database = settings.get("database") or {}
+        url = (env.get(DATABASE_URL_ENV) or database.get("url")
+               or (env.get(database["url_env"]) if database.get("url_env") else None))
+        spool = env.get(SPOOL_DIR_ENV)
+        if spool:
+            spool_dir = Path(spool)
+        elif path is not None:
+            spool_dir = path.parent / "spool"
+        else:
+            spool_dir = Path(tempfile.gettempdir()) / f"twllm-spool-{os.getuid()}"
+        return cls(
+            database_url=url or None,
+            master_key=env.get(settings.get("master_key_env") or DEFAULT_MASTER_KEY_ENV) or None,
+            spool_dir=spool_dir,
+            prices=parse_prices(settings.get("models") or {}),
+            settings_path=path,
+        )
+
+
+def parse_prices(models: Mapping[str, Any]) -> dict[str, Price]:
+    """gateway.json's ``models`` section -> price per client-facing model name."""
+    prices: dict[str, Price] = {}
+    for name, entry in models.items():
+        price = (entry or {}).get("price") or {}
+        prices[name] = Price(
+            # str() first: the Decimal of a float like 3e-06 would carry its binary error.
+            input_per_token=Decimal(str(price.get("input_per_token") or 0)),
+            output_per_token=Decimal(str(price.get("output_per_token") or 0)),
+            currency=str(price.get("currency") or DEFAULT_CURRENCY),
+        )
+    return prices
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+POOL_MAX_SIZE = 8
+"""Connections per gateway worker: auth lookups, rate-window upserts, budget reads, ledger writes."""
+POOL_TIMEOUT_S = 1.0
+"""How long a request waits for a pooled connection before the database counts as down."""
+CONNECT_TIMEOUT_S = 2
+QUERY_TIMEOUT_S = 2.0
+"""A query on the request path that takes longer counts as the database being down."""
+RETRY_AFTER_DOWN_S = 1.0
+"""After a connection failure, how long every caller skips the database (no request waits on it)."""
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL could not be reached (or is being skipped after a recent failure)."""
+
+
+class Database:
+    """A lazily opened async psycopg pool with a short circuit breaker, one per worker process.
+
+    When a connection or query fails for a reason of the server's (down, restarting, timing
+    out), callers get ``DatabaseUnavailable`` at once for ``RETRY_AFTER_DOWN_S`` instead of
+    each waiting for a timeout, and the pool's idle connections are checked (dropping those the
+    restart broke). Errors in the SQL itself propagate as psycopg errors."""
+
+    def __init__(self, url: str | None, *, max_size: int = POOL_MAX_SIZE) -> None:
+        self.url = url
+        self.max_size = max_size
+        self._pool: AsyncConnectionPool | None = None
+        self._down_until = 0.0
+        self._checking: asyncio.Task[None] | None = None
+
+    @property
+    def usable(self) -> bool:
+        """False without a URL, or for a moment after a failure."""
+        return self.url is not None and time.monotonic() >= self._down_until
+
+    @asynccontextmanager
+    async def connection(self, timeout: float = QUERY_TIMEOUT_S) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """An autocommit connection; the whole block must finish within ``timeout`` seconds."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        if not self.usable:
+            raise DatabaseUnavailable("the database is unreachable" if self.url else "no database URL is set")
+        try:
+            async with asyncio.timeout(timeout):
+                pool = await self._open()
+                async with pool.connection(timeout=POOL_TIMEOUT_S) as conn:
+                    yield conn
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError, TimeoutError) as exc:
+            self.mark_down(exc)
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+
+    def mark_down(self, exc: BaseException) -> None:
+        if time.monotonic() >= self._down_until:
+            log.warning("twllm accounting: PostgreSQL unavailable (%s: %s); retrying in %.0f s",
+                        type(exc).__name__, " ".join(str(exc).split())[:200], RETRY_AFTER_DOWN_S)
+        self._down_until = time.monotonic() + RETRY_AFTER_DOWN_S
+        if self._pool is not None and (self._checking is None or self._checking.done()):
+            self._checking = asyncio.get_running_loop().create_task(self._check())
+
+    async def _check(self) -> None:
+        try:
+            if self._pool is not None:
+                await self._pool.check()
+        except Exception:  # noqa: BLE001 - a failed check changes nothing; the next use retries
+            pass
+
+    async def _open(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            from psycopg_pool import AsyncConnectionPool
+
+            pool = AsyncConnectionPool(
+                self.url, min_size=1, max_size=self.max_size, open=False, timeout=POOL_TIMEOUT_S,
+                kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+                name="twllm-accounting",
+            )
+            await pool.open(wait=False)
+            self._pool = pool
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close(timeout=2)

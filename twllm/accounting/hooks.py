@@ -1,0 +1,232 @@
+"""The accounting hooks LiteLLM loads inside the gateway: ``custom_auth`` and the spend logger.
+
+The rendered LiteLLM config names them (``render.litellm_config``)::
+
+    general_settings.custom_auth: twllm.accounting.hooks.user_api_key_auth
+    litellm_settings.callbacks:   [twllm.accounting.hooks.spend_logger]
+
+Each gateway worker process gets its own ``Runtime`` (pool, key cache, limit counters, ledger
+writer), made on first use in that process, so forked workers never share a connection. The
+checks themselves live in ``auth.py`` and ``limits.py``; the ledger in ``ledger.py`` and
+``spool.py``; this module only translates between them and LiteLLM.
+
+What reaches the ledger: one row per request the gateway answered that can be attributed to the
+master key or to a tenant key — successes and failures, streams included, and requests this
+auth refused for a known key (403, 429, a revoked or expired key's 401). Requests with no key or
+an unknown key are not anyone's spend and are not written (a flood of them must not fill the
+ledger); they are counted in ``Runtime.unattributed``. LiteLLM reports refusals to the logger as
+failure events without our metadata; they are attributed by the key's hash (LiteLLM's
+``user_api_key_hash`` is the sha256 of the key, as ours) through the key cache.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import Request
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
+
+from twllm.accounting.auth import Authenticator, Identity, Rejection
+from twllm.accounting.gateway_config import DATABASE_URL_ENV, SETTINGS_ENV, Database, GatewayConfig
+from twllm.accounting.ledger import LedgerWriter, replay_folder, row_from_logging
+from twllm.accounting.spool import Spool
+
+log = logging.getLogger(__name__)
+
+SEEN_CALL_IDS = 100_000
+"""Call ids a worker remembers so that a request LiteLLM reports twice is written once."""
+
+
+class TwllmAuthError(ProxyException):
+    """A refusal as LiteLLM answers it: ``code`` is the HTTP status, the body's ``code`` ours."""
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["code"] = self.openai_code
+        return data
+
+
+def proxy_exception(rejection: Rejection) -> TwllmAuthError:
+    return TwllmAuthError(message=rejection.message, type=rejection.type, param=None,
+                          code=rejection.status, headers=dict(rejection.headers),
+                          openai_code=rejection.code)
+
+
+class Runtime:
+    """Everything the hooks hold in one worker process."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.pid = os.getpid()
+        self.config = config
+        self.db = Database(config.database_url)
+        self.spool = Spool(config.spool_dir, self.pid)
+        self.auth = Authenticator(self.db, config.master_key)
+        self.writer = LedgerWriter(self.db, self.spool, on_insert=self.auth.limiter.add_tokens,
+                                   on_stored=self.auth.budgets.note_stored)
+        self.master_hash = (hashlib.sha256(config.master_key.encode("utf-8")).hexdigest()
+                            if config.master_key else None)
+        self.unattributed = 0
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._started = False
+        self._warned_no_db = False
+        atexit.register(self.at_exit)
+
+    def start(self) -> None:
+        """Start the ledger writer on the running loop (the first request of the worker)."""
+        if not self._started and self.db.url is not None:
+            self._started = True
+            try:
+                self.spool.open()
+            except OSError:
+                log.exception("twllm accounting: cannot use the spool folder %s", self.spool.folder)
+            self.writer.start()
+
+    def record(self, kwargs: Mapping[str, Any], *, success: bool) -> None:
+        """Queue the ledger row of one success or failure event."""
+        slo = kwargs.get("standard_logging_object") or {}
+        call_id = str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or "")
+        if call_id:
+            if call_id in self._seen:
+                return
+            self._seen[call_id] = None
+            if len(self._seen) > SEEN_CALL_IDS:
+                self._seen.popitem(last=False)
+        if self.db.url is None:
+            if not self._warned_no_db:
+                self._warned_no_db = True
+                log.warning("twllm spend logger: no database URL (%s); the ledger is off", DATABASE_URL_ENV)
+            return
+        who = self.attribute(slo.get("metadata") or {})
+        if who is None:
+            self.unattributed += 1
+            return
+        tenant_id, key_id = who
+        row = row_from_logging(kwargs, success=success, tenant_id=tenant_id, key_id=key_id,
+                               price_of=self.config.price)
+        self.writer.enqueue(row)
+        if key_id is not None:
+            self.auth.budgets.note_queued(key_id, row.cost)
+            self.auth.limiter.note_tokens(key_id, row.prompt_tokens + row.completion_tokens)
+
+    def attribute(self, metadata: Mapping[str, Any]) -> tuple[int | None, int | None] | None:
+        """(tenant id, key id) of an event — (None, None) for the master key — or None."""
+        ours = metadata.get("user_api_key_auth_metadata") or {}
+        if ours.get("twllm_admin"):
+            return None, None
+        if ours.get("twllm_key_id") is not None:
+            return int(ours["twllm_tenant_id"]), int(ours["twllm_key_id"])
+        key_hash = metadata.get("user_api_key_hash")
+        if isinstance(key_hash, str) and key_hash:
+            if self.master_hash is not None and key_hash == self.master_hash:
+                return None, None
+            try:
+                key = self.auth.cache.peek(bytes.fromhex(key_hash))
+            except ValueError:
+                key = None
+            if key is not None:
+                return key.tenant_id, key.id
+        return None
+
+    def at_exit(self) -> None:
+        """On a normal interpreter exit, store what is still journaled. (Workers stopped by a
+        signal skip this: uvicorn re-raises SIGTERM after its graceful shutdown. Their rows stay
+        journaled for ``ledger.replay_folder`` or the next worker to adopt.)"""
+        if os.getpid() != self.pid:
+            return
+        self.spool.close()
+        if self.db.url is not None:
+            try:
+                replay_folder(self.db.url, self.spool.folder, include_pid=self.pid)
+            except Exception as exc:  # noqa: BLE001 - the rows stay journaled
+                log.warning("twllm accounting: rows left journaled in %s at exit (%s)", self.spool.folder, exc)
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """This process's Runtime (a forked worker makes its own)."""
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        _runtime = Runtime(GatewayConfig.from_env())
+    return _runtime
+
+
+def requested_models(body: Mapping[str, Any]) -> list[str]:
+    """The model a request body names and the models of its client-side fallbacks."""
+    found: list[str] = []
+    model = body.get("model")
+    if model is not None:
+        found.append(model if isinstance(model, str) else repr(model))
+    try:
+        from litellm.proxy.auth.auth_utils import fallback_target_model_name, iter_request_fallback_targets
+
+        for target in iter_request_fallback_targets(body):
+            name = fallback_target_model_name(target)
+            if name is not None:
+                found.append(name)
+    except ValueError as exc:  # nesting deeper than LiteLLM accepts; it refuses the request too
+        raise Rejection(400, "invalid_request_error", "invalid_fallbacks", str(exc)) from None
+    return found
+
+
+async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
+    """LiteLLM ``custom_auth``: the caller's UserAPIKeyAuth, or a ProxyException with our status."""
+    from litellm.proxy.auth.auth_utils import get_request_route
+    from litellm.proxy.common_utils.http_parsing_utils import read_request_body
+
+    try:
+        rt = runtime()
+    except (OSError, ValueError) as exc:  # gateway.json missing or unreadable: say so, loudly
+        log.error("twllm accounting: cannot read the gateway settings (%s): %s", SETTINGS_ENV, exc)
+        raise proxy_exception(Rejection(500, "server_error", "gateway_misconfigured",
+                                        "The gateway's settings cannot be read; see its log.")) from None
+    rt.start()
+    route = get_request_route(request)
+    try:
+        # LiteLLM parsed the body before calling us and caches it on the request; this reads
+        # that cache, so the endpoint still gets the body.
+        body = await read_request_body(request) if request.method in ("POST", "PUT", "PATCH") else {}
+        identity = await rt.auth.authenticate(api_key, route, requested_models(body))
+    except Rejection as rejection:
+        raise proxy_exception(rejection) from None
+    return user_api_key_auth_object(identity, api_key)
+
+
+def user_api_key_auth_object(identity: Identity, api_key: str) -> UserAPIKeyAuth:
+    """What LiteLLM carries for the request: ``models`` filters /v1/models (LiteLLM does not
+    enforce it; ``Authenticator`` does) and ``metadata`` reaches the spend logger as
+    ``standard_logging_object.metadata.user_api_key_auth_metadata``."""
+    if identity.key is None:
+        return UserAPIKeyAuth(api_key=api_key, user_role=LitellmUserRoles.PROXY_ADMIN,
+                              metadata=identity.metadata())
+    return UserAPIKeyAuth(api_key=api_key, key_alias=identity.key.prefix,
+                          models=list(identity.key.models or []), metadata=identity.metadata())
+
+
+class SpendLogger(CustomLogger):
+    """LiteLLM callback writing one ledger row per request (success or failure, streams too)."""
+
+    async def async_log_success_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        self._record(kwargs, success=True)
+
+    async def async_log_failure_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        self._record(kwargs, success=False)
+
+    @staticmethod
+    def _record(kwargs: dict, *, success: bool) -> None:
+        try:
+            runtime().record(kwargs, success=success)
+        except Exception:  # noqa: BLE001 - a logging bug must not fail the request; it is logged loudly
+            log.exception("twllm spend logger: could not record call %s", kwargs.get("litellm_call_id"))
+
+
+spend_logger = SpendLogger()
+"""The instance ``litellm_settings.callbacks`` names (LiteLLM refuses a class there)."""

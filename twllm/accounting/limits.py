@@ -1,0 +1,217 @@
+"""Per-key rate limits (RPM, TPM) and budgets, shared by every gateway worker through PostgreSQL.
+
+How the counters are shared, and how exact they are:
+
+- **RPM** — fixed one-minute windows in the ``rate_windows`` table, one row per key and minute
+  (``date_trunc('minute', now())`` on the database's clock, so every worker and host agrees on
+  the window). Each request runs one ``INSERT … ON CONFLICT DO UPDATE … RETURNING``: the row
+  lock serialises concurrent requests of a key across all workers, and the counter stops at
+  ``rpm + 1``, so exactly ``rpm`` requests per window are admitted however many workers there
+  are. Being fixed windows, up to 2 × rpm can pass within 60 s that straddle a window boundary.
+- **TPM** — the spend logger adds each finished request's tokens to the same row (in the ledger
+  writer's batch, so within ~0.2 s of the request's end). A request is refused once the window's
+  tokens reach ``tpm``; requests already running when it is reached still finish, so a window
+  can exceed ``tpm`` by the tokens of the requests in flight.
+- **Budget** — the key's spend in its current period (UTC day or month, or everything; keys it
+  was rotated from included: ``store.period_spend``) is read from the ledger and roll-ups at most
+  every ``BUDGET_REFRESH_S`` per worker, plus what this worker has spent since that read but not
+  yet written. A key is refused once that reaches its budget. Other workers' spend shows after
+  at most ``BUDGET_REFRESH_S`` + the writer's ``FLUSH_INTERVAL_S``, and requests in flight when
+  the budget is reached still finish: the overshoot is bounded by that traffic.
+- **PostgreSQL down** — each worker falls back to counting RPM/TPM in its own memory, with the
+  same limits, so while the database is unreachable a key can get up to (workers × limit); the
+  budget uses the last spend read plus local spend (a key never read is not refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
+
+from twllm.accounting.gateway_config import Database, DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from twllm.accounting.ledger import LedgerRow
+
+WINDOW_S = 60
+BUDGET_REFRESH_S = 2.0
+"""How old a worker's reading of a key's period spend may get before it is read again."""
+WINDOW_RETENTION = "5 minutes"
+"""Rate windows older than this are deleted (by the ledger writer, at most once a minute)."""
+
+ADMIT_SQL = """
+INSERT INTO rate_windows AS w (key_id, window_start, requests)
+VALUES (%(key)s, date_trunc('minute', now()), 1)
+ON CONFLICT (key_id, window_start) DO UPDATE SET requests =
+    CASE WHEN %(tpm)s::bigint IS NOT NULL AND w.tokens >= %(tpm)s::bigint THEN w.requests
+         ELSE LEAST(w.requests + 1, %(rpm)s::integer + 1) END
+RETURNING w.requests, w.tokens,
+    ceil(extract(epoch FROM w.window_start + interval '1 minute' - now()))::integer
+"""
+"""Count one request in the key's current window; the count stops at rpm + 1 (NULL: no cap)
+and does not move once the window's tokens reach tpm. Returns (requests, tokens, seconds left)."""
+
+ADD_TOKENS_SQL = """
+INSERT INTO rate_windows AS w (key_id, window_start, tokens)
+SELECT k, date_trunc('minute', now()), t FROM unnest(%s::bigint[], %s::bigint[]) AS u(k, t)
+ON CONFLICT (key_id, window_start) DO UPDATE SET tokens = w.tokens + EXCLUDED.tokens
+"""
+
+CLEANUP_SQL = f"DELETE FROM rate_windows WHERE window_start < now() - interval '{WINDOW_RETENTION}'"
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    exceeded: Literal["requests", "tokens"] | None = None
+    limit: int | None = None
+    retry_after_s: int = 0
+    shared: bool = True
+    """False when the decision came from this worker's own counters (PostgreSQL unreachable)."""
+
+
+ALLOWED = RateDecision(True)
+
+
+def decide(rpm: int | None, tpm: int | None, requests: int, tokens: int, seconds_left: int) -> RateDecision:
+    """The verdict for a window that now holds ``requests`` (this one counted) and ``tokens``."""
+    retry = max(1, min(WINDOW_S, seconds_left))
+    if tpm is not None and tokens >= tpm:
+        return RateDecision(False, "tokens", tpm, retry)
+    if rpm is not None and requests > rpm:
+        return RateDecision(False, "requests", rpm, retry)
+    return ALLOWED
+
+
+class RateLimiter:
+    """RPM/TPM admission: shared windows in PostgreSQL, local windows while it is unreachable."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._local: dict[tuple[int, int], list[int]] = {}
+        """(key id, minute) -> [requests, tokens] counted by this worker alone."""
+        self._next_cleanup = 0.0
+
+    async def admit(self, key_id: int, rpm: int | None, tpm: int | None) -> RateDecision:
+        """Count one request of the key and say whether it may run."""
+        if rpm is None and tpm is None:
+            return ALLOWED
+        try:
+            async with self.db.connection() as conn:
+                cur = await conn.execute(ADMIT_SQL, {"key": key_id, "rpm": rpm, "tpm": tpm})
+                requests, tokens, left = await cur.fetchone()  # type: ignore[misc]
+            return decide(rpm, tpm, requests, tokens, left)
+        except DatabaseUnavailable:
+            return self._admit_locally(key_id, rpm, tpm)
+
+    def _admit_locally(self, key_id: int, rpm: int | None, tpm: int | None) -> RateDecision:
+        now = time.time()
+        minute = int(now // WINDOW_S)
+        window = self._window(key_id, minute)
+        if not (tpm is not None and window[1] >= tpm):
+            window[0] = min(window[0] + 1, rpm + 1) if rpm is not None else window[0] + 1
+        verdict = decide(rpm, tpm, window[0], window[1], int(WINDOW_S - now % WINDOW_S) + 1)
+        return RateDecision(verdict.allowed, verdict.exceeded, verdict.limit, verdict.retry_after_s, shared=False)
+
+    def note_tokens(self, key_id: int, tokens: int) -> None:
+        """Count a finished request's tokens in this worker's own window (the fallback's TPM)."""
+        if tokens > 0:
+            self._window(key_id, int(time.time() // WINDOW_S))[1] += tokens
+
+    def _window(self, key_id: int, minute: int) -> list[int]:
+        window = self._local.get((key_id, minute))
+        if window is None:
+            for stale in [k for k in self._local if k[1] < minute]:
+                del self._local[stale]
+            window = self._local[(key_id, minute)] = [0, 0]
+        return window
+
+    async def add_tokens(self, conn: Any, rows: Sequence[LedgerRow]) -> None:
+        """Add written rows' tokens to their keys' current windows (the ledger writer calls this
+        with its connection after a batch of new rows); also drops old windows once a minute."""
+        totals: dict[int, int] = {}
+        for row in rows:
+            if row.key_id is not None:
+                tokens = row.prompt_tokens + row.completion_tokens
+                if tokens:
+                    totals[row.key_id] = totals.get(row.key_id, 0) + tokens
+        if totals:
+            await conn.execute(ADD_TOKENS_SQL, (list(totals), list(totals.values())))
+        if time.monotonic() >= self._next_cleanup:
+            self._next_cleanup = time.monotonic() + WINDOW_S
+            await conn.execute(CLEANUP_SQL)
+
+
+@dataclass
+class _Reading:
+    spend: Decimal
+    since: datetime | None
+    read_at: float
+    stored_before: Decimal
+    """This worker's spend stored in the database when the read began."""
+
+
+class BudgetTracker:
+    """Each key's spend in its budget period, as this worker best knows it (see the module doc)."""
+
+    def __init__(self, db: Database, refresh_s: float = BUDGET_REFRESH_S) -> None:
+        self.db = db
+        self.refresh_s = refresh_s
+        self._readings: dict[int, _Reading] = {}
+        self._queued: dict[int, Decimal] = {}
+        """Cost this worker queued for the ledger, per key, ever."""
+        self._stored: dict[int, Decimal] = {}
+        """Of that, what is in the database."""
+        self._reads: dict[int, asyncio.Future[None]] = {}
+
+    def note_queued(self, key_id: int, cost: Decimal) -> None:
+        self._queued[key_id] = self._queued.get(key_id, Decimal(0)) + cost
+
+    def note_stored(self, rows: Sequence[LedgerRow]) -> None:
+        for row in rows:
+            if row.key_id is not None and row.cost:
+                self._stored[row.key_id] = self._stored.get(row.key_id, Decimal(0)) + row.cost
+
+    async def spend(self, key_id: int, period: str | None, now: datetime | None = None) -> Decimal | None:
+        """The key's spend in its current period; None when it was never read and cannot be now."""
+        from twllm.accounting.store import period_start
+
+        now = now or datetime.now(timezone.utc)
+        since = period_start(period, now)
+        reading = self._readings.get(key_id)
+        if reading is None or reading.since != since or time.monotonic() - reading.read_at >= self.refresh_s:
+            await self._read(key_id, period, since, now)
+            reading = self._readings.get(key_id)
+        if reading is None:
+            return None
+        base = reading.spend if reading.since == since else Decimal(0)
+        unstored = self._queued.get(key_id, Decimal(0)) - reading.stored_before
+        return base + max(unstored, Decimal(0))
+
+    async def _read(self, key_id: int, period: str | None, since: datetime | None, now: datetime) -> None:
+        running = self._reads.get(key_id)
+        if running is not None:  # another request of this key is reading it: wait for that read
+            await asyncio.shield(running)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reads[key_id] = done
+        try:
+            from twllm.accounting.store import _PERIOD_SPEND
+
+            stored_before = self._stored.get(key_id, Decimal(0))
+            try:
+                async with self.db.connection() as conn:
+                    cur = await conn.execute(_PERIOD_SPEND, {"ids": [key_id], "since": [since]})
+                    row = await cur.fetchone()
+            except DatabaseUnavailable:
+                return
+            self._readings[key_id] = _Reading(Decimal(row[1]) if row and row[1] is not None else Decimal(0),
+                                              since, time.monotonic(), stored_before)
+        finally:
+            del self._reads[key_id]
+            done.set_result(None)
