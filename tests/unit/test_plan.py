@@ -233,3 +233,9 @@ def test_plan_round_trips_through_json():
         "  - {name: a, model: llama-3.1-8b-instruct, replicas: 2}\n"
         "  - {name: phi, model: phi-4-mini-instruct, engine: ollama}\n")
     assert plan_from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_ledger_retention_reaches_the_plan():
+    plan = plan_of("  - {name: a, model: llama-3.1-8b-instruct}\n", extra="database: {ledger_retention_days: 400}\n")
+    assert plan.database.retention_days == 400
+    assert plan_of("  - {name: a, model: llama-3.1-8b-instruct}\n").database.retention_days is None

@@ -75,7 +75,7 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
                    for name in (LITELLM_CONFIG, GATEWAY_SETTINGS)]
     components.append(Component(
         name="gateway", kind="gateway", port=gw.port, start_timeout_s=gw.start_timeout_s,
-        launch=lambda: gateway_launch(gw, rendered, ctx.secrets, _database_url(plan, ctx), ctx.state_dir / "spool"),
+        launch=lambda: gateway_launch(gw, rendered, ctx.secrets, database_url_for(plan, ctx), ctx.state_dir / "spool"),
         prepare=lambda: _migrate(plan, ctx),
         after_stop=lambda: _replay_spool(plan, ctx),
         ready=lambda: gateway_ready(gw, master_key),
@@ -85,7 +85,7 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
     return components
 
 
-def _database_url(plan: Plan, ctx: RuntimeContext) -> str | None:
+def database_url_for(plan: Plan, ctx: RuntimeContext) -> str | None:
     """The URL the gateway's hooks use: the embedded server's, or the spec's external one."""
     db = plan.database
     if db.embedded:
@@ -99,7 +99,7 @@ def _replay_spool(plan: Plan, ctx: RuntimeContext) -> None:
     """Rows the gateway journaled at exit reach the ledger now, while PostgreSQL still runs."""
     from twllm.accounting.ledger import replay_folder
 
-    url, spool = _database_url(plan, ctx), ctx.state_dir / "spool"
+    url, spool = database_url_for(plan, ctx), ctx.state_dir / "spool"
     if url and spool.exists():
         try:
             replay_folder(url, spool)
@@ -111,7 +111,7 @@ def _migrate(plan: Plan, ctx: RuntimeContext) -> None:
     """Bring the accounting schema up to date before the gateway (and its hooks) start."""
     from twllm.accounting.migrate import migrate
 
-    url = _database_url(plan, ctx)
+    url = database_url_for(plan, ctx)
     if url:
         migrate(url)
 

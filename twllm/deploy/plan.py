@@ -101,6 +101,7 @@ class DatabasePlan:
     url_env: str | None
     url: str | None
     """A literal URL without a password (secrets are only referenced through url_env)."""
+    retention_days: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
             port=db.port if db.url is None else None,
             url_env=db.url.var if db.url is not None else None,
             url=db.url.reveal() if db.url is not None and db.url.var is None else None,
+            retention_days=db.ledger_retention_days,
         ),
         engines=tuple(engines),
         routes=tuple(routes),

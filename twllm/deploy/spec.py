@@ -77,6 +77,9 @@ class DatabaseSpec(_Model):
     PostgreSQL inside the state directory."""
     port: Port = 15432
     """Port of the embedded PostgreSQL (bound to 127.0.0.1); unused with `url`."""
+    ledger_retention_days: int | None = Field(None, ge=1, le=36500)
+    """Days of per-request spend rows kept (whole months are rolled up into daily totals and
+    dropped, once a day). Omit it to keep every row."""
 
 
 class LlamaGuardSpec(_Model):

@@ -32,6 +32,8 @@ from twllm.errors import EXIT_NOT_READY, TwllmError
 TICK_S = 0.25
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
+MAINTENANCE_EVERY_S = 24 * 3600.0
+"""Ledger partitions ahead and retention: once after each deploy settles, then daily."""
 PROBE_EVERY_S = 1.0
 STABLE_AFTER_S = 60.0
 """A component up this long gets its backoff reset."""
@@ -84,6 +86,7 @@ class Supervisor:
             self.state.secret_digest = previous.secret_digest
         self.initial = True
         self.settling = True
+        self.next_maintenance = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -143,6 +146,9 @@ class Supervisor:
             self.state.generation += 1
             changed = True
         elif not self.settling:
+            if now >= self.next_maintenance:
+                self.next_maintenance = now + MAINTENANCE_EVERY_S
+                threading.Thread(target=self._maintain, daemon=True, name="maintenance").start()
             status = "ready" if all(r.phase == "ready" for r in self.runs) else "degraded"
             if status != self.state.status and not (self.state.status == "failed" and status == "degraded"):
                 self.state.status = status
@@ -150,6 +156,19 @@ class Supervisor:
         if changed:
             self._save()
         return True
+
+    def _maintain(self) -> None:
+        """Ledger partitions for the months ahead, and retention when the spec sets it."""
+        from twllm.accounting.migrate import maintain
+        from twllm.deploy.components import database_url_for
+
+        url = database_url_for(self.plan, self.ctx)
+        if not url:
+            return
+        try:
+            maintain(url, self.plan.database.retention_days)
+        except Exception as exc:  # noqa: BLE001 - retried tomorrow; visible in the supervisor log
+            print(f"twllm: ledger maintenance failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     def _may_start(self, run: _Run) -> bool:
         """Initial order: a component starts once every earlier kind is ready."""
