@@ -38,7 +38,7 @@ MASTER_KEY = "sk-twllm-integration-0123456789"
 MOCK_TEXT = "hello from the mock"
 INPUT_COST = 0.001
 OUTPUT_COST = 0.002
-START_TIMEOUT = 120.0
+START_TIMEOUT = 300.0  # generous: a busy 2-core CI machine has needed >120 s
 
 HOOKS_PY = textwrap.dedent(
     '''

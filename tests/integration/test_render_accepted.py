@@ -102,7 +102,7 @@ def mixed_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandl
     render(plan, loaded.spec, out)
     with start_proxy(out / "litellm_config.yaml",
                      env={"TWLLM_MASTER_KEY": MASTER, ENGINE_KEY_ENV: "sk-engine-test"},
-                     timeout=120) as handle:
+                     timeout=300) as handle:
         yield handle
 
 

@@ -79,41 +79,49 @@ PROMPT_CATEGORIES: Mapping[str, str] = {
 trained to read, so the fallback prompt uses exactly these."""
 
 
-def _jinja_string(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+# Whitespace between tags is trimmed ({%- -%}): only the quoted strings reach the prompt.
+_TEMPLATE = r"""
+{%- if categories is not defined -%}
+    {%- set categories = DEFAULT_CATEGORIES -%}
+{%- endif -%}
+{%- if excluded_category_keys is not defined -%}
+    {%- set excluded_category_keys = [] -%}
+{%- endif -%}
+{%- set role = 'Agent' if messages | length % 2 == 0 else 'User' -%}
+{{- '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n' -}}
+{{- "Task: Check if there is unsafe content in '" + role + "' messages in conversations " -}}
+{{- 'according our safety policy with the below categories.\n\n' -}}
+{{- '<BEGIN UNSAFE CONTENT CATEGORIES>\n' -}}
+{%- for key in categories -%}
+    {%- if key not in excluded_category_keys -%}
+        {{- key + ': ' + categories[key] + '\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{{- '<END UNSAFE CONTENT CATEGORIES>\n\n' -}}
+{{- '<BEGIN CONVERSATION>\n\n' -}}
+{%- for message in messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
+    {%- endif -%}
+    {%- set speaker = 'User' if message['role'] == 'user' else 'Agent' -%}
+    {%- if message['content'] is string -%}
+        {{- speaker + ': ' + message['content'] | trim + '\n\n' -}}
+    {%- else -%}
+        {%- for part in message['content'] | selectattr('type', 'equalto', 'text') -%}
+            {{- speaker + ': ' + part['text'] | trim + '\n\n' -}}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endfor -%}
+{{- '<END CONVERSATION>\n\n' -}}
+{{- 'Provide your safety assessment for ONLY THE LAST ' + role + ' message in the above conversation:\n' -}}
+{{- " - First line must read 'safe' or 'unsafe'.\n" -}}
+{{- ' - If unsafe, a second line must include a comma-separated list of violated categories.' -}}
+{{- '<|eot_id|><|start_header_id|>assistant<|end_header_id|>' -}}
+"""
 
-
-def _template() -> str:
-    categories = ", ".join(f"{_jinja_string(k)}: {_jinja_string(v)}" for k, v in PROMPT_CATEGORIES.items())
-    say = _jinja_string
-    return "".join([
-        "{%- if categories is not defined -%}{%- set categories = {" + categories + "} -%}{%- endif -%}",
-        "{%- if excluded_category_keys is not defined -%}{%- set excluded_category_keys = [] -%}{%- endif -%}",
-        "{%- if messages | length % 2 == 0 -%}{%- set role = 'Agent' -%}{%- else -%}{%- set role = 'User' -%}{%- endif -%}",
-        "{{- " + say("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n") + " -}}",
-        "{{- " + say("Task: Check if there is unsafe content in '") + " + role + "
-        + say("' messages in conversations according our safety policy with the below categories.\n\n") + " -}}",
-        "{{- " + say("<BEGIN UNSAFE CONTENT CATEGORIES>\n") + " -}}",
-        "{%- for key in categories -%}{%- if key not in excluded_category_keys -%}"
-        "{{- key + ': ' + categories[key] + " + say("\n") + " -}}{%- endif -%}{%- endfor -%}",
-        "{{- " + say("<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n") + " -}}",
-        "{%- for message in messages -%}",
-        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-        "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}{%- endif -%}",
-        "{%- set speaker = 'User' if message['role'] == 'user' else 'Agent' -%}",
-        "{%- if message['content'] is string -%}{{- speaker + ': ' + message['content'] | trim + "
-        + say("\n\n") + " -}}",
-        "{%- else -%}{%- for part in message['content'] | selectattr('type', 'equalto', 'text') -%}"
-        "{{- speaker + ': ' + part['text'] | trim + " + say("\n\n") + " -}}{%- endfor -%}{%- endif -%}",
-        "{%- endfor -%}",
-        "{{- " + say("<END CONVERSATION>\n\nProvide your safety assessment for ONLY THE LAST ") + " + role + "
-        + say(" message in the above conversation:\n - First line must read 'safe' or 'unsafe'.\n"
-              " - If unsafe, a second line must include a comma-separated list of violated categories."
-              "<|eot_id|><|start_header_id|>assistant<|end_header_id|>") + " -}}",
-    ])
-
-
-LLAMA_GUARD_3_TEMPLATE = _template()
+LLAMA_GUARD_3_TEMPLATE = _TEMPLATE.strip().replace(
+    "DEFAULT_CATEGORIES", "{" + ", ".join(f"'{k}': '{v}'" for k, v in PROMPT_CATEGORIES.items()) + "}"
+)
 """Our chat template in the Llama Guard 3 layout (task, categories, conversation, instructions),
 rendering the same text as the 8B model's fixed template when nothing is excluded. It takes
 ``excluded_category_keys`` and message content either as a string or as a list of text parts."""
@@ -359,7 +367,10 @@ class LlamaGuard:
         device: str = "auto",
         dtype: Any = "auto",
         max_new_tokens: int = 10,
+        max_prompt_tokens: int | None = None,
     ) -> None:
+        """``max_prompt_tokens``: the longest prompt the model gets (default: its context length
+        less ``max_new_tokens``); longer conversations lose their oldest turns, see ``encode``."""
         torch, transformers = import_torch_stack()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -379,6 +390,10 @@ class LlamaGuard:
                                  hint="give a folder saved with save_pretrained, or a hub id when "
                                       "the hub is reachable") from exc
         self.model.to(self.device).eval()
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if max_prompt_tokens is None and context:
+            max_prompt_tokens = context - max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens
         self._torch = torch
         self._lock = threading.Lock()
         pad = self.tokenizer.pad_token_id
@@ -397,13 +412,27 @@ class LlamaGuard:
             return GuardCheck(Verdict(safe=True), 0.0, "")  # nothing was said
         return self._check(turns + [Turn("assistant", answer.strip())], excluded)
 
+    def encode(self, turns: list[Turn], excluded: frozenset[str]) -> dict[str, Any]:
+        """The prompt's tensors. When it is longer than ``max_prompt_tokens`` the oldest
+        user/assistant pairs are dropped (the checked turn keeps the context that fits); when the
+        checked turn alone (with its question, for an output check) does not fit: ValueError."""
+        while True:
+            inputs = self.tokenizer.apply_chat_template(
+                **_chat_arguments(turns, excluded, self.tokenizer),
+                tokenize=True, return_dict=True, return_tensors="pt", sanitize_control_tokens=True,
+            )
+            length = inputs["input_ids"].shape[-1]
+            if self.max_prompt_tokens is None or length <= self.max_prompt_tokens:
+                return dict(inputs)
+            if len(turns) <= (1 if turns[-1].role == "user" else 2):
+                raise ValueError(f"the checked message makes a {length}-token prompt; the guard model "
+                                 f"takes at most {self.max_prompt_tokens}")
+            turns = turns[2:]
+
     def _check(self, turns: list[Turn], excluded: Iterable[str]) -> GuardCheck:
         start = time.perf_counter()
         excluded = check_categories(excluded)
-        inputs = self.tokenizer.apply_chat_template(
-            **_chat_arguments(turns, excluded, self.tokenizer),
-            tokenize=True, return_dict=True, return_tensors="pt", sanitize_control_tokens=True,
-        )
+        inputs = self.encode(turns, excluded)
         with self._lock, self._torch.inference_mode():
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             generated = self.model.generate(

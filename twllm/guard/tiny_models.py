@@ -1,6 +1,6 @@
 """Tiny guard models with hand-set weights: deterministic stand-ins for Llama Guard and Prompt Guard.
 
-Tests and benchmarks build them on the spot (well under a second, no model hub) and load them
+Tests and benchmarks build them on the spot (~0.2 s once torch is imported; no model hub) and load them
 back through transformers' Auto classes, so the real loading and forward code runs, the safe and
 the unsafe path alike. Their answers depend on one thing only: whether a trigger token occurs.
 
@@ -15,8 +15,9 @@ are zero, so the last hidden state is the current token's feature plus the atten
 lm_head maps each chain token's feature to the next chain token. Attention has one working head:
 the "\\n\\n" token queries for the trigger's key (every other token queries away from it), and
 only the trigger has a value, written to a "trigger seen" feature that lm_head reads as "unsafe
-rather than safe". Query and key sit in the slowest-rotating RoPE pair, with rope_theta 1e6, so
-position barely matters: the trigger's score is ~45 wherever it stands, every other token's 0.
+rather than safe". Query and key sit in the slowest-rotating RoPE pair (2.4e-6 rad per token at
+rope_theta 1e6), so position barely matters: the trigger's score is ~45 wherever it stands, every
+other key's 0, and one trigger among 4,096 tokens takes all the attention.
 
 ``build_tiny_prompt_guard`` — a 1-layer BertForSequenceClassification (labels BENIGN/MALICIOUS)
 with position and token-type embeddings zeroed, so the order of tokens does not matter. [CLS]
@@ -25,8 +26,9 @@ trigger was seen and 0 when not; the classifier turns that into P(MALICIOUS) = s
 or sigmoid(-4) ≈ 0.018. Features are zero-mean vectors so that BERT's LayerNorms keep them.
 
 Both triggers are added tokens, so each is one token wherever it occurs (the Prompt Guard one is
-matched after lower-casing). Every weight is set explicitly and the tokenizers are trained on a
-fixed corpus, so the same arguments give byte-identical files.
+matched after lower-casing). Every weight is set explicitly, the BPE tokenizer is trained on a
+fixed corpus (its trainer is deterministic) and the WordPiece vocabulary is written out, so the
+same arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def _byte_level_tokenizer(trigger: str) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOT, pad_token=PAD,
         additional_special_tokens=[EOS, START_HEADER, END_HEADER],
-        chat_template=LLAMA_GUARD_3_TEMPLATE, model_max_length=8192, clean_up_tokenization_spaces=False,
+        chat_template=LLAMA_GUARD_3_TEMPLATE, model_max_length=4096, clean_up_tokenization_spaces=False,
     )
 
 
@@ -136,7 +138,7 @@ def build_tiny_llama_guard(out_dir: str | Path, trigger: str = "炸彈", unsafe_
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=1,
         num_attention_heads=HIDDEN // HEAD_DIM, num_key_value_heads=HIDDEN // HEAD_DIM, head_dim=HEAD_DIM,
-        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         bos_token_id=ids[BOS], eos_token_id=[ids[EOT], ids[EOS]], pad_token_id=ids[PAD],
     )
