@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         if not any(group.name == "engines" for group in app.registered_groups):
             app.add_typer(engines_app, name="engines")
             app.add_typer(demo_app, name="demo")
+        from twllm.cli.guard_cmds import guard_app
+
+        if not any(group.name == "guard" for group in app.registered_groups):
+            app.add_typer(guard_app, name="guard")
         from twllm.cli.accounts_cmds import register as register_accounts
 
         register_accounts(app)  # tenants, keys, usage, db
