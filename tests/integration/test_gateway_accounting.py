@@ -1,6 +1,6 @@
 """The accounting hooks in the real gateway: keys, limits and budgets, and a ledger that loses nothing.
 
-One real LiteLLM proxy (gunicorn, 2 workers) runs the config twllm renders, with every deployment
+One real LiteLLM proxy (uvicorn, 2 workers) runs the config twllm renders, with every deployment
 answering from ``mock_response`` (no engine), against a real embedded PostgreSQL migrated by
 ``twllm.accounting.migrate``. Keys are made with ``twllm.accounting.store`` as the CLI makes
 them. Each test uses its own tenant and keys, so ledger rows are counted per key.
@@ -143,7 +143,7 @@ def gateway(gateway_dir: Path, postgres: Postgres) -> Iterator[ProxyHandle]:
         "TWLLM_GATEWAY_SETTINGS": str(gateway_dir / "gateway.json"),
         "TWLLM_DATABASE_URL": postgres.url,
     }
-    with start_proxy(gateway_dir / "litellm_config.yaml", env=env, workers=2, server="gunicorn",
+    with start_proxy(gateway_dir / "litellm_config.yaml", env=env, workers=2, server="uvicorn",
                      timeout=300) as handle:
         yield handle
 
@@ -442,7 +442,7 @@ def test_rows_a_stopped_gateway_still_held_are_journaled_and_replayed(gateway_di
            "TWLLM_GATEWAY_SETTINGS": str(gateway_dir / "gateway.json"), "TWLLM_SPOOL_DIR": str(spool),
            "PYTHONPATH": str(tmp_path)}
     key_id, secret = make_key(postgres.url)
-    with start_proxy(tmp_path / "litellm_config.yaml", env=env, workers=2, server="gunicorn", timeout=300) as proxy:
+    with start_proxy(tmp_path / "litellm_config.yaml", env=env, workers=2, server="uvicorn", timeout=300) as proxy:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             statuses = list(pool.map(lambda _: httpx.post(
                 f"{proxy.base_url}/v1/chat/completions", headers=auth(secret), json={"model": "chat-a", **CHAT},

@@ -130,7 +130,7 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
         yield proxy
 
 
-@pytest.fixture(scope="module", params=["uvicorn", "gunicorn"])
+@pytest.fixture(scope="module", params=["uvicorn"])
 def multi(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
     """Two workers (uvicorn's supervisor, or gunicorn with --run_gunicorn) and custom_auth."""
     server = request.param

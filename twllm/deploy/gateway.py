@@ -28,9 +28,12 @@ def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str], 
     argv = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(rendered / LITELLM_CONFIG),
             "--host", gw.host, "--port", str(gw.port), "--num_workers", str(gw.workers)]
     if gw.workers > 1:
-        # gunicorn loads the app once and forks: ~13 s to start 2 workers instead of ~28 s with
-        # uvicorn's supervisor, which also kills workers slower than 5 s to import.
-        argv.append("--run_gunicorn")
+        # uvicorn's own supervisor spawns fresh worker processes. It kills a worker that has not
+        # answered its health ping within 5 s, and importing the proxy takes longer on a small
+        # machine, so the ping gets 120 s. (gunicorn's --run_gunicorn starts faster by forking a
+        # preloaded app, but a forked worker was seen hanging at "Waiting for application
+        # startup" on a busy machine.)
+        argv += ["--timeout_worker_healthcheck", "120"]
     env = {
         SETTINGS_ENV: str(rendered / GATEWAY_SETTINGS),
         # Prices come from the spec; never fetch LiteLLM's price list at start.
