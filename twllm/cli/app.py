@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         from twllm.cli.accounts_cmds import register as register_accounts
 
         register_accounts(app)  # tenants, keys, usage, db
+        from twllm.cli.bench_cmds import register as register_bench
+
+        register_bench(app)  # bench
 
         command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="twllm", standalone_mode=False)
