@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         from twllm.cli.accounts_cmds import register as register_accounts
 
         register_accounts(app)  # tenants, keys, usage, db
+        from twllm.cli.eval_cmds import register as register_eval
+
+        register_eval(app)  # eval zh-tw
         from twllm.cli.bench_cmds import register as register_bench
 
         register_bench(app)  # bench
