@@ -14,8 +14,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -26,12 +24,12 @@ import psycopg
 import pytest
 import yaml
 
+from pgutil import Postgres, sql
 from proxyutil import ProxyHandle, start_proxy
 from twllm.accounting import store
 from twllm.accounting.auth import KEY_CACHE_TTL_S
 from twllm.accounting.ledger import replay_folder
 from twllm.accounting.migrate import migrate
-from twllm.deploy.database import STOP_SIGNAL, EmbeddedPostgres, short_socket_dir
 from twllm.deploy.placement import GpuInventory
 from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
 from twllm.deploy.resolve import parse_spec
@@ -56,43 +54,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 # --- PostgreSQL ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Postgres:
-    """The embedded PostgreSQL started and stopped as the supervisor does it."""
-
-    def __init__(self, folder: Path) -> None:
-        data = folder / "postgres"
-        self.pg = EmbeddedPostgres(data, _free_port(), short_socket_dir(data))
-        self.log = folder / "postgres.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return self.pg.url
-
-    def start(self) -> None:
-        self.pg.initialize()
-        launch = self.pg.launch()
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not self.pg.ready():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
-            time.sleep(0.05)
-
-    def stop(self, sig: int = STOP_SIGNAL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(15)
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     server = Postgres(tmp_path_factory.mktemp("pg"))
@@ -100,12 +61,6 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     migrate(server.url)
     yield server
     server.stop(signal.SIGKILL)
-
-
-def sql(url: str, query: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 # --- the gateway ------------------------------------------------------------------------------

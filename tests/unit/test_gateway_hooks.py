@@ -224,7 +224,7 @@ def test_a_key_that_cannot_be_checked_is_503():
 
 
 def test_key_cache_reads_once_for_concurrent_misses_and_serves_stale_while_down():
-    row = (7, 3, "moe", "sk-tw-AbCdEf", ["chat-a"], 5, None, Decimal("1.5"), "daily", None, None)
+    row = (7, 3, "moe", "sk-tw-AbCdEf", ["chat-a"], 5, None, Decimal("1.5"), "daily", None, None, "strict")
     db = FakeDb({"FROM api_keys": row}, delay=0.01)
     cache = KeyCache(db, ttl_s=5)  # type: ignore[arg-type]
 
@@ -233,7 +233,9 @@ def test_key_cache_reads_once_for_concurrent_misses_and_serves_stale_while_down(
 
     found = run(many())
     assert len(db.executed) == 1 and all(k == found[0] for k in found)
-    assert found[0] == KeyInfo(7, 3, "moe", "sk-tw-AbCdEf", ("chat-a",), 5, None, Decimal("1.5"), "daily")
+    assert found[0] == KeyInfo(7, 3, "moe", "sk-tw-AbCdEf", ("chat-a",), 5, None, Decimal("1.5"), "daily",
+                               guard_policy="strict")
+    assert Identity(found[0]).metadata()["twllm_guard_policy"] == "strict"
 
     cache._entries[b"h"] = _Entry(found[0], 0.0)  # long expired
     db.down = True

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from twllm.deploy.spec import GuardSpec
-from twllm.guard.pipeline import ZH_TW_NOTE, GuardPipeline
+from twllm.guard.pipeline import GuardPipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "examples" / "local.yaml"
@@ -53,10 +53,13 @@ def test_pii_log_action_reports_without_rewriting() -> None:
     assert [f["entity"] for f in result.findings] == ["tw_national_id"] and result.categories == []
 
 
-def test_zh_tw_passes_text_through_with_a_note() -> None:
-    result = pipeline(output=["zh_tw"]).run("软件", stage="output")
-    assert (result.verdict, result.text, result.notes) == ("allow", "软件", [ZH_TW_NOTE])
-    assert pipeline(output=["zh_tw"]).run("x", stage="input").notes == []  # no input stages
+def test_zh_tw_rewrites_simplified_and_leaves_taiwan_text_alone() -> None:
+    result = pipeline(output=["zh_tw"]).run("这个软件很好用", stage="output")
+    assert (result.verdict, result.text) == ("mask", "這個軟體很好用")
+    assert result.findings == [{"entity": "zh_hans", "rule": "opencc_s2twp"}] and result.categories == []
+    untouched = pipeline(output=["zh_tw"]).run("干擾訊號", stage="output")
+    assert (untouched.verdict, untouched.text) == ("allow", "干擾訊號")
+    assert pipeline(output=["zh_tw"]).run("软件", stage="input").text == "软件"  # no input stages
 
 
 # --- the failure policy --------------------------------------------------------------------------
@@ -180,8 +183,8 @@ def test_cli_reads_stdin_and_runs_output_stages(main, capsys, monkeypatch: pytes
     monkeypatch.setattr("sys.stdin", io.StringIO("软件"))
     code = main(["guard", "check", "-c", str(LOCAL), "--stage", "output", "--json", "-"])
     document = json.loads(capsys.readouterr().out)
-    assert code == 0 and document["verdict"] == "allow" and document["text"] == "软件"
-    assert document["notes"] == [ZH_TW_NOTE]
+    assert code == 0 and document["verdict"] == "mask" and document["text"] == "軟體"
+    assert document["notes"] == []
 
 
 def test_cli_plain_output(main, capsys: pytest.CaptureFixture[str]) -> None:

@@ -84,8 +84,8 @@ def test_rendering_twice_is_byte_identical(tmp_path):
 def test_gateway_settings_carry_guard_and_prices_for_the_hooks():
     loaded, plan = prod()
     settings = gateway_settings(plan, loaded.spec)
-    assert settings["guard"]["input"] == ["pii", "prompt_guard", "llama_guard"]
-    assert settings["guard"]["pii"]["actions"] == {"credit_card": "block"}
+    assert settings["guard"]["base"]["input"] == ["pii", "prompt_guard", "llama_guard"]
+    assert settings["guard"]["base"]["pii"]["actions"] == {"credit_card": "block"}
     assert settings["models"]["taide-8b"]["deployments"] == ["vllm-taide-8b-0", "vllm-taide-8b-1"]
     assert settings["models"]["taide-8b"]["price"]["currency"] == "TWD"
 
@@ -93,4 +93,4 @@ def test_gateway_settings_carry_guard_and_prices_for_the_hooks():
 def test_rendered_yaml_round_trips(tmp_path):
     loaded, plan = prod()
     render(plan, loaded.spec, tmp_path)
-    assert yaml.safe_load((tmp_path / "litellm_config.yaml").read_text()) == litellm_config(plan)
+    assert yaml.safe_load((tmp_path / "litellm_config.yaml").read_text()) == litellm_config(plan, loaded.spec)

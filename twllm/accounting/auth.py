@@ -57,7 +57,7 @@ KEY_CACHE_MAX = 10_000
 
 LOOKUP_SQL = """
 SELECT k.id, k.tenant_id, t.name, k.prefix, k.models, k.rpm, k.tpm, k.budget, k.budget_period,
-       k.expires_at, k.revoked_at
+       k.expires_at, k.revoked_at, coalesce(k.guard_policy, t.guard_policy)
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
 WHERE k.key_hash = %s
 """
@@ -86,6 +86,8 @@ class KeyInfo:
     budget_period: str | None = None
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+    guard_policy: str | None = None
+    """The key's guard policy, else its tenant's (a name from the spec's guard.policies)."""
 
     def status(self, now: datetime) -> str:
         """active | revoked | expired (the same rule as ``store.KeyRecord.status``)."""
@@ -110,8 +112,11 @@ class Identity:
         """What travels with the request to the spend logger (UserAPIKeyAuth.metadata)."""
         if self.key is None:
             return {"twllm_admin": True}
-        return {"twllm_tenant_id": self.key.tenant_id, "twllm_key_id": self.key.id,
-                "twllm_tenant": self.key.tenant}
+        data: dict[str, object] = {"twllm_tenant_id": self.key.tenant_id, "twllm_key_id": self.key.id,
+                                   "twllm_tenant": self.key.tenant}
+        if self.key.guard_policy:
+            data["twllm_guard_policy"] = self.key.guard_policy
+        return data
 
 
 class Rejection(Exception):
@@ -191,9 +196,10 @@ class KeyCache:
             row = await cur.fetchone()
         key = None
         if row is not None:
-            (id_, tenant_id, tenant, prefix, models, rpm, tpm, budget, period, expires_at, revoked_at) = row
+            (id_, tenant_id, tenant, prefix, models, rpm, tpm, budget, period, expires_at, revoked_at,
+             guard_policy) = row
             key = KeyInfo(id_, tenant_id, tenant, prefix, tuple(models) if models is not None else None,
-                          rpm, tpm, budget, period, expires_at, revoked_at)
+                          rpm, tpm, budget, period, expires_at, revoked_at, guard_policy)
         self._entries[key_hash] = _Entry(key, time.monotonic())
         self._entries.move_to_end(key_hash)
         while len(self._entries) > self.max_entries:

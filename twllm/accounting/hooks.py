@@ -88,8 +88,8 @@ class Runtime:
                 log.exception("twllm accounting: cannot use the spool folder %s", self.spool.folder)
             self.writer.start()
 
-    def record(self, kwargs: Mapping[str, Any], *, success: bool) -> None:
-        """Queue the ledger row of one success or failure event."""
+    def record(self, kwargs: Mapping[str, Any], *, success: bool, guard: Mapping[str, Any] | None = None) -> None:
+        """Queue the ledger row of one success or failure event (with the guard's verdicts)."""
         slo = kwargs.get("standard_logging_object") or {}
         call_id = str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or "")
         if call_id:
@@ -109,7 +109,7 @@ class Runtime:
             return
         tenant_id, key_id = who
         row = row_from_logging(kwargs, success=success, tenant_id=tenant_id, key_id=key_id,
-                               price_of=self.config.price)
+                               price_of=self.config.price, guard=guard)
         self.writer.enqueue(row)
         if key_id is not None:
             self.auth.budgets.note_queued(key_id, row.cost)
@@ -215,17 +215,29 @@ class SpendLogger(CustomLogger):
     """LiteLLM callback writing one ledger row per request (success or failure, streams too)."""
 
     async def async_log_success_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        self._record(kwargs, success=True)
+        await self._record(kwargs, success=True)
 
     async def async_log_failure_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        self._record(kwargs, success=False)
+        await self._record(kwargs, success=False)
 
     @staticmethod
-    def _record(kwargs: dict, *, success: bool) -> None:
+    async def _record(kwargs: dict, *, success: bool) -> None:
         try:
-            runtime().record(kwargs, success=success)
+            guard = await _guard_record(kwargs)
+            runtime().record(kwargs, success=success, guard=guard)
         except Exception:  # noqa: BLE001 - a logging bug must not fail the request; it is logged loudly
             log.exception("twllm spend logger: could not record call %s", kwargs.get("litellm_call_id"))
+
+
+async def _guard_record(kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Safety Guard's verdicts on this call (None when no guardrail runs in this process)."""
+    import sys
+
+    gateway = sys.modules.get("twllm.guard.gateway")  # loaded by LiteLLM only when the spec guards
+    if gateway is None:
+        return None
+    slo = kwargs.get("standard_logging_object") or {}
+    return await gateway.take_record(str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or ""))
 
 
 spend_logger = SpendLogger()

@@ -85,12 +85,14 @@ _FIELDS = tuple(f.name for f in fields(LedgerRow))
 
 
 def row_from_logging(kwargs: Mapping[str, Any], *, success: bool, tenant_id: int | None,
-                     key_id: int | None, price_of: Callable[[str], Price]) -> LedgerRow:
+                     key_id: int | None, price_of: Callable[[str], Price],
+                     guard: Mapping[str, Any] | None = None) -> LedgerRow:
     """The ledger row of one LiteLLM success/failure event (``kwargs`` as the logger gets it).
 
     Reads ``standard_logging_object``, which LiteLLM fills for streams too. Cost is the model's
     price (``price_of(model)``) times the tokens: our price and currency from the spec, never
-    LiteLLM's cost."""
+    LiteLLM's cost. ``guard``: the Safety Guard's verdicts; an answer it blocked is recorded as
+    the client saw it (400 GuardBlocked) at the cost of the tokens the engine produced."""
     slo: Mapping[str, Any] = kwargs.get("standard_logging_object") or {}
     start = _epoch(slo.get("startTime"), kwargs.get("start_time"))
     end = _epoch(slo.get("endTime"), kwargs.get("end_time"))
@@ -99,7 +101,9 @@ def row_from_logging(kwargs: Mapping[str, Any], *, success: bool, tenant_id: int
     prompt = _int(slo.get("prompt_tokens"))
     completion = _int(slo.get("completion_tokens"))
     error = slo.get("error_information") or {}
-    if success:
+    if success and (guard or {}).get("output", {}).get("verdict") == "block":
+        status, error_class = 400, "GuardBlocked"
+    elif success:
         status, error_class = 200, None
     else:
         status = _status(error.get("error_code"), kwargs.get("exception"))
@@ -123,6 +127,7 @@ def row_from_logging(kwargs: Mapping[str, Any], *, success: bool, tenant_id: int
         status_code=status,
         error_class=error_class,
         stream=stream,
+        guard=dict(guard) if guard else None,
     )
 
 

@@ -31,6 +31,8 @@ PERIODS = ("daily", "monthly", "total")
 """Budget periods, as the api_keys.budget_period check allows them."""
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """The same rule as the tenants.name check in migration 0001."""
+POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+"""A guard policy name (as the spec's Name type)."""
 _DURATION_PART = re.compile(r"(\d+)\s*([wdhms])")
 _UNITS = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 _MIN_PREFIX = len(KEY_PREFIX) + 2
@@ -50,10 +52,12 @@ class Tenant:
     created_at: datetime
     active_keys: int = 0
     """Keys neither revoked nor expired."""
+    guard_policy: str | None = None
+    """The guard policy of the tenant's keys that name none themselves."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "created_at": self.created_at.isoformat(),
-                "active_keys": self.active_keys}
+                "active_keys": self.active_keys, "guard_policy": self.guard_policy}
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class KeySettings:
     budget_period: str | None = None
     """daily | monthly | total; monthly when a budget is given without one."""
     expires_in: timedelta | None = None
+    guard_policy: str | None = None
+    """A policy of the spec's guard.policies; None: the tenant's."""
 
     def checked(self) -> "KeySettings":
         """These settings validated, with defaults filled in; AccountsError says what is wrong."""
@@ -91,7 +97,10 @@ class KeySettings:
                                 hint=f"one of: {', '.join(PERIODS)}")
         if self.expires_in is not None and self.expires_in <= timedelta(0):
             raise AccountsError("--expires must be a positive duration")
-        return KeySettings(self.name, models, self.rpm, self.tpm, self.budget, period, self.expires_in)
+        if self.guard_policy is not None and not POLICY_NAME.match(self.guard_policy):
+            raise AccountsError(f"invalid guard policy name {self.guard_policy!r}")
+        return KeySettings(self.name, models, self.rpm, self.tpm, self.budget, period, self.expires_in,
+                           self.guard_policy)
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,8 @@ class KeyRecord:
     revoked_at: datetime | None
     rotated_from: int | None
     created_at: datetime
+    guard_policy: str | None = None
+    """The key's own guard policy (None: its tenant's)."""
     spend: Decimal = field(default=Decimal(0))
     """Cost in the current budget period (the current UTC month for keys without a budget)."""
 
@@ -179,28 +190,40 @@ def parse_models(text: str) -> tuple[str, ...]:
 # --- tenants ------------------------------------------------------------------------------------
 
 
-def create_tenant(conn: psycopg.Connection, name: str) -> Tenant:
+def create_tenant(conn: psycopg.Connection, name: str, guard_policy: str | None = None) -> Tenant:
     if not TENANT_NAME.match(name):
         raise AccountsError(f"invalid tenant name {name!r}",
                             hint="1-64 characters: letters, digits, '.', '_', '-'; starting with a letter or digit")
+    if guard_policy is not None and not POLICY_NAME.match(guard_policy):
+        raise AccountsError(f"invalid guard policy name {guard_policy!r}")
     try:
-        row = conn.execute("INSERT INTO tenants (name) VALUES (%s) RETURNING id, name, created_at",
-                           (name,)).fetchone()
+        row = conn.execute("INSERT INTO tenants (name, guard_policy) VALUES (%s, %s) "
+                           "RETURNING id, name, created_at", (name, guard_policy)).fetchone()
     except psycopg.errors.UniqueViolation:
         raise AccountsError(f"tenant {name!r} already exists", hint="twllm tenants list") from None
-    return Tenant(*row)
+    return Tenant(*row, guard_policy=guard_policy)
+
+
+def set_tenant_policy(conn: psycopg.Connection, name: str, guard_policy: str | None) -> Tenant:
+    """Give a tenant's keys (those without their own) a guard policy; None: the gateway's."""
+    if guard_policy is not None and not POLICY_NAME.match(guard_policy):
+        raise AccountsError(f"invalid guard policy name {guard_policy!r}")
+    tenant = get_tenant(conn, name)
+    conn.execute("UPDATE tenants SET guard_policy = %s WHERE id = %s", (guard_policy, tenant.id))
+    return get_tenant(conn, name)
 
 
 def list_tenants(conn: psycopg.Connection) -> list[Tenant]:
     rows = conn.execute(
         "SELECT t.id, t.name, t.created_at, count(k.id) FILTER (WHERE k.revoked_at IS NULL "
-        "AND (k.expires_at IS NULL OR k.expires_at > now())) "
+        "AND (k.expires_at IS NULL OR k.expires_at > now())), t.guard_policy "
         "FROM tenants t LEFT JOIN api_keys k ON k.tenant_id = t.id GROUP BY t.id ORDER BY t.name").fetchall()
     return [Tenant(*row) for row in rows]
 
 
 def get_tenant(conn: psycopg.Connection, name: str) -> Tenant:
-    row = conn.execute("SELECT id, name, created_at FROM tenants WHERE name = %s", (name,)).fetchone()
+    row = conn.execute("SELECT id, name, created_at, 0, guard_policy FROM tenants WHERE name = %s",
+                       (name,)).fetchone()
     if row is None:
         known = [r[0] for r in conn.execute("SELECT name FROM tenants").fetchall()]
         raise AccountsError(f"no tenant {name!r}{did_you_mean(name, known)}",
@@ -213,7 +236,7 @@ def get_tenant(conn: psycopg.Connection, name: str) -> Tenant:
 
 _KEY_COLUMNS = sql.SQL(
     "SELECT k.id, k.prefix, t.name, k.tenant_id, k.name, k.models, k.rpm, k.tpm, k.budget, "
-    "k.budget_period, k.expires_at, k.revoked_at, k.rotated_from, k.created_at "
+    "k.budget_period, k.expires_at, k.revoked_at, k.rotated_from, k.created_at, k.guard_policy "
     "FROM api_keys k JOIN tenants t ON t.id = k.tenant_id")
 
 
@@ -232,11 +255,11 @@ def _insert_key(conn: psycopg.Connection, tenant_id: int, s: KeySettings, *,
     secret = generate_key()
     row = conn.execute(
         "INSERT INTO api_keys (tenant_id, key_hash, prefix, name, models, rpm, tpm, budget, budget_period, "
-        "expires_at, rotated_from) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, "
-        "coalesce(%s::timestamptz, now() + %s::interval), %s) RETURNING id",
+        "expires_at, rotated_from, guard_policy) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, "
+        "coalesce(%s::timestamptz, now() + %s::interval), %s, %s) RETURNING id",
         (tenant_id, hash_key(secret), display_prefix(secret), s.name,
          list(s.models) if s.models is not None else None, s.rpm, s.tpm, s.budget, s.budget_period,
-         expires_at, s.expires_in, rotated_from)).fetchone()
+         expires_at, s.expires_in, rotated_from, s.guard_policy)).fetchone()
     return secret, row[0]
 
 
@@ -292,7 +315,8 @@ def rotate_key(conn: psycopg.Connection, ref: str) -> tuple[KeyRecord, str, KeyR
         if old.status() != "active":
             raise AccountsError(f"key {old.prefix} (id {old.id}) is {old.status()}; only active keys are rotated",
                                 hint=f"twllm keys create --tenant {old.tenant}")
-        settings = KeySettings(old.name, old.models, old.rpm, old.tpm, old.budget, old.budget_period)
+        settings = KeySettings(old.name, old.models, old.rpm, old.tpm, old.budget, old.budget_period,
+                               guard_policy=old.guard_policy)
         secret, new_id = _insert_key(conn, old.tenant_id, settings, rotated_from=old.id, expires_at=old.expires_at)
         conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (old.id,))
     return find_key(conn, str(new_id)), secret, find_key(conn, str(old.id))

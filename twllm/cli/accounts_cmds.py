@@ -26,9 +26,10 @@ from twllm.cli.app import stderr
 from twllm.cli.output import table
 from twllm.cli.runtime_cmds import CONFIG_FIND, STATE_DIR_FIND, find_state_dir
 from twllm.deploy.state import StateDir
-from twllm.errors import RuntimeFailure
+from twllm.errors import RuntimeFailure, did_you_mean
 
 JSON = typer.Option(False, "--json", help="Write one JSON document to stdout.")
+GUARD_POLICY = typer.Option(None, "--guard-policy", help="A policy of the spec's guard.policies (default: the gateway-wide guard settings).")
 SHOWN_ONCE = ("this is the only time the key is shown: store it now "
               "(twllm keeps only its hash; a lost key is rotated, not recovered)")
 
@@ -78,16 +79,44 @@ def _when(value: Any) -> str:
 
 @tenants_app.command("create")
 def tenants_create(name: str = typer.Argument(..., help="Tenant name: letters, digits, '.', '_', '-'."),
+                   guard_policy: Optional[str] = GUARD_POLICY,
                    state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
                    json_out: bool = JSON) -> None:
     """Create a tenant."""
-    with _database(state_dir, config) as (conn, _):
-        tenant = store.create_tenant(conn, name)
+    with _database(state_dir, config) as (conn, sd):
+        _check_policy(sd, guard_policy)
+        tenant = store.create_tenant(conn, name, guard_policy)
     if json_out:
         _emit_json(tenant.to_dict())
     else:
         typer.echo(f"✓ tenant {tenant.name} created (id {tenant.id}); "
                    f"next: twllm keys create --tenant {tenant.name}")
+
+
+@tenants_app.command("set-policy")
+def tenants_set_policy(name: str = typer.Argument(..., help="The tenant."),
+                       policy: Optional[str] = typer.Argument(None, help="A policy of the spec's guard.policies; omit it to use the gateway-wide settings."),
+                       state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
+                       json_out: bool = JSON) -> None:
+    """Set the guard policy of a tenant's keys (those without one of their own); applies within 5 s."""
+    with _database(state_dir, config) as (conn, sd):
+        _check_policy(sd, policy)
+        tenant = store.set_tenant_policy(conn, name, policy)
+    if json_out:
+        _emit_json(tenant.to_dict())
+    else:
+        typer.echo(f"✓ tenant {tenant.name}: guard policy {tenant.guard_policy or '(gateway-wide)'}")
+
+
+def _check_policy(sd: StateDir, policy: str | None) -> None:
+    """Refuse a policy the running deployment does not define (exit 2)."""
+    if policy is None:
+        return
+    known = sd.guard_policies()
+    if known is not None and policy not in known:
+        raise store.AccountsError(
+            f"no guard policy {policy!r} in the deployment's spec{did_you_mean(policy, known)}",
+            hint=f"define it under guard.policies; defined: {', '.join(sorted(known)) or 'none'}")
 
 
 @tenants_app.command("list")
@@ -119,6 +148,7 @@ def keys_create(
     period: Optional[str] = typer.Option(None, "--period", help="Budget period: daily, monthly or total (default with --budget: monthly)."),
     expires: Optional[str] = typer.Option(None, "--expires", help="Lifetime, e.g. 30d, 12h, 90m (default: never expires)."),
     name: Optional[str] = typer.Option(None, "--name", help="A label for people, e.g. 'acme-prod'."),
+    guard_policy: Optional[str] = GUARD_POLICY,
     state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
     json_out: bool = JSON,
 ) -> None:
@@ -130,9 +160,11 @@ def keys_create(
         budget=store.parse_amount(budget) if budget is not None else None,
         budget_period=period,
         expires_in=store.parse_duration(expires) if expires is not None else None,
+        guard_policy=guard_policy,
     ).checked()
     with _database(state_dir, config) as (conn, sd):
         _warn_unknown_models(sd, settings.models)
+        _check_policy(sd, settings.guard_policy)
         key, secret = store.create_key(conn, tenant, settings)
     _print_secret(key, secret, json_out, verb="created")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -26,14 +27,18 @@ def check(
     text: str = typer.Argument(..., metavar="TEXT|-", help="The text to check; '-' reads it from stdin."),
     config: Path = typer.Option(..., "--config", "-c", help="The deployment spec (YAML).", show_default=False),
     stage: str = typer.Option("input", "--stage", help="Run the spec's input or output stages."),
-    model: Optional[str] = typer.Option(None, "--model", help="Check as for this model of the spec."),
+    model: Optional[str] = typer.Option(None, "--model", help="Check as for this model of the spec (its own guard settings)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Check as for a tenant or key with this policy of guard.policies."),
     json_out: bool = typer.Option(False, "--json", help="Write one JSON document to stdout."),
 ) -> None:
     """Run the configured guard stages on TEXT and print the verdict, categories and resulting text.
 
+    The policy is resolved as the gateway resolves it (gateway-wide, then the model's, then the
+    tenant's), and a guard model served by one of the deployment's engines is asked there.
     Exits 0 whenever the check ran: the verdict (allow, mask, block) is the output, not an error.
     """
     from twllm.guard.pipeline import GuardPipeline
+    from twllm.guard.policy import GuardPolicies
 
     if stage not in ("input", "output"):
         raise typer.BadParameter(f"'{stage}' is neither input nor output", param_hint="--stage")
@@ -42,9 +47,19 @@ def check(
     if model is not None and model not in names:
         raise typer.BadParameter(f"no model '{model}' in {config}{did_you_mean(model, names)}; "
                                  f"the spec has: {', '.join(names)}", param_hint="--model")
+    known = sorted(loaded.spec.guard.policies)
+    if policy is not None and policy not in known:
+        raise typer.BadParameter(f"no guard policy '{policy}' in {config}{did_you_mean(policy, known)}; "
+                                 f"defined: {', '.join(known) or 'none'}", param_hint="--policy")
     if text == "-":
         text = sys.stdin.read()
-    result = GuardPipeline.from_spec(loaded.spec.guard).run(text, stage=stage)  # type: ignore[arg-type]
+    policies = GuardPolicies.from_spec(loaded.spec)
+    served = {m.name for m in loaded.spec.models}
+    if any(g.llama_guard.model in served for g in _layers(loaded.spec)):
+        # A guard model served by this deployment: ask the running engine, as the gateway does.
+        policies.remote = _running_remote(config)
+    pipeline = GuardPipeline(policies.resolve(model, policy), remote=policies.remote)
+    result = pipeline.run(text, stage=stage)  # type: ignore[arg-type]
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         return
@@ -55,3 +70,27 @@ def check(
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"text: {result.text}")
+
+
+def _layers(spec):  # every place a llama_guard model can be named
+    yield spec.guard
+    yield from (p for p in spec.guard.policies.values() if p.llama_guard is not None)
+    yield from (m.guard for m in spec.models if m.guard is not None and m.guard.llama_guard is not None)
+
+
+def _running_remote(config: Path) -> dict:
+    """Where the running deployment's engines serve guard models (from its rendered settings)."""
+    from twllm.cli.runtime_cmds import find_state_dir
+    from twllm.guard.policy import GuardPolicies
+
+    sd = find_state_dir(None, config)
+    try:
+        settings = json.loads((sd.rendered / "gateway.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # not deployed: the check fails, and the failure policy says what that means
+    remote = GuardPolicies.from_settings(settings.get("guard")).remote
+    key_file = sd.secrets_dir / "engine_key"
+    for target in remote.values():
+        if target.api_key_env and target.api_key_env not in os.environ and key_file.exists():
+            os.environ[target.api_key_env] = key_file.read_text().strip()  # this process only
+    return remote

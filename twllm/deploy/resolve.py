@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from pydantic import ValidationError
 
@@ -18,6 +18,7 @@ from twllm.deploy.errors_map import issues_from_validation
 from twllm.deploy.source import Path_, SpecSource, format_path, load_source, parse_source
 from twllm.deploy.spec import ModelSpec, Spec
 from twllm.errors import RegistryError, SpecError, SpecIssue, did_you_mean
+from twllm.guard.policy import GuardPolicies
 from twllm.model_registry import ModelEntry, Registry, load_registry
 
 
@@ -167,18 +168,26 @@ class _Checker:
             self._known(("gateway", "fallbacks", source), source, names)
             for j, target in enumerate(targets):
                 self._known(("gateway", "fallbacks", source, j), target, names)
-        lg = spec.guard.llama_guard
-        if "llama_guard" in (*spec.guard.input, *spec.guard.output):
-            self._guard_model(("guard", "llama_guard", "model"), lg.model, names, registry, "guard")
-        if "prompt_guard" in spec.guard.input:
-            self._guard_model(("guard", "prompt_guard", "model"), spec.guard.prompt_guard.model, {}, registry, "classify")
+        layers: list[tuple[tuple, Any]] = [(("guard",), spec.guard)]
+        layers += [(("guard", "policies", name), p) for name, p in spec.guard.policies.items()]
+        layers += [(("models", i, "guard"), m.guard) for i, m in enumerate(spec.models) if m.guard is not None]
+        policies = GuardPolicies.from_spec(spec)
+        effective = [policies.resolve(None, None)]
+        effective += [policies.resolve(None, name) for name in spec.guard.policies]
+        effective += [policies.resolve(m.name, None) for m in spec.models]
+        used = {stage for g in effective for stage in (*g.input, *g.output)}
+        for at, layer in layers:
+            if "llama_guard" in used and (at == ("guard",) or layer.llama_guard is not None):
+                self._guard_model((*at, "llama_guard", "model"), layer.llama_guard.model, names, registry, "guard")
+            if "prompt_guard" in used and (at == ("guard",) or layer.prompt_guard is not None):
+                self._guard_model((*at, "prompt_guard", "model"), layer.prompt_guard.model, {}, registry, "classify")
 
     def _known(self, path: Path_, name: str, names: dict[str, int]) -> None:
         if name not in names:
             self.add(path, f"no model named '{name}'{did_you_mean(name, names)}")
 
     def _guard_model(self, path: Path_, ref: str, names: dict, registry: Registry, task: str) -> None:
-        if ref in names:
+        if ref in names or Path(ref).expanduser().is_dir():  # served here, or a local folder
             return
         try:
             entry = registry.get(ref)

@@ -126,7 +126,36 @@ class ZhTwSpec(_Model):
     """Normalisation of Simplified Chinese output to Taiwan Traditional."""
 
     system_prompt: str | None = None
-    """System prompt added when the client sent none (applies to every chat model)."""
+    """System prompt added to chat requests that bring none (every chat model; a model's own
+    `system_prompt` wins)."""
+
+
+def _check_stages(input: list[str] | None, output: list[str] | None) -> None:
+    for where, stages in (("input", input), ("output", output)):
+        if stages is not None and len(set(stages)) != len(stages):
+            raise ValueError(f"{where}: a stage is listed twice")
+    if output is not None and "prompt_guard" in output:
+        raise ValueError("output: prompt_guard screens input only")
+    if input is not None and "zh_tw" in input:
+        raise ValueError("input: zh_tw normalises output only")
+
+
+class GuardPolicySpec(_Model):
+    """A guard policy for one model or one tenant: what it sets replaces the gateway-wide
+    setting, everything else is inherited."""
+
+    input: list[GuardStage] | None = None
+    """Stages run on the request, in order (replaces guard.input)."""
+    output: list[GuardStage] | None = None
+    """Stages run on the response, in order (replaces guard.output)."""
+    llama_guard: LlamaGuardSpec | None = None
+    prompt_guard: PromptGuardSpec | None = None
+    pii: PiiSpec | None = None
+
+    @model_validator(mode="after")
+    def _stages(self) -> "GuardPolicySpec":
+        _check_stages(self.input, self.output)
+        return self
 
 
 class GuardSpec(_Model):
@@ -140,16 +169,17 @@ class GuardSpec(_Model):
     prompt_guard: PromptGuardSpec = PromptGuardSpec()
     pii: PiiSpec = PiiSpec()
     zh_tw: ZhTwSpec = ZhTwSpec()
+    stream_window: int = Field(200, ge=0, le=100_000)
+    """Streamed answers with a llama_guard output stage are released in pieces of about this
+    many characters, each after the answer so far was checked; 0 holds the whole answer until
+    it is checked. Smaller pieces: earlier first token, more checks."""
+    policies: dict[Name, GuardPolicySpec] = {}
+    """Named policies a tenant or an API key can be given (`twllm tenants create
+    --guard-policy NAME`); applied on top of the gateway-wide and the model's settings."""
 
     @model_validator(mode="after")
     def _stages(self) -> "GuardSpec":
-        for where, stages in (("input", self.input), ("output", self.output)):
-            if len(set(stages)) != len(stages):
-                raise ValueError(f"{where}: a stage is listed twice")
-        if "prompt_guard" in self.output:
-            raise ValueError("output: prompt_guard screens input only")
-        if "zh_tw" in self.input:
-            raise ValueError("input: zh_tw normalises output only")
+        _check_stages(self.input, self.output)
         return self
 
 
@@ -271,6 +301,13 @@ class ModelSpec(_Model):
     """Models tried in order when this one fails."""
     port: Port | None = None
     """Fixed port for the first replica's engine; later replicas count up."""
+    guard: GuardPolicySpec | None = None
+    """This model's guard settings, replacing the gateway-wide ones they name."""
+    zh_tw: bool | None = None
+    """Normalise this model's answers to Taiwan Traditional Chinese (adds or removes the zh_tw
+    output stage); unset: as guard.output says."""
+    system_prompt: str | None = None
+    """System prompt added to chat requests that bring none (overrides guard.zh_tw.system_prompt)."""
 
     @model_validator(mode="after")
     def _engine_rules(self) -> "ModelSpec":

@@ -120,6 +120,14 @@ class StateDir:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def guard_policies(self) -> list[str] | None:
+        """The guard policies the rendered gateway settings define (None: nothing rendered yet)."""
+        try:
+            settings = json.loads((self.rendered / "gateway.json").read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return sorted(((settings.get("guard") or {}).get("policies") or {}))
+
     def supervisor_alive(self) -> int | None:
         """The supervisor's pid when it is running, else None."""
         try:

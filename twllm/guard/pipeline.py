@@ -37,7 +37,6 @@ CATEGORIES_ZH: Mapping[str, str] = {
 PROMPT_INJECTION = "prompt_injection"
 """The category a Prompt Guard block carries."""
 
-ZH_TW_NOTE = "zh_tw: not available yet"
 
 
 @dataclass(frozen=True)
@@ -113,6 +112,20 @@ def failure_message(stage_name: str, stage: Stage) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+class ModelCache:
+    """Guard models loaded once per process, whichever pipeline asks first."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, load: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = load()
+            return self._models[key]
+
+
 class GuardPipeline:
     """The configured stages, with the guard models loaded on first use (then kept)."""
 
@@ -122,14 +135,21 @@ class GuardPipeline:
         *,
         model_paths: Mapping[str, str] | None = None,
         models: Mapping[str, Any] | None = None,
+        remote: Mapping[str, Any] | None = None,
+        cache: ModelCache | None = None,
     ) -> None:
         """``model_paths``: where to load a guard model from, keyed by stage ("llama_guard",
         "prompt_guard") or by the spec's model name; wins over the registry.
-        ``models``: already loaded guard objects keyed by stage (LlamaGuard- / PromptGuard-like)."""
+        ``models``: already loaded guard objects keyed by stage (LlamaGuard- / PromptGuard-like).
+        ``remote``: guard models served by this deployment's engines (``policy.RemoteGuard`` by
+        served name); a llama_guard model named there is asked over HTTP instead of loaded.
+        ``cache``: loaded models shared between pipelines (one per policy in the gateway)."""
         self.spec = spec
         self.model_paths = dict(model_paths or {})
+        self.remote = dict(remote or {})
         self.pii = PiiPolicy(**spec.pii.model_dump())
         self._models: dict[str, Any] = dict(models or {})
+        self._cache = cache if cache is not None else ModelCache()
         self._load_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._stages: dict[str, Callable[[str, Stage, list | None], _Outcome]] = {
@@ -146,16 +166,22 @@ class GuardPipeline:
             raise ValueError(f"stage must be 'input' or 'output', not {stage!r}")
         return list(self.spec.input if stage == "input" else self.spec.output)
 
-    def run(self, text: str, stage: Stage = "input", messages: list[Mapping[str, Any]] | None = None) -> GuardResult:
+    def run(self, text: str, stage: Stage = "input", messages: list[Mapping[str, Any]] | None = None,
+            only: Iterable[str] | None = None) -> GuardResult:
         """Run the stages of ``stage`` on ``text``. ``messages``: the conversation (for Llama Guard:
-        context of an input check, the question of an output check)."""
+        context of an input check, the question of an output check). ``only``: run just these of
+        the configured stages."""
+        names = self.stages(stage)
+        if only is not None:
+            wanted = set(only)
+            names = [n for n in names if n in wanted]
         verdict: Verdict = "allow"
         categories: list[str] = []
         findings: list[dict[str, Any]] = []
         notes: list[str] = []
         latency: dict[str, float] = {}
         message = None
-        for name in self.stages(stage):
+        for name in names:
             start = time.perf_counter()
             try:
                 outcome = self._stages[name](text, stage, messages)
@@ -214,7 +240,12 @@ class GuardPipeline:
         return _Outcome(text, "block", [PROMPT_INJECTION], message=injection_message())
 
     def _zh_tw(self, text: str, stage: Stage, messages: list | None) -> _Outcome:
-        return _Outcome(text, notes=[ZH_TW_NOTE])
+        from twllm.zh_tw import normalize
+
+        converted = normalize(text)
+        if converted == text:
+            return _Outcome(text)
+        return _Outcome(converted, "mask", findings=[{"entity": "zh_hans", "rule": "opencc_s2twp"}])
 
     # --- models ------------------------------------------------------------------------------
     def model_location(self, name: str) -> str:
@@ -233,16 +264,27 @@ class GuardPipeline:
     def _model(self, name: str) -> Any:
         with self._load_lock:
             if name not in self._models:
-                location = self.model_location(name)
-                if name == "llama_guard":
-                    from twllm.guard.llama_guard import LlamaGuard
-
-                    self._models[name] = LlamaGuard(location, device=self.spec.llama_guard.device)
-                else:
-                    from twllm.guard.prompt_guard import PromptGuard
-
-                    self._models[name] = PromptGuard(location, threshold=self.spec.prompt_guard.threshold)
+                self._models[name] = self._load(name)
             return self._models[name]
+
+    def _load(self, name: str) -> Any:
+        served = getattr(self.spec, name).model
+        if name == "llama_guard" and served in self.remote:
+            from twllm.guard.remote import RemoteLlamaGuard
+
+            target = self.remote[served]
+            return self._cache.get(("remote", served), lambda: RemoteLlamaGuard.from_target(target))
+        location = self.model_location(name)
+        if name == "llama_guard":
+            from twllm.guard.llama_guard import LlamaGuard
+
+            device = self.spec.llama_guard.device
+            return self._cache.get(("llama_guard", location, device), lambda: LlamaGuard(location, device=device))
+        from twllm.guard.prompt_guard import PromptGuard
+
+        threshold = self.spec.prompt_guard.threshold
+        return self._cache.get(("prompt_guard", location, threshold),
+                               lambda: PromptGuard(location, threshold=threshold))
 
     def _with_timeout(self, call: Callable[[], Any], timeout_s: float) -> Any:
         """Run ``call`` for at most ``timeout_s`` (TimeoutError after; the check itself finishes in

@@ -15,6 +15,7 @@ import yaml
 
 from twllm.deploy.plan import Plan, Route
 from twllm.deploy.spec import Spec
+from twllm.guard.policy import GuardPolicies, guard_settings
 
 LITELLM_CONFIG = "litellm_config.yaml"
 GATEWAY_SETTINGS = "gateway.json"
@@ -23,8 +24,13 @@ SETTINGS_ENV = "TWLLM_GATEWAY_SETTINGS"
 """The variable through which the gateway process finds gateway.json."""
 
 
-def litellm_config(plan: Plan) -> dict[str, Any]:
-    """The LiteLLM proxy config as a dict."""
+GUARDRAIL_NAME = "twllm-guard"
+GUARDRAIL_CLASS = "twllm.guard.gateway.TwllmGuardrail"
+
+
+def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
+    """The LiteLLM proxy config as a dict. With ``spec``, a guard section that any request can
+    meet adds our guardrail (input and output stages, zh-TW normalisation, system prompts)."""
     gw = plan.gateway
     router: dict[str, Any] = {
         "routing_strategy": gw.routing_strategy,
@@ -39,7 +45,7 @@ def litellm_config(plan: Plan) -> dict[str, Any]:
         router["fallbacks"] = [{name: list(targets)} for name, targets in gw.fallbacks.items()]
     if any(r.rpm or r.tpm for r in plan.routes):
         router["optional_pre_call_checks"] = ["enforce_model_rate_limits"]
-    return {
+    config: dict[str, Any] = {
         "model_list": [_deployment(r, gw.request_timeout_s) for r in plan.routes],
         "router_settings": router,
         "litellm_settings": {
@@ -61,6 +67,13 @@ def litellm_config(plan: Plan) -> dict[str, Any]:
             "store_model_in_db": False,
         },
     }
+    if spec is not None and GuardPolicies.from_spec(spec, plan).active():
+        # One guardrail, on for every request; it reads its policies from gateway.json.
+        config["guardrails"] = [{
+            "guardrail_name": GUARDRAIL_NAME,
+            "litellm_params": {"guardrail": GUARDRAIL_CLASS, "mode": ["pre_call", "post_call"], "default_on": True},
+        }]
+    return config
 
 
 def _deployment(route: Route, timeout: float) -> dict[str, Any]:
@@ -116,7 +129,7 @@ def gateway_settings(plan: Plan, spec: Spec) -> dict[str, Any]:
             "url_env": plan.database.url_env,
             "url": plan.database.url,
         },
-        "guard": spec.guard.model_dump(mode="json"),
+        "guard": guard_settings(spec, plan),
         "models": models,
     }
 
@@ -126,7 +139,7 @@ def render(plan: Plan, spec: Spec, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {
         LITELLM_CONFIG: "# Rendered by twllm from the deployment spec; edit the spec, not this file.\n"
-        + yaml.safe_dump(litellm_config(plan), sort_keys=False, allow_unicode=True),
+        + yaml.safe_dump(litellm_config(plan, spec), sort_keys=False, allow_unicode=True),
         GATEWAY_SETTINGS: json.dumps(gateway_settings(plan, spec), indent=2, ensure_ascii=False) + "\n",
         PLAN_FILE: json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) + "\n",
     }

@@ -1,0 +1,419 @@
+"""The Safety Guard inside the LiteLLM gateway: one guardrail, on for every request.
+
+The rendered LiteLLM config names it (``render.litellm_config``)::
+
+    guardrails:
+      - guardrail_name: twllm-guard
+        litellm_params: {guardrail: twllm.guard.gateway.TwllmGuardrail, mode: [pre_call, post_call], default_on: true}
+
+Per request it resolves the policy (gateway-wide < the model's < the key's or tenant's, see
+``policy.py``) and runs that policy's pipeline:
+
+- pre-call (chat and text completions): the input stages on the last user turn (earlier user
+  and system turns get the PII stage only: a client resending history resends its PII); a mask
+  rewrites the request before it leaves for the engine; the model's zh-TW system prompt is added
+  when the request has none.
+- post-call: the output stages on each choice's answer; a mask (or a zh-TW normalisation)
+  rewrites the answer.
+- streams: ``streaming.OutputStream`` per choice — rewriting stages incrementally, classifier
+  stages on held windows, so unsafe text never reaches the client.
+
+A block is HTTP 400 with an OpenAI-style error (``code`` content_blocked, pii_blocked or
+guard_failed) and a message in Traditional Chinese and English; in a stream that has started, an
+error event ends it. Checks run in a worker thread, never on the event loop.
+
+What each stage decided (verdict, categories, entity and rule — never the text) is kept per call
+id for the spend logger, which writes it to the ledger's ``guard`` column (``take_record``).
+Embedding requests are not screened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, AsyncGenerator, Mapping, get_args
+
+from litellm.integrations.custom_guardrail import CustomGuardrail
+from litellm.proxy._types import ProxyException, UserAPIKeyAuth
+
+from twllm.accounting.gateway_config import SETTINGS_ENV
+from twllm.deploy.spec import PiiEntity
+from twllm.guard.pipeline import GuardPipeline, GuardResult, ModelCache
+from twllm.guard.policy import GuardPolicies, UnknownPolicy
+from twllm.guard.streaming import OutputStream, StreamBlocked
+
+log = logging.getLogger(__name__)
+
+CHAT_CALLS = frozenset({"completion", "acompletion", "text_completion", "atext_completion"})
+RECORDS_MAX = 20_000
+"""Verdicts a worker keeps for the spend logger; the oldest are dropped first."""
+OUTPUT_WAIT_S = 5.0
+"""How long the spend logger waits, beyond the guard's own timeout, for an output verdict."""
+
+
+class GuardBlocked(ProxyException):
+    """A request or answer the guard refused: HTTP 400, OpenAI-style body, our ``code``."""
+
+    def __init__(self, result: GuardResult, code: str) -> None:
+        super().__init__(message=result.message or "blocked by the Safety Guard", type="invalid_request_error",
+                         param=None, code=400, openai_code=code)
+        self.status_code = 400  # what a stream's error event reads
+        self.result = result
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["code"] = self.openai_code
+        return data
+
+
+PII_ENTITIES = frozenset(get_args(PiiEntity))
+
+
+def block_code(result: GuardResult) -> str:
+    """The error's ``code``: guard_failed (a check could not run, or its verdict could not be
+    read), pii_blocked (personal data), content_blocked (a safety category, prompt injection)."""
+    if not result.categories:
+        return "guard_failed"
+    if all(c in PII_ENTITIES for c in result.categories):
+        return "pii_blocked"
+    return "content_blocked"
+
+
+def summary(result: GuardResult) -> dict[str, Any]:
+    """What the ledger keeps of a verdict: no text, no offsets."""
+    data: dict[str, Any] = {"verdict": result.verdict}
+    if result.categories:
+        data["categories"] = list(result.categories)
+    rules = sorted({f"{f['entity']}:{f['rule']}" for f in result.findings})
+    if rules:
+        data["rules"] = rules
+    if result.notes:
+        data["notes"] = list(result.notes)
+    return data
+
+
+class GuardState:
+    """What the guardrail holds in one worker: policies, pipelines, verdicts by call id."""
+
+    def __init__(self, policies: GuardPolicies) -> None:
+        self.pid = os.getpid()
+        self.policies = policies
+        self.cache = ModelCache()
+        self.pipelines: dict[tuple[str | None, str | None], GuardPipeline] = {}
+        self.records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.pending: dict[str, asyncio.Event] = {}
+
+    @classmethod
+    def from_env(cls) -> GuardState:
+        import json
+        from pathlib import Path
+
+        path = os.environ.get(SETTINGS_ENV)
+        settings = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+        return cls(GuardPolicies.from_settings(settings.get("guard")))
+
+    def pipeline(self, model: str | None, policy: str | None) -> GuardPipeline:
+        key = (model, policy)
+        if key not in self.pipelines:
+            spec = self.policies.resolve(model, policy)
+            self.pipelines[key] = GuardPipeline(spec, remote=self.policies.remote, cache=self.cache)
+        return self.pipelines[key]
+
+    # --- verdicts for the ledger ---------------------------------------------------------------
+    def note(self, call_id: str | None, stage: str, result: GuardResult) -> None:
+        if not call_id:
+            return
+        record = self.records.setdefault(call_id, {})
+        record[stage] = summary(result)
+        self.records.move_to_end(call_id)
+        while len(self.records) > RECORDS_MAX:
+            self.records.popitem(last=False)
+        if stage == "output":
+            event = self.pending.pop(call_id, None)
+            if event is not None:
+                event.set()
+
+    def expect_output(self, call_id: str | None) -> None:
+        if call_id:
+            self.pending.setdefault(call_id, asyncio.Event())
+
+    def output_done(self, call_id: str | None) -> None:
+        """No output verdict will come (the request failed or was blocked on input)."""
+        event = self.pending.pop(call_id or "", None)
+        if event is not None:
+            event.set()
+
+    async def take(self, call_id: str | None, wait_s: float) -> dict[str, Any] | None:
+        if not call_id:
+            return None
+        event = self.pending.get(call_id)
+        if event is not None:
+            try:
+                await asyncio.wait_for(event.wait(), wait_s)
+            except asyncio.TimeoutError:
+                self.pending.pop(call_id, None)
+        return self.records.pop(call_id, None)
+
+
+_state: GuardState | None = None
+
+
+def state() -> GuardState:
+    global _state
+    if _state is None or _state.pid != os.getpid():
+        _state = GuardState.from_env()
+    return _state
+
+
+async def take_record(call_id: str | None) -> dict[str, Any] | None:
+    """The guard's verdicts on a call, for its ledger row (None when the guard is off or passed
+    it by); waits a little for an output verdict still being decided."""
+    if _state is None or _state.pid != os.getpid():
+        return None
+    timeout = OUTPUT_WAIT_S + max((p.spec.llama_guard.timeout_s for p in _state.pipelines.values()), default=0)
+    return await _state.take(call_id, timeout)
+
+
+# --- request and response text ---------------------------------------------------------------
+
+
+def _texts(content: Any) -> list[tuple[Any, str]]:
+    """(setter key, text) pairs of a message's content: a string, or a list of parts."""
+    if isinstance(content, str):
+        return [(None, content)]
+    if isinstance(content, list):
+        return [(i, part.get("text") or "") for i, part in enumerate(content)
+                if isinstance(part, Mapping) and part.get("type") == "text"]
+    return []
+
+
+def _set_text(message: dict[str, Any], key: Any, text: str) -> None:
+    if key is None:
+        message["content"] = text
+    else:
+        message["content"][key] = {**message["content"][key], "text": text}
+
+
+def _policy_of(user: UserAPIKeyAuth | None) -> str | None:
+    metadata = getattr(user, "metadata", None) or {}
+    return metadata.get("twllm_guard_policy") if isinstance(metadata, Mapping) else None
+
+
+def _call_id(data: Mapping[str, Any]) -> str | None:
+    value = data.get("litellm_call_id")
+    return str(value) if value else None
+
+
+class TwllmGuardrail(CustomGuardrail):
+    """LiteLLM guardrail running twllm's guard pipeline (see the module docstring)."""
+
+    use_native_lifecycle_hooks = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
+    # --- input --------------------------------------------------------------------------------
+    async def async_pre_call_hook(self, user_api_key_dict: UserAPIKeyAuth, cache: Any, data: dict,
+                                  call_type: str) -> dict | None:
+        if call_type not in CHAT_CALLS:
+            return data
+        st = state()
+        model = data.get("model")
+        try:
+            pipeline = st.pipeline(model, _policy_of(user_api_key_dict))
+        except UnknownPolicy as exc:
+            log.error("twllm guard: the key's guard policy %s is not defined in the spec", exc)
+            raise GuardBlocked(GuardResult("block", [], "", message=(
+                "此金鑰的安全政策未設定，已拒絕。 Blocked: this key's guard policy is not defined "
+                "in the deployment's spec.")), "guard_failed") from None
+        call_id = _call_id(data)
+        if isinstance(data.get("messages"), list):
+            self._system_prompt(data, st.policies.system_prompt(model))
+        if pipeline.stages("input"):
+            result = await asyncio.to_thread(self._screen_request, pipeline, data)
+            if result.verdict != "allow":
+                st.note(call_id, "input", result)
+            if result.blocked:
+                raise GuardBlocked(result, block_code(result))
+        if pipeline.stages("output"):
+            st.expect_output(call_id)
+        return data
+
+    @staticmethod
+    def _system_prompt(data: dict, prompt: str | None) -> None:
+        messages = data["messages"]
+        if prompt and not any(isinstance(m, Mapping) and m.get("role") in ("system", "developer") for m in messages):
+            data["messages"] = [{"role": "system", "content": prompt}, *messages]
+
+    @staticmethod
+    def _screen_request(pipeline: GuardPipeline, data: dict) -> GuardResult:
+        if isinstance(data.get("messages"), list):
+            return _screen_messages(pipeline, data)
+        prompt = data.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
+        results = []
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str):
+                continue
+            result = pipeline.run(text, "input", [{"role": "user", "content": text}])
+            results.append(result)
+            if result.blocked:
+                return _combine(results)
+            if isinstance(prompt, str):
+                data["prompt"] = result.text
+            else:
+                data["prompt"][i] = result.text
+        return _combine(results)
+
+    # --- output -------------------------------------------------------------------------------
+    async def async_post_call_success_hook(self, data: dict, user_api_key_dict: UserAPIKeyAuth,
+                                           response: Any) -> Any:
+        choices = getattr(response, "choices", None)
+        if not choices or data.get("stream"):
+            return response
+        st = state()
+        call_id = _call_id(data)
+        try:
+            pipeline = st.pipeline(data.get("model"), _policy_of(user_api_key_dict))
+        except UnknownPolicy:
+            return response  # refused before the call
+        if not pipeline.stages("output"):
+            return response
+        messages = data.get("messages") if isinstance(data.get("messages"), list) else \
+            [{"role": "user", "content": data.get("prompt") if isinstance(data.get("prompt"), str) else ""}]
+        try:
+            result = await asyncio.to_thread(_screen_choices, pipeline, choices, messages)
+        except BaseException:
+            st.output_done(call_id)
+            raise
+        st.note(call_id, "output", result)
+        if result.blocked:
+            raise GuardBlocked(result, block_code(result))
+        return response
+
+    async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: UserAPIKeyAuth, response: Any,
+                                                      request_data: dict) -> AsyncGenerator[Any, None]:
+        st = state()
+        call_id = _call_id(request_data)
+        try:
+            pipeline = st.pipeline(request_data.get("model"), _policy_of(user_api_key_dict))
+        except UnknownPolicy:
+            pipeline = None
+        if pipeline is None or not pipeline.stages("output"):
+            async for chunk in response:
+                yield chunk
+            return
+        window = pipeline.spec.stream_window
+        messages = request_data.get("messages") if isinstance(request_data.get("messages"), list) else []
+        streams: dict[int, OutputStream] = {}
+        finished = False
+        try:
+            async for chunk in response:
+                choices = getattr(chunk, "choices", None) or []
+                keep = not choices
+                for choice in choices:
+                    index = getattr(choice, "index", 0) or 0
+                    stream = streams.get(index)
+                    if stream is None:
+                        stream = streams[index] = OutputStream(pipeline, messages, window)
+                    delta = getattr(choice, "delta", None)
+                    text = getattr(delta, "content", None) if delta is not None else getattr(choice, "text", None)
+                    piece = await asyncio.to_thread(stream.feed, text) if text else ""
+                    if getattr(choice, "finish_reason", None):
+                        piece += await asyncio.to_thread(stream.flush)
+                    if delta is not None:
+                        if text is not None or piece:
+                            delta.content = piece
+                        keep = keep or bool(piece) or bool(getattr(choice, "finish_reason", None)) \
+                            or bool(getattr(delta, "role", None) and text is None) \
+                            or bool(getattr(delta, "tool_calls", None))
+                    else:
+                        choice.text = piece
+                        keep = keep or bool(piece) or bool(getattr(choice, "finish_reason", None))
+                if keep:
+                    yield chunk
+            for stream in streams.values():  # a stream that ended without a finish_reason
+                rest = await asyncio.to_thread(stream.flush)
+                if rest:
+                    log.warning("twllm guard: a stream ended without finish_reason; %d characters held "
+                                "back were not sent", len(rest))
+            finished = True
+        except StreamBlocked as blocked:
+            st.note(call_id, "output", blocked.result)
+            raise GuardBlocked(blocked.result, block_code(blocked.result)) from None
+        finally:
+            if finished:
+                st.note(call_id, "output", _combine([s.result() for s in streams.values()]))
+            st.output_done(call_id)
+
+
+def _screen_messages(pipeline: GuardPipeline, data: dict) -> GuardResult:
+    """Input stages on the last user turn; the PII stage alone on earlier user/system turns."""
+    messages = data["messages"] = copy.deepcopy(data["messages"])
+    last_user = max((i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "user"),
+                    default=None)
+    results: list[GuardResult] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "system", "developer"):
+            continue
+        if i == last_user:
+            continue
+        if "pii" not in pipeline.stages("input"):
+            continue
+        for key, text in _texts(message.get("content")):
+            result = pipeline.run(text, "input", only=["pii"])
+            results.append(result)
+            if result.blocked:
+                return _combine(results)
+            if result.text != text:
+                _set_text(message, key, result.text)
+    if last_user is not None:
+        message = messages[last_user]
+        for key, text in _texts(message.get("content")):
+            result = pipeline.run(text, "input", messages[: last_user + 1])
+            results.append(result)
+            if result.blocked:
+                return _combine(results)
+            if result.text != text:
+                _set_text(message, key, result.text)
+    return _combine(results)
+
+
+def _screen_choices(pipeline: GuardPipeline, choices: list[Any], messages: list[Mapping[str, Any]]) -> GuardResult:
+    results = []
+    for choice in choices:
+        message = getattr(choice, "message", None)
+        text = getattr(message, "content", None) if message is not None else getattr(choice, "text", None)
+        if not isinstance(text, str) or not text:
+            continue
+        result = pipeline.run(text, "output", messages)
+        results.append(result)
+        if result.blocked:
+            return _combine(results)
+        if result.text != text:
+            if message is not None:
+                message.content = result.text
+            else:
+                choice.text = result.text
+    return _combine(results)
+
+
+def _combine(results: list[GuardResult]) -> GuardResult:
+    """One verdict for several texts: the strictest, with every category, finding and note."""
+    if not results:
+        return GuardResult("allow", [], "")
+    order = {"allow": 0, "mask": 1, "block": 2}
+    worst = max(results, key=lambda r: order[r.verdict])
+    categories: list[str] = []
+    for r in results:
+        categories += [c for c in r.categories if c not in categories]
+    latency: dict[str, float] = {}
+    for r in results:
+        for k, v in r.latency_ms.items():
+            latency[k] = latency.get(k, 0.0) + v
+    return GuardResult(worst.verdict, categories, worst.text, [f for r in results for f in r.findings],
+                       [n for r in results for n in r.notes], latency, worst.message)
+
