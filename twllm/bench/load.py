@@ -45,7 +45,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--ignore-eos", "TWLLM_BENCH_IGNORE_EOS", "on",
            "on: ask vLLM to generate exactly max_tokens (its ignore_eos parameter), as vLLM's own benchmarks do."),
     Option("--prompt-set", "TWLLM_BENCH_PROMPT_SET", "zh-tw",
-           "zh-tw (built in) or a YAML/JSON file with a `prompts` list of {id, category, text} or strings."),
+           "zh-tw (built in) or a YAML/JSON file with a `prompts` list of {id, category, prompt} or strings."),
     Option("--api-key-env", "TWLLM_BENCH_API_KEY_ENV", "TWLLM_BENCH_API_KEY",
            "Name of the environment variable holding the API key (the key itself is never logged)."),
     Option("--samples-file", "TWLLM_BENCH_SAMPLES_FILE", "",
@@ -134,11 +134,20 @@ def load_prompts(prompt_set: str) -> tuple[str, ...]:
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a `prompts` list")
-    texts = tuple(str(item["text"] if isinstance(item, dict) else item) for item in items)
+    texts = tuple(str(_prompt_text(item, path)) for item in items)
     texts = tuple(t for t in texts if t.strip())
     if not texts:
         raise ValueError(f"{path}: the prompt list is empty")
     return texts
+
+
+def _prompt_text(item: Any, path: Path) -> str:
+    if not isinstance(item, dict):
+        return str(item)
+    for key in ("prompt", "text"):  # twllm/zh_tw/prompts.yaml says prompt; text is accepted too
+        if key in item:
+            return str(item[key])
+    raise ValueError(f"{path}: prompt {item.get('id', item)!r} has neither `prompt` nor `text`")
 
 
 # --- request bodies ------------------------------------------------------------------------------
