@@ -111,8 +111,8 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     # Before migrating, admin commands say what to do.
     done = cli("tenants", "list")
     assert done.returncode == 1 and "twllm db migrate" in done.stderr
-    assert cli.ok("db", "migrate", "--dry-run").stdout.strip() == "pending: 0001_accounts"
-    assert cli.json("db", "migrate") == {"applied": ["0001_accounts"]}
+    assert cli.ok("db", "migrate", "--dry-run").stdout.strip() == "pending: 0001_accounts, 0002_guard_policy"
+    assert cli.json("db", "migrate") == {"applied": ["0001_accounts", "0002_guard_policy"]}
     assert "nothing to apply" in cli.ok("db", "migrate").stdout
 
     # Tenants.
@@ -226,7 +226,7 @@ def test_the_database_url_from_a_variable_and_never_its_password(url: str, tmp_p
     # The test server trusts loopback, so a password in the URL is accepted and ignored.
     with_password = url.replace("twllm@", "twllm:Hunter2-secret@")
     cli.env["ACCOUNTS_TEST_DB_URL"] = with_password
-    assert cli.json("db", "migrate") == {"applied": ["0001_accounts"]}
+    assert cli.json("db", "migrate") == {"applied": ["0001_accounts", "0002_guard_policy"]}
     cli.env["ACCOUNTS_TEST_DB_URL"] = f"postgresql://twllm:Hunter2-secret@127.0.0.1:{free_port()}/twllm"
     done = cli("tenants", "list")
     assert done.returncode == 1 and "cannot connect to the database" in done.stderr
@@ -246,3 +246,22 @@ def test_embedded_database_found_through_twllm_state_dir(server: EmbeddedPostgre
     assert result["created"] == [] and result["retention"]["dropped"] == []
     done = cli("usage", state=False)
     assert done.returncode == 0 and "no requests in the last 7d" in done.stderr
+
+
+def test_guard_policies_for_tenants_and_keys(url: str, tmp_path: Path) -> None:
+    state = state_dir(tmp_path, {"url": url})
+    (state / "rendered").mkdir()
+    (state / "rendered" / "gateway.json").write_text(json.dumps({"guard": {"policies": {"strict": {}, "hospital": {}}}}))
+    cli = Cli(state)
+    cli.ok("db", "migrate")
+    assert cli.json("tenants", "create", "clinic", "--guard-policy", "hospital")["guard_policy"] == "hospital"
+    done = cli("tenants", "create", "other", "--guard-policy", "strickt")
+    assert done.returncode == 2 and "no guard policy 'strickt'" in done.stderr and "did you mean 'strict'" in done.stderr
+    key = cli.json("keys", "create", "--tenant", "clinic", "--guard-policy", "strict")["key"]
+    assert key["guard_policy"] == "strict"
+    assert cli.json("tenants", "set-policy", "clinic")["guard_policy"] is None
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT k.guard_policy, t.guard_policy FROM api_keys k JOIN tenants t ON t.id = k.tenant_id").fetchall()
+    assert rows == [("strict", None)]
+    rotated = cli.json("keys", "rotate", str(key["id"]))
+    assert rotated["key"]["guard_policy"] == "strict", rotated

@@ -150,6 +150,7 @@ class KeyRecord:
             "spend": float(self.spend), "spend_period": self.spend_period,
             "expires_at": stamp(self.expires_at), "revoked_at": stamp(self.revoked_at),
             "rotated_from": self.rotated_from, "created_at": stamp(self.created_at),
+            "guard_policy": self.guard_policy,
         }
 
 
