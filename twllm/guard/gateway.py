@@ -33,6 +33,7 @@ import asyncio
 import copy
 import logging
 import os
+import threading
 from collections import OrderedDict
 from typing import Any, AsyncGenerator, Mapping, get_args
 
@@ -105,6 +106,7 @@ class GuardState:
         self.pipelines: dict[tuple[str | None, str | None], GuardPipeline] = {}
         self.records: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.pending: dict[str, asyncio.Event] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> GuardState:
@@ -117,10 +119,11 @@ class GuardState:
 
     def pipeline(self, model: str | None, policy: str | None) -> GuardPipeline:
         key = (model, policy)
-        if key not in self.pipelines:
-            spec = self.policies.resolve(model, policy)
-            self.pipelines[key] = GuardPipeline(spec, remote=self.policies.remote, cache=self.cache)
-        return self.pipelines[key]
+        with self._lock:
+            if key not in self.pipelines:
+                spec = self.policies.resolve(model, policy)
+                self.pipelines[key] = GuardPipeline(spec, remote=self.policies.remote, cache=self.cache)
+            return self.pipelines[key]
 
     # --- verdicts for the ledger ---------------------------------------------------------------
     def note(self, call_id: str | None, stage: str, result: GuardResult) -> None:
@@ -159,13 +162,15 @@ class GuardState:
 
 
 _state: GuardState | None = None
+_state_lock = threading.Lock()
 
 
 def state() -> GuardState:
     global _state
-    if _state is None or _state.pid != os.getpid():
-        _state = GuardState.from_env()
-    return _state
+    with _state_lock:
+        if _state is None or _state.pid != os.getpid():
+            _state = GuardState.from_env()
+        return _state
 
 
 async def take_record(call_id: str | None) -> dict[str, Any] | None:
@@ -173,7 +178,7 @@ async def take_record(call_id: str | None) -> dict[str, Any] | None:
     it by); waits a little for an output verdict still being decided."""
     if _state is None or _state.pid != os.getpid():
         return None
-    timeout = OUTPUT_WAIT_S + max((p.spec.llama_guard.timeout_s for p in _state.pipelines.values()), default=0)
+    timeout = OUTPUT_WAIT_S + max((p.spec.llama_guard.timeout_s for p in list(_state.pipelines.values())), default=0)
     return await _state.take(call_id, timeout)
 
 
@@ -214,6 +219,9 @@ class TwllmGuardrail(CustomGuardrail):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # Load the gateway-wide guard models in the background as the worker starts, so the
+        # first request does not wait for them (a failure shows in that request's verdict).
+        threading.Thread(target=_warm_up, name="twllm-guard-warm-up", daemon=True).start()
 
     # --- input --------------------------------------------------------------------------------
     async def async_pre_call_hook(self, user_api_key_dict: UserAPIKeyAuth, cache: Any, data: dict,
@@ -233,7 +241,7 @@ class TwllmGuardrail(CustomGuardrail):
         if isinstance(data.get("messages"), list):
             self._system_prompt(data, st.policies.system_prompt(model))
         if pipeline.stages("input"):
-            result = await asyncio.to_thread(self._screen_request, pipeline, data)
+            result = await _run(pipeline, "input", self._screen_request, pipeline, data)
             if result.verdict != "allow":
                 st.note(call_id, "input", result)
             if result.blocked:
@@ -285,7 +293,7 @@ class TwllmGuardrail(CustomGuardrail):
         messages = data.get("messages") if isinstance(data.get("messages"), list) else \
             [{"role": "user", "content": data.get("prompt") if isinstance(data.get("prompt"), str) else ""}]
         try:
-            result = await asyncio.to_thread(_screen_choices, pipeline, choices, messages)
+            result = await _run(pipeline, "output", _screen_choices, pipeline, choices, messages)
         except BaseException:
             st.output_done(call_id)
             raise
@@ -310,6 +318,13 @@ class TwllmGuardrail(CustomGuardrail):
         messages = request_data.get("messages") if isinstance(request_data.get("messages"), list) else []
         streams: dict[int, OutputStream] = {}
         finished = False
+        # Masking and normalising a chunk take microseconds: done in place. A classifier check
+        # (Llama Guard on a window) runs in a worker thread, off the event loop.
+        offload = _needs_thread(pipeline, "output")
+
+        async def call(fn: Any, *args: Any) -> Any:
+            return await asyncio.to_thread(fn, *args) if offload else fn(*args)
+
         try:
             async for chunk in response:
                 choices = getattr(chunk, "choices", None) or []
@@ -321,9 +336,9 @@ class TwllmGuardrail(CustomGuardrail):
                         stream = streams[index] = OutputStream(pipeline, messages, window)
                     delta = getattr(choice, "delta", None)
                     text = getattr(delta, "content", None) if delta is not None else getattr(choice, "text", None)
-                    piece = await asyncio.to_thread(stream.feed, text) if text else ""
+                    piece = await call(stream.feed, text) if text else ""
                     if getattr(choice, "finish_reason", None):
-                        piece += await asyncio.to_thread(stream.flush)
+                        piece += await call(stream.flush)
                     if delta is not None:
                         if text is not None or piece:
                             delta.content = piece
@@ -336,7 +351,7 @@ class TwllmGuardrail(CustomGuardrail):
                 if keep:
                     yield chunk
             for stream in streams.values():  # a stream that ended without a finish_reason
-                rest = await asyncio.to_thread(stream.flush)
+                rest = await call(stream.flush)
                 if rest:
                     log.warning("twllm guard: a stream ended without finish_reason; %d characters held "
                                 "back were not sent", len(rest))
@@ -348,6 +363,31 @@ class TwllmGuardrail(CustomGuardrail):
             if finished:
                 st.note(call_id, "output", _combine([s.result() for s in streams.values()]))
             st.output_done(call_id)
+
+
+MODEL_STAGES = frozenset({"llama_guard", "prompt_guard"})
+
+
+def _needs_thread(pipeline: GuardPipeline, stage: str) -> bool:
+    return any(name in MODEL_STAGES for name in pipeline.stages(stage))
+
+
+async def _run(pipeline: GuardPipeline, stage: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a worker thread when a guard model runs, else in place (PII and zh-TW
+    take microseconds; a thread hop would cost more)."""
+    if _needs_thread(pipeline, stage):
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def _warm_up() -> None:
+    try:
+        pipeline = state().pipeline(None, None)
+        for name in dict.fromkeys([*pipeline.stages("input"), *pipeline.stages("output")]):
+            if name in ("llama_guard", "prompt_guard"):
+                pipeline._model(name)
+    except Exception as exc:  # noqa: BLE001 - the requests will meet the failure policy
+        log.warning("twllm guard: could not load the guard models ahead of requests: %s", exc)
 
 
 def _screen_messages(pipeline: GuardPipeline, data: dict) -> GuardResult:
