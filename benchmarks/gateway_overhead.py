@@ -76,7 +76,6 @@ from twllm.accounting.gateway_config import Database
 from twllm.accounting.limits import BudgetTracker, RateLimiter
 from twllm.accounting.migrate import migrate
 from twllm.accounting.spool import Spool
-from twllm.deploy.database import STOP_SIGNAL, EmbeddedPostgres, short_socket_dir
 from twllm.deploy.demo_model import build_demo_models, default_models_dir
 from twllm.deploy.engines.base import RuntimeContext
 from twllm.deploy.engines.envs import child_env, find_engine
@@ -88,6 +87,7 @@ from twllm.deploy.spec import Spec
 from twllm.litellm_config.render import GATEWAY_SETTINGS, LITELLM_CONFIG, litellm_config, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pgutil import Postgres  # noqa: E402  (the tests' embedded PostgreSQL, not a package)
 from proxyutil import ProxyHandle, start_proxy  # noqa: E402  (the tests' proxy starter, not a package)
 
 CHAT_MODEL = "demo-chat"
@@ -129,41 +129,6 @@ def free_port() -> int:
 
 
 # ---- the parts: PostgreSQL, the engine, two proxies -------------------------------------------
-
-
-class Postgres:
-    """The embedded PostgreSQL, started and stopped as the supervisor does it."""
-
-    def __init__(self, folder: Path) -> None:
-        data = folder / "postgres"
-        self.pg = EmbeddedPostgres(data, free_port(), short_socket_dir(data))
-        self.log = folder / "postgres.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return self.pg.url
-
-    def start(self) -> None:
-        self.pg.initialize()
-        launch = self.pg.launch()
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not self.pg.ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"PostgreSQL did not start:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, STOP_SIGNAL)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 class Engine:

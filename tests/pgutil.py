@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -38,15 +39,21 @@ class Postgres:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not self.pg.ready():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.05)
 
     def stop(self, sig: int = STOP_SIGNAL) -> None:
+        """Stop it (SIGINT: a fast shutdown; SIGKILL for a crash), SIGKILL after 30 s."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
-            self.proc.wait(15)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
         self.proc = None
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import signal
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -29,7 +28,6 @@ from proxyutil import ProxyHandle, start_proxy
 from twllm.accounting import store
 from twllm.accounting.auth import KEY_CACHE_TTL_S
 from twllm.accounting.ledger import replay_folder
-from twllm.accounting.migrate import migrate
 from twllm.deploy.placement import GpuInventory
 from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
 from twllm.deploy.resolve import parse_spec
@@ -49,18 +47,6 @@ models:
 """
 MOCK_TEXT = "你好，這是模擬的回答。"
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
-
-
-# --- PostgreSQL ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    server = Postgres(tmp_path_factory.mktemp("pg"))
-    server.start()
-    migrate(server.url)
-    yield server
-    server.stop(signal.SIGKILL)
 
 
 # --- the gateway ------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,6 @@ from echo_upstream import EchoUpstream
 from pgutil import Postgres, sql
 from proxyutil import ProxyHandle, start_proxy
 from twllm.accounting import store
-from twllm.accounting.migrate import migrate
 from twllm.deploy.placement import GpuInventory
 from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
 from twllm.deploy.resolve import parse_spec
@@ -82,15 +80,6 @@ def guard_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (broken / "README.md").write_text("an empty folder: loading a model from it fails\n")
     return {"LG": str(build_tiny_llama_guard(root / "lg")), "PG": str(build_tiny_prompt_guard(root / "pg")),
             "NOT_A_MODEL": str(broken)}
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    server = Postgres(tmp_path_factory.mktemp("pg"))
-    server.start()
-    migrate(server.url)
-    yield server
-    server.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
