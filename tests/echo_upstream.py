@@ -63,6 +63,13 @@ class EchoUpstream:
                 messages = body.get("messages") or [{"role": "user", "content": body.get("prompt") or ""}]
                 text = answer_for(messages)
                 created = int(time.time())
+                if not self.path.endswith("/chat/completions") and not body.get("stream"):
+                    self._json({
+                        "id": "cmpl-echo", "object": "text_completion", "created": created, "model": "echo",
+                        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": len(text), "total_tokens": 5 + len(text)},
+                    })
+                    return
                 if not body.get("stream"):
                     self._json({
                         "id": "chatcmpl-echo", "object": "chat.completion", "created": created, "model": "echo",

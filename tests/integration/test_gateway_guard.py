@@ -199,6 +199,18 @@ def test_a_taiwan_id_reaches_the_model_masked(client: httpx.Client, tenant, upst
     assert errors == [] and answer == "ECHO 電話 [tw_phone]，身分證 [tw_national_id]"
 
 
+def test_text_completions_are_screened_both_ways(client: httpx.Client, tenant, upstream: EchoUpstream) -> None:
+    _, key = tenant
+    response = client.post("/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "chat", "prompt": f"ECHO 身分證 {TW_ID}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == "ECHO 身分證 [tw_national_id]"
+    assert TW_ID not in json.dumps(upstream.received[-1], ensure_ascii=False)
+    blocked = client.post("/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "chat", "prompt": say("炸彈在這裡")})
+    assert error_of(blocked)["code"] == "content_blocked"
+
+
 def test_earlier_turns_are_masked_too(client: httpx.Client, tenant, upstream: EchoUpstream) -> None:
     _, key = tenant
     messages = [{"role": "user", "content": f"我是 {TW_ID}"}, {"role": "assistant", "content": "好"},
