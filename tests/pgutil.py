@@ -14,7 +14,7 @@ import psycopg
 from twllm.deploy.database import STOP_SIGNAL, EmbeddedPostgres, short_socket_dir
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -25,7 +25,7 @@ class Postgres:
 
     def __init__(self, folder: Path) -> None:
         data = folder / "postgres"
-        self.pg = EmbeddedPostgres(data, _free_port(), short_socket_dir(data))
+        self.pg = EmbeddedPostgres(data, free_port(), short_socket_dir(data))
         self.log = folder / "postgres.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

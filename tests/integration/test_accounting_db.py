@@ -6,22 +6,14 @@ gets a database of its own, dropped afterwards, so no state leaks between tests.
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -33,53 +25,11 @@ from twllm.accounting.keys import hash_key
 from twllm.accounting.migrate import Migration
 from twllm.accounting.store import AccountsError, KeySettings
 from twllm.accounting.usage import GROUPS, MASTER_KEY_LABEL, totals, usage
-from twllm.deploy.database import STOP_SIGNAL, EmbeddedPostgres
+from pgutil import free_port
 from twllm.errors import RuntimeFailure
 
 pytestmark = pytest.mark.integration
 UTC = timezone.utc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedPostgres]:
-    """An embedded PostgreSQL on a free port for this module.
-
-    Its folder is not under pytest's tmp_path: as root, postgres runs as another user, and a
-    concurrent pytest run resets /tmp/pytest-of-root to mode 0700, cutting a running server off."""
-    root = Path(tempfile.mkdtemp(prefix="twllm-accounts-pg-"))
-    pg = EmbeddedPostgres(root / "postgres", free_port())
-    pg.initialize()
-    launch = pg.launch()
-    with (root / "postgres.log").open("ab") as log:
-        proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    began = time.monotonic()
-    while not pg.ready():
-        if proc.poll() is not None or time.monotonic() - began > 30:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"postgres never became ready:\n{(root / 'postgres.log').read_text()[-3000:]}")
-        time.sleep(0.05)
-    yield pg
-    os.killpg(proc.pid, STOP_SIGNAL)
-    proc.wait(30)
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def url(server: EmbeddedPostgres) -> Iterator[str]:
-    """A fresh, empty database of its own for one test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server.url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield server.url.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(server.url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

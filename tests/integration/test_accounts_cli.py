@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -24,53 +18,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from twllm.deploy.database import STOP_SIGNAL, EmbeddedPostgres
+from pgutil import free_port
+from twllm.deploy.database import EmbeddedPostgres
 
 pytestmark = pytest.mark.integration
 UTC = timezone.utc
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedPostgres]:
-    """An embedded PostgreSQL on a free port for this module.
-
-    Its folder is not under pytest's tmp_path: as root, postgres runs as another user, and a
-    concurrent pytest run resets /tmp/pytest-of-root to mode 0700, cutting a running server off."""
-    root = Path(tempfile.mkdtemp(prefix="twllm-accounts-cli-pg-"))
-    pg = EmbeddedPostgres(root / "postgres", free_port())
-    pg.initialize()
-    launch = pg.launch()
-    with (root / "postgres.log").open("ab") as log:
-        proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    began = time.monotonic()
-    while not pg.ready():
-        if proc.poll() is not None or time.monotonic() - began > 30:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"postgres never became ready:\n{(root / 'postgres.log').read_text()[-3000:]}")
-        time.sleep(0.05)
-    yield pg
-    os.killpg(proc.pid, STOP_SIGNAL)
-    proc.wait(30)
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def url(server: EmbeddedPostgres) -> Iterator[str]:
-    """A fresh database of its own for one test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server.url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield server.url.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(server.url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def state_dir(tmp_path: Path, database: dict) -> Path:
