@@ -8,7 +8,8 @@ what the model "said". A real vLLM engine answers with whatever its weights give
 - ``ECHO`` anywhere in it → answers the last user message as received (so a test sees whether
   the gateway masked it);
 - ``DUMP`` → answers the JSON of every received message;
-- anything else → "好的。".
+- anything else → "好的。";
+- ``/embeddings`` → a 2-number vector per input (its length, 1.0).
 
 Streams send the answer in pieces of ``CHUNK`` characters, so entities cross chunk boundaries.
 Every request body is kept in ``received``.
@@ -60,6 +61,12 @@ class EchoUpstream:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 upstream.received.append(body)
+                if self.path.endswith("/embeddings"):
+                    texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                    self._json({"object": "list", "model": "echo", "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                                "data": [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0]}
+                                         for i, t in enumerate(texts)]})
+                    return
                 messages = body.get("messages") or [{"role": "user", "content": body.get("prompt") or ""}]
                 text = answer_for(messages)
                 created = int(time.time())

@@ -211,6 +211,17 @@ def test_text_completions_are_screened_both_ways(client: httpx.Client, tenant, u
     assert error_of(blocked)["code"] == "content_blocked"
 
 
+def test_embedding_inputs_are_masked(client: httpx.Client, tenant, upstream: EchoUpstream) -> None:
+    _, key = tenant
+    response = client.post("/v1/embeddings", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "chat", "input": [f"病歷號與身分證 {TW_ID}", "無個資"]})
+    assert response.status_code == 200, response.text
+    assert upstream.received[-1]["input"] == ["病歷號與身分證 [tw_national_id]", "無個資"]
+    refused = client.post("/v1/embeddings", headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "chat", "input": f"卡號 {CARD}"})
+    assert error_of(refused)["code"] == "pii_blocked"
+
+
 def test_earlier_turns_are_masked_too(client: httpx.Client, tenant, upstream: EchoUpstream) -> None:
     _, key = tenant
     messages = [{"role": "user", "content": f"我是 {TW_ID}"}, {"role": "assistant", "content": "好"},

@@ -24,7 +24,7 @@ error event ends it. Checks run in a worker thread, never on the event loop.
 
 What each stage decided (verdict, categories, entity and rule — never the text) is kept per call
 id for the spend logger, which writes it to the ledger's ``guard`` column (``take_record``).
-Embedding requests are not screened.
+Embedding requests get the PII stage only (their texts are masked or refused; nothing else runs).
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ from twllm.guard.streaming import OutputStream, StreamBlocked
 log = logging.getLogger(__name__)
 
 CHAT_CALLS = frozenset({"completion", "acompletion", "text_completion", "atext_completion"})
+EMBED_CALLS = frozenset({"embedding", "aembedding"})
+LONG_TEXT = 20_000
+"""Characters of request text beyond which even PII screening moves off the event loop."""
 RECORDS_MAX = 20_000
 """Verdicts a worker keeps for the spend logger; the oldest are dropped first."""
 OUTPUT_WAIT_S = 5.0
@@ -226,7 +229,7 @@ class TwllmGuardrail(CustomGuardrail):
     # --- input --------------------------------------------------------------------------------
     async def async_pre_call_hook(self, user_api_key_dict: UserAPIKeyAuth, cache: Any, data: dict,
                                   call_type: str) -> dict | None:
-        if call_type not in CHAT_CALLS:
+        if call_type not in CHAT_CALLS and call_type not in EMBED_CALLS:
             return data
         st = state()
         model = data.get("model")
@@ -238,6 +241,14 @@ class TwllmGuardrail(CustomGuardrail):
                 "此金鑰的安全政策未設定，已拒絕。 Blocked: this key's guard policy is not defined "
                 "in the deployment's spec.")), "guard_failed") from None
         call_id = _call_id(data)
+        if call_type in EMBED_CALLS:  # texts to embed: personal data is masked, nothing else runs
+            if "pii" in pipeline.stages("input"):
+                result = await _run(pipeline, "input", _screen_embedding_input, pipeline, data)
+                if result.verdict != "allow":
+                    st.note(call_id, "input", result)
+                if result.blocked:
+                    raise GuardBlocked(result, block_code(result))
+            return data
         if isinstance(data.get("messages"), list):
             self._system_prompt(data, st.policies.system_prompt(model))
         if pipeline.stages("input"):
@@ -373,11 +384,40 @@ def _needs_thread(pipeline: GuardPipeline, stage: str) -> bool:
 
 
 async def _run(pipeline: GuardPipeline, stage: str, fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` in a worker thread when a guard model runs, else in place (PII and zh-TW
-    take microseconds; a thread hop would cost more)."""
-    if _needs_thread(pipeline, stage):
+    """``fn(*args)`` in a worker thread when a guard model runs or the text is long, else in
+    place (PII and zh-TW take microseconds on ordinary text; a thread hop would cost more)."""
+    if _needs_thread(pipeline, stage) or _text_size(args) > LONG_TEXT:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
+
+
+def _text_size(args: tuple) -> int:
+    data = next((a for a in args if isinstance(a, dict)), None)
+    if data is None:
+        return 0
+    return len(str(data.get("messages") or data.get("prompt") or data.get("input") or ""))
+
+
+def _screen_embedding_input(pipeline: GuardPipeline, data: dict) -> GuardResult:
+    """The PII stage on each text of an embeddings request (token-id inputs pass as they are)."""
+    value = data.get("input")
+    if isinstance(value, list):
+        value = data["input"] = list(value)
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    results = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            continue
+        result = pipeline.run(text, "input", only=["pii"])
+        results.append(result)
+        if result.blocked:
+            break
+        if result.text != text:
+            if isinstance(value, str):
+                data["input"] = result.text
+            else:
+                data["input"][i] = result.text
+    return _combine(results)
 
 
 def _warm_up() -> None:
