@@ -94,3 +94,24 @@ def test_rendered_yaml_round_trips(tmp_path):
     loaded, plan = prod()
     render(plan, loaded.spec, tmp_path)
     assert yaml.safe_load((tmp_path / "litellm_config.yaml").read_text()) == litellm_config(plan, loaded.spec)
+
+
+def test_a_guard_model_served_here_is_for_the_guard_only(tmp_path):
+    from twllm.deploy.resolve import parse_spec
+
+    text = """
+name: guarded
+gateway: {master_key: "${TWLLM_MASTER_KEY}"}
+guard: {input: [llama_guard], llama_guard: {model: guard}}
+models:
+  - {name: chat, model: llama-3.2-1b-instruct}
+  - {name: guard, model: llama-guard-3-1b, replicas: 2}
+"""
+    loaded = parse_spec(text, "guarded.yaml", ENV)
+    plan = make_plan(loaded, GpuInventory(8, 80, "test"), tmp_path)
+    config = litellm_config(plan, loaded.spec)
+    assert [d["model_name"] for d in config["model_list"]] == ["chat"]
+    assert config["guardrails"][0]["guardrail_name"] == "twllm-guard"
+    remote = gateway_settings(plan, loaded.spec)["guard"]["remote"]
+    assert remote["guard"]["api_bases"] == [r.api_base for r in plan.routes if r.model_name == "guard"]
+    assert len(remote["guard"]["api_bases"]) == 2

@@ -45,8 +45,11 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
         router["fallbacks"] = [{name: list(targets)} for name, targets in gw.fallbacks.items()]
     if any(r.rpm or r.tpm for r in plan.routes):
         router["optional_pre_call_checks"] = ["enforce_model_rate_limits"]
+    policies = GuardPolicies.from_spec(spec, plan) if spec is not None else None
+    # A guard model served by the deployment answers the guard on its engine, never clients.
+    internal = set(policies.remote) if policies is not None else set()
     config: dict[str, Any] = {
-        "model_list": [_deployment(r, gw.request_timeout_s) for r in plan.routes],
+        "model_list": [_deployment(r, gw.request_timeout_s) for r in plan.routes if r.model_name not in internal],
         "router_settings": router,
         "litellm_settings": {
             "drop_params": True,
@@ -67,7 +70,7 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
             "store_model_in_db": False,
         },
     }
-    if spec is not None and GuardPolicies.from_spec(spec, plan).active():
+    if policies is not None and policies.active():
         # One guardrail, on for every request; it reads its policies from gateway.json.
         config["guardrails"] = [{
             "guardrail_name": GUARDRAIL_NAME,
