@@ -104,8 +104,8 @@ name: guarded
 gateway: {master_key: "${TWLLM_MASTER_KEY}"}
 guard: {input: [llama_guard], llama_guard: {model: guard}}
 models:
-  - {name: chat, model: llama-3.2-1b-instruct}
   - {name: guard, model: llama-guard-3-1b, replicas: 2}
+  - {name: chat, model: llama-3.2-1b-instruct}
 """
     loaded = parse_spec(text, "guarded.yaml", ENV)
     plan = make_plan(loaded, GpuInventory(8, 80, "test"), tmp_path)
@@ -115,3 +115,4 @@ models:
     remote = gateway_settings(plan, loaded.spec)["guard"]["remote"]
     assert remote["guard"]["api_bases"] == [r.api_base for r in plan.routes if r.model_name == "guard"]
     assert len(remote["guard"]["api_bases"]) == 2
+    assert plan.gateway.probe_model == "chat"  # the gateway's readiness probe never asks the guard

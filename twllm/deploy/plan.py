@@ -178,6 +178,9 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
         if model.spec.fallbacks:
             fallbacks[model.name] = list(model.spec.fallbacks)
     db = spec.database
+    from twllm.guard.policy import served_guard_models
+
+    guard_only = served_guard_models(spec)  # answered on their engines, not through the gateway
     return Plan(
         name=spec.name,
         spec_file=str(loaded.path) if loaded.path else None,
@@ -192,7 +195,7 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
             allowed_fails=gw.allowed_fails, health_check_interval_s=gw.health_check_interval_s,
             fallbacks=dict(sorted(fallbacks.items())),
             start_timeout_s=gw.start_timeout_s,
-            probe_model=next((m.name for m in loaded.models if m.task == "chat"), None),
+            probe_model=next((m.name for m in loaded.models if m.task == "chat" and m.name not in guard_only), None),
             probe_embed_model=next((m.name for m in loaded.models if m.task == "embed"), None),
         ),
         database=DatabasePlan(

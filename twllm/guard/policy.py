@@ -147,6 +147,14 @@ class GuardPolicies:
         return any(m.zh_tw or m.system_prompt for m in self.models.values()) or bool(self.system_prompt(None))
 
 
+def served_guard_models(spec: Spec) -> set[str]:
+    """Models of the spec that some layer names as its Llama Guard (served by an engine here)."""
+    referenced = {spec.guard.llama_guard.model}
+    referenced |= {p.llama_guard.model for p in spec.guard.policies.values() if p.llama_guard}
+    referenced |= {m.guard.llama_guard.model for m in spec.models if m.guard and m.guard.llama_guard}
+    return referenced & {m.name for m in spec.models}
+
+
 def guard_settings(spec: Spec, plan: Plan | None = None) -> dict[str, Any]:
     """gateway.json's ``guard`` section: the gateway-wide settings, each model's own, the named
     policies, and where a guard model served by this deployment answers."""
@@ -157,12 +165,8 @@ def guard_settings(spec: Spec, plan: Plan | None = None) -> dict[str, Any]:
             models[m.name] = {"override": override_dict(m.guard), "zh_tw": m.zh_tw,
                               "system_prompt": m.system_prompt, "task": m.task or "chat"}
     remote: dict[str, Any] = {}
-    served = {m.name for m in spec.models}
     if plan is not None:
-        referenced = {spec.guard.llama_guard.model}
-        referenced |= {p.llama_guard.model for p in spec.guard.policies.values() if p.llama_guard}
-        referenced |= {m.guard.llama_guard.model for m in spec.models if m.guard and m.guard.llama_guard}
-        for name in sorted(referenced & served):
+        for name in sorted(served_guard_models(spec)):
             routes = [r for r in plan.routes if r.model_name == name]
             remote[name] = {"api_bases": [r.api_base for r in routes],
                             "api_key_env": routes[0].api_key_env if routes else None}
