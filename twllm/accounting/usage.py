@@ -83,18 +83,12 @@ def build_query(by: str, where: UsageFilter) -> tuple[sql.Composed, dict[str, An
     params: dict[str, Any] = {"error_status": ERROR_STATUS, "master": MASTER_KEY_LABEL}
     ledger_where: list[sql.Composable] = [sql.SQL("true")]
     daily_where: list[sql.Composable] = [sql.SQL("true")]
-    if where.tenant_id is not None:
-        params["tenant_id"] = where.tenant_id
-        ledger_where.append(sql.SQL("tenant_id = %(tenant_id)s"))
-        daily_where.append(sql.SQL("tenant_id = %(tenant_id)s"))
-    if where.key_id is not None:
-        params["key_id"] = where.key_id
-        ledger_where.append(sql.SQL("key_id = %(key_id)s"))
-        daily_where.append(sql.SQL("key_id = %(key_id)s"))
-    if where.model is not None:
-        params["model"] = where.model
-        ledger_where.append(sql.SQL("model = %(model)s"))
-        daily_where.append(sql.SQL("model = %(model)s"))
+    for column in ("tenant_id", "key_id", "model"):  # the same column in both tables
+        if getattr(where, column) is not None:
+            params[column] = getattr(where, column)
+            condition = sql.SQL(f"{column} = %({column})s")  # column: one of the constants above
+            ledger_where.append(condition)
+            daily_where.append(condition)
     if where.since is not None:
         params["since"] = where.since
         params["since_day"] = where.since.astimezone(timezone.utc).date()

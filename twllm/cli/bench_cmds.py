@@ -103,13 +103,16 @@ def _single(endpoint: str, settings, load, out: Path, prompt_set: str, json_out:
                 "models": [s.to_dict() for s in result.summaries], "locust_counts": result.locust_counts,
                 "files": {"csv_prefix": str(result.csv_prefix), "samples": str(result.samples_file),
                           "chart": str(chart), "log": str(result.log)}}
-    (out / "summary.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
-    if json_out:
-        typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
-    else:
-        typer.echo(text)
+    _write_and_show(out, "summary", document, text, json_out)
     _say(f"files in {out}: load_stats.csv (locust), load_samples.jsonl, summary.json, summary.txt, summary.png")
+
+
+def _write_and_show(out: Path, stem: str, document: dict, text: str, json_out: bool) -> None:
+    """Write ``stem``.json and ``stem``.txt to ``out``; print the one asked for."""
+    as_json = json.dumps(document, indent=2, ensure_ascii=False)
+    (out / f"{stem}.json").write_text(as_json + "\n")
+    (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+    typer.echo(as_json if json_out else text)
 
 
 def _compare(config: Path, state_dir: Path | None, model: list[str] | None, settings, load, rounds: int,  # type: ignore[no-untyped-def]
@@ -129,10 +132,5 @@ def _compare(config: Path, state_dir: Path | None, model: list[str] | None, sett
     text = cmp.table(result)
     document = {**result.to_dict(), "command": " ".join(["twllm", *sys.argv[1:]]) if sys.argv else None}
     cmp.chart(result, out / "compare.png")
-    (out / "compare.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    (out / "compare.txt").write_text(text + "\n", encoding="utf-8")
-    if json_out:
-        typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
-    else:
-        typer.echo(text)
+    _write_and_show(out, "compare", document, text, json_out)
     _say(f"files in {out}: compare.txt, compare.json, compare.png, round*/ (locust CSVs and samples per target)")

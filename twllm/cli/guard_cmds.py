@@ -38,7 +38,7 @@ def check(
     Exits 0 whenever the check ran: the verdict (allow, mask, block) is the output, not an error.
     """
     from twllm.guard.pipeline import GuardPipeline
-    from twllm.guard.policy import GuardPolicies
+    from twllm.guard.policy import GuardPolicies, served_guard_models
 
     if stage not in ("input", "output"):
         raise typer.BadParameter(f"'{stage}' is neither input nor output", param_hint="--stage")
@@ -54,8 +54,7 @@ def check(
     if text == "-":
         text = sys.stdin.read()
     policies = GuardPolicies.from_spec(loaded.spec)
-    served = {m.name for m in loaded.spec.models}
-    if any(g.llama_guard.model in served for g in _layers(loaded.spec)):
+    if served_guard_models(loaded.spec):
         # A guard model served by this deployment: ask the running engine, as the gateway does.
         policies.remote = _running_remote(config)
     pipeline = GuardPipeline(policies.resolve(model, policy), remote=policies.remote)
@@ -71,11 +70,6 @@ def check(
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"text: {result.text}")
 
-
-def _layers(spec):  # every place a llama_guard model can be named
-    yield spec.guard
-    yield from (p for p in spec.guard.policies.values() if p.llama_guard is not None)
-    yield from (m.guard for m in spec.models if m.guard is not None and m.guard.llama_guard is not None)
 
 
 def _running_remote(config: Path) -> dict:

@@ -243,7 +243,7 @@ class TwllmGuardrail(CustomGuardrail):
         call_id = _call_id(data)
         if call_type in EMBED_CALLS:  # texts to embed: personal data is masked, nothing else runs
             if "pii" in pipeline.stages("input"):
-                result = await _run(pipeline, "input", _screen_embedding_input, pipeline, data)
+                result = await _run(pipeline, "input", _screen_field, pipeline, data, "input", ["pii"])
                 if result.verdict != "allow":
                     st.note(call_id, "input", result)
                 if result.blocked:
@@ -271,21 +271,7 @@ class TwllmGuardrail(CustomGuardrail):
     def _screen_request(pipeline: GuardPipeline, data: dict) -> GuardResult:
         if isinstance(data.get("messages"), list):
             return _screen_messages(pipeline, data)
-        prompt = data.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
-        results = []
-        for i, text in enumerate(prompts):
-            if not isinstance(text, str):
-                continue
-            result = pipeline.run(text, "input", [{"role": "user", "content": text}])
-            results.append(result)
-            if result.blocked:
-                return _combine(results)
-            if isinstance(prompt, str):
-                data["prompt"] = result.text
-            else:
-                data["prompt"][i] = result.text
-        return _combine(results)
+        return _screen_field(pipeline, data, "prompt")
 
     # --- output -------------------------------------------------------------------------------
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: UserAPIKeyAuth,
@@ -392,31 +378,38 @@ async def _run(pipeline: GuardPipeline, stage: str, fn: Any, *args: Any) -> Any:
 
 
 def _text_size(args: tuple) -> int:
+    """Characters of text in the request among ``args`` (without serialising it)."""
     data = next((a for a in args if isinstance(a, dict)), None)
     if data is None:
         return 0
-    return len(str(data.get("messages") or data.get("prompt") or data.get("input") or ""))
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        return sum(len(text) for m in messages if isinstance(m, Mapping) for _, text in _texts(m.get("content")))
+    value = data.get("prompt", data.get("input"))
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return sum(len(item) for item in items if isinstance(item, str))
 
 
-def _screen_embedding_input(pipeline: GuardPipeline, data: dict) -> GuardResult:
-    """The PII stage on each text of an embeddings request (token-id inputs pass as they are)."""
-    value = data.get("input")
+def _screen_field(pipeline: GuardPipeline, data: dict, key: str, only: list[str] | None = None) -> GuardResult:
+    """Input stages (or ``only`` these) on each text of ``data[key]``, a string or a list (a
+    completion's prompt, an embeddings input); masks are written back, token-id items pass."""
+    value = data.get(key)
     if isinstance(value, list):
-        value = data["input"] = list(value)
+        value = data[key] = list(value)
     texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
     results = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             continue
-        result = pipeline.run(text, "input", only=["pii"])
+        result = pipeline.run(text, "input", [{"role": "user", "content": text}], only=only)
         results.append(result)
         if result.blocked:
             break
         if result.text != text:
             if isinstance(value, str):
-                data["input"] = result.text
+                data[key] = result.text
             else:
-                data["input"][i] = result.text
+                value[i] = result.text
     return _combine(results)
 
 
