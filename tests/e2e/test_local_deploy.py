@@ -280,11 +280,58 @@ def test_logs_show_each_component_and_no_secret_anywhere(stack):
     engine_key = (stack["state"] / "secrets" / "engine_key").read_text().strip()
     logs = [p for p in (stack["state"] / "logs").iterdir()] + [stack["state"] / "supervisor.log"]
     assert len(logs) >= 5
-    for path in logs + [stack["state"] / "plan.json", *(stack["state"] / "rendered").iterdir()]:
+    db_password = (stack["state"] / "secrets" / "db_password").read_text().strip()
+    assert db_password
+    for path in logs + [stack["state"] / "plan.json", stack["state"] / "state.json",
+                        *(stack["state"] / "rendered").iterdir()]:
         text = path.read_text(errors="replace")
-        assert MASTER not in text and engine_key not in text, path
+        assert MASTER not in text and engine_key not in text and db_password not in text, path
     missing = twllm("logs", "nope", "--state-dir", str(stack["state"]))
     assert missing.returncode == 1 and "gateway" in missing.stderr
+
+
+def test_the_state_dir_is_private_and_the_database_wants_its_password(stack):
+    import pwd
+    import stat
+
+    from osuser import not_private, try_connect
+    from twllm.deploy.database import ROOT_RUN_AS
+
+    state = stack["state"]
+    wrong, seen = not_private(state)
+    assert not wrong, wrong  # every folder 0700, every file 0600 (the database's own files too)
+    assert {"plan.json", "state.json", "supervisor.log", "logs/gateway.log", "logs/database.log",
+            "rendered/litellm_config.yaml", "secrets/engine_key", "secrets/db_password"} <= seen
+    root = state.stat()
+    if os.geteuid() == 0:  # postgres runs as twllm-postgres: search only, for its own group
+        assert (stat.S_IMODE(root.st_mode), root.st_gid) == (0o710, pwd.getpwnam(ROOT_RUN_AS).pw_gid)
+    else:
+        assert stat.S_IMODE(root.st_mode) == 0o700
+    hba = state / "postgres" / "pg_hba.conf"
+    assert "trust" not in hba.read_text()
+    port = stack["ports"]["database"]
+    assert "no password supplied" in try_connect(host="127.0.0.1", port=port, user="twllm", dbname="twllm")
+
+
+def test_another_os_user_gets_nothing_of_the_deployment(stack):
+    from osuser import as_user, other_user, probe_paths, try_connect
+    from twllm.deploy import database
+
+    uid, gid = other_user()
+    state = stack["state"]
+    # Let that user reach the state dir itself (pytest's folders above it are 0700): only the
+    # state dir's own modes may keep it out.
+    for folder in state.parents:
+        if folder.is_relative_to("/tmp") and folder != Path("/tmp"):
+            database._acl_grant_search(folder, uid)
+    paths = [state, state / "state.json", state / "plan.json", state / "supervisor.log", state / "logs",
+             state / "logs" / "gateway.log", state / "rendered", state / "rendered" / "litellm_config.yaml",
+             state / "secrets", state / "secrets" / "db_password", state / "postgres"]
+    outcome = as_user(uid, gid, probe_paths(paths))
+    assert set(outcome.values()) == {"PermissionError"}, outcome
+    tcp = {"host": "127.0.0.1", "port": stack["ports"]["database"], "user": "twllm", "dbname": "twllm"}
+    refused = as_user(uid, gid, lambda: [try_connect(**tcp), try_connect(**tcp, password="guess")])
+    assert "no password supplied" in refused[0] and "password authentication failed" in refused[1], refused
 
 
 def test_stop_leaves_no_process_and_no_port(stack):

@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -176,10 +177,18 @@ def test_the_database_url_from_a_variable_and_never_its_password(url: str, tmp_p
     cli = Cli(state_dir(tmp_path, {"url_env": "ACCOUNTS_TEST_DB_URL"}))
     done = cli("db", "migrate")
     assert done.returncode == 1 and "$ACCOUNTS_TEST_DB_URL, which is not set" in done.stderr
-    # The test server trusts loopback, so a password in the URL is accepted and ignored.
-    with_password = url.replace("twllm@", "twllm:Hunter2-secret@")
-    cli.env["ACCOUNTS_TEST_DB_URL"] = with_password
-    assert cli.json("db", "migrate") == {"applied": ["0001_accounts", "0002_guard_policy"]}
+    # The test server takes only its own password, which its URL holds.
+    password = urlsplit(url).password
+    assert password
+    cli.env["ACCOUNTS_TEST_DB_URL"] = url
+    done = cli("db", "migrate", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"applied": ["0001_accounts", "0002_guard_policy"]}
+    assert password not in done.stdout + done.stderr
+    cli.env["ACCOUNTS_TEST_DB_URL"] = url.replace(password, "Hunter2-secret")
+    done = cli("tenants", "list")
+    assert done.returncode == 1 and "password authentication failed" in done.stderr
+    assert "Hunter2" not in done.stderr + done.stdout and "***" in done.stderr
     cli.env["ACCOUNTS_TEST_DB_URL"] = f"postgresql://twllm:Hunter2-secret@127.0.0.1:{free_port()}/twllm"
     done = cli("tenants", "list")
     assert done.returncode == 1 and "cannot connect to the database" in done.stderr
@@ -199,6 +208,8 @@ def test_embedded_database_found_through_twllm_state_dir(server: EmbeddedPostgre
     assert result["created"] == [] and result["retention"]["dropped"] == []
     done = cli("usage", state=False)
     assert done.returncode == 0 and "no requests in the last 7d" in done.stderr
+    # The password came from the secrets folder beside the data directory, and was never shown.
+    assert server.password() and server.password() not in done.stdout + done.stderr
 
 
 def test_guard_policies_for_tenants_and_keys(url: str, tmp_path: Path) -> None:

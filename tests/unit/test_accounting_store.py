@@ -164,9 +164,17 @@ def write_plan(tmp_path: Path, database: dict) -> Path:
 
 
 def test_embedded_database_url(tmp_path: Path) -> None:
-    plan = write_plan(tmp_path, {"embedded": True, "data_dir": "x", "port": 15999, "url_env": None, "url": None})
+    data_dir = str(tmp_path / "postgres")
+    plan = write_plan(tmp_path, {"embedded": True, "data_dir": data_dir, "port": 15999, "url_env": None, "url": None})
+    # No password file (a cluster an older twllm made with trust): a URL without a password.
     assert database_url(plan) == "postgresql://twllm@127.0.0.1:15999/twllm"
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "db_password").write_text("pw-from-the-state-dir\n")
+    assert database_url(plan) == "postgresql://twllm:pw-from-the-state-dir@127.0.0.1:15999/twllm"
     assert database_url(json.loads((plan / "plan.json").read_text())) == database_url(str(plan))
+    # A plan without data_dir: the state dir's postgres/ is meant.
+    bare = {"name": "t", "state_dir": str(tmp_path), "database": {"embedded": True, "port": 15999}}
+    assert database_url(bare) == database_url(plan)
 
 
 def test_external_database_url_literal_or_from_the_environment(tmp_path: Path) -> None:

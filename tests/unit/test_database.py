@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import errno
+import hashlib
+import hmac
+import os
+import shutil
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from twllm.deploy import database
-from twllm.deploy.database import EmbeddedPostgres, check_external, mask_password, short_socket_dir
+from twllm.deploy.database import (EmbeddedPostgres, check_external, mask_password, password_file_for,
+                                   scram_verifier, short_socket_dir)
 from twllm.errors import RuntimeFailure
 
 SECRET = "s3cr3t-Pa55"
@@ -35,8 +44,49 @@ def _setting(argv: list[str], name: str) -> str:
     return values[0]
 
 
-def test_url_is_loopback_tcp_without_password(tmp_path: Path) -> None:
-    assert EmbeddedPostgres(tmp_path, 55432).url == "postgresql://twllm@127.0.0.1:55432/twllm"
+def test_url_is_loopback_tcp_with_the_password_kept_beside_the_data_dir(tmp_path: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path / "postgres", 55432)
+    assert pg.password_file == tmp_path / "secrets" / "db_password" == password_file_for(tmp_path / "postgres")
+    # Before initialize() made a password (or for a cluster an older twllm made with trust): none.
+    assert pg.password() is None and pg.url == "postgresql://twllm@127.0.0.1:55432/twllm"
+    assert pg._make_password() == pg.password()
+    secret = pg.password()
+    assert secret and len(secret) >= 40
+    assert pg.url == f"postgresql://twllm:{secret}@127.0.0.1:55432/twllm"
+    assert pg.display_url == "postgresql://twllm:***@127.0.0.1:55432/twllm"
+    assert stat.S_IMODE(pg.password_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pg.password_file.parent.stat().st_mode) == 0o700
+    assert pg._make_password() == secret  # generated once
+    assert secret not in repr(pg)
+
+
+def test_scram_verifier_is_what_postgresql_stores() -> None:
+    salt = bytes(range(16))
+    verifier = scram_verifier("pencil", salt)
+    assert verifier == scram_verifier("pencil", salt) != scram_verifier("pencil")
+    assert "pencil" not in verifier
+    head, keys = verifier.split("$", 1)[1].split("$")
+    assert head == f"4096:{base64.b64encode(salt).decode()}"
+    stored, server = (base64.b64decode(k) for k in keys.split(":"))
+    assert len(stored) == len(server) == 32
+    # RFC 5802: StoredKey = H(HMAC(SaltedPassword, "Client Key")).
+    salted = hashlib.pbkdf2_hmac("sha256", b"pencil", salt, 4096)
+    assert stored == hashlib.sha256(hmac.new(salted, b"Client Key", hashlib.sha256).digest()).digest()
+
+
+@pytest.mark.parametrize(
+    ("hba", "trusts"),
+    [
+        ("local all all trust\nhost all all 127.0.0.1/32 trust\n", True),
+        ("# Written by twllm: trust on the unix socket\nlocal all all scram-sha-256\n", False),
+        ("host all all 127.0.0.1/32 scram-sha-256  # not trust\n", False),
+        ("  host   all all 10.0.0.0/8   TRUST\n", True),
+        (database._HBA, False),
+    ],
+)
+def test_trust_lines_are_found_in_pg_hba(hba: str, trusts: bool) -> None:
+    assert bool(database._TRUST_LINE.search(hba)) is trusts
+    assert "trust" not in database._HBA
 
 
 def test_launch_runs_postgres_in_the_foreground(cluster: Path, not_root: None) -> None:
@@ -49,6 +99,7 @@ def test_launch_runs_postgres_in_the_foreground(cluster: Path, not_root: None) -
     assert _setting(argv, "listen_addresses") == "127.0.0.1"
     assert _setting(argv, "max_connections") == "100"
     assert _setting(argv, "logging_collector") == "off"
+    assert _setting(argv, "password_encryption") == "scram-sha-256"
     assert not {"pg_ctl", "start", "-l"} & set(argv)
     assert launch.env == {"LC_ALL": "C"}
 
@@ -160,3 +211,47 @@ def test_a_socket_folder_that_is_a_symlink_is_refused(cluster: Path, tmp_path: P
     (tmp_path / "sock").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(RuntimeFailure, match="socket folder"):
         EmbeddedPostgres(cluster, 55432, tmp_path / "sock").initialize()
+
+
+def test_an_acl_entry_lets_one_user_search_a_folder_and_no_one_else(tmp_path: Path) -> None:
+    folder = tmp_path / "home"
+    folder.mkdir(mode=0o700)
+    folder.chmod(0o750)
+    try:
+        database._acl_grant_search(folder, 4242)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            pytest.skip(f"no POSIX ACLs on {tmp_path}'s filesystem")
+        raise
+    entries = database._acl_entries(folder, 0)
+    assert entries[(database._ACL_USER, 4242)] == 1  # search only: no listing
+    assert entries[(database._ACL_GROUP_OBJ, database._ACL_NO_ID)] == 0o5  # the group keeps r-x
+    assert entries[(database._ACL_OTHER, database._ACL_NO_ID)] == 0  # others still nothing
+    assert entries[(database._ACL_MASK, database._ACL_NO_ID)] == 0o5
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    user = database._User(4242, 4343)
+    assert database._can_search(folder, folder.stat(), user)
+    assert not database._can_search(folder, folder.stat(), database._User(4244, 4343))
+    database._acl_grant_search(folder, 4242)  # idempotent
+    assert database._acl_entries(folder, 0) == entries
+    database._acl_grant_search(folder, 4243)  # a second entry keeps the first
+    assert {k[1] for k in database._acl_entries(folder, 0) if k[0] == database._ACL_USER} == {4242, 4243}
+
+
+def test_grant_search_makes_the_state_dir_0710_for_postgres_group_only() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing a folder's group to another user's needs root")
+    # Above the state dir only folders anyone may search: nothing there is changed.
+    base = Path(tempfile.mkdtemp(prefix="twllm-grant-"))
+    try:
+        base.chmod(0o711)
+        state = base / "state"
+        state.mkdir()
+        state.chmod(0o755)  # as an older twllm left it (o+x) or a umask of 022 made it
+        user = database._User(4242, 4343)
+        database._grant_search(state, user, private=state)
+        info = state.stat()
+        assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (4343, 0o710)
+        assert stat.S_IMODE(base.stat().st_mode) == 0o711 and base.stat().st_gid == 0
+    finally:
+        shutil.rmtree(base)

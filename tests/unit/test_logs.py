@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 
 from twllm.deploy.logs import RotatingLog, tail
 
@@ -29,3 +31,24 @@ def test_pump_copies_a_stream_and_notes_are_timestamped(tmp_path):
 
 def test_tail_of_a_missing_file_is_empty(tmp_path):
     assert tail(tmp_path / "nope.log") == []
+
+
+def test_logs_and_their_rotations_are_private(tmp_path):
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "logs").mkdir()
+        older = tmp_path / "logs" / "engine.log"
+        older.write_text("from an older twllm\n")
+        older.chmod(0o644)
+        log = RotatingLog(tmp_path / "logs" / "engine.log", max_bytes=200, backups=2)
+        fresh = RotatingLog(tmp_path / "new" / "gw.log")
+        fresh.note("hello")
+        for i in range(20):
+            log.write(f"line {i:03d} ".encode() + b"x" * 40 + b"\n")
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "logs").iterdir())
+    assert [p.name for p in files] == ["engine.log", "engine.log.1", "engine.log.2"]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o600"}
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "new" / "gw.log").stat().st_mode) == 0o600

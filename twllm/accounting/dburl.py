@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 
-from twllm.deploy.database import DATABASE, SUPERUSER, mask_password
+from twllm.deploy.database import DATABASE, SUPERUSER, EmbeddedPostgres, mask_password
 from twllm.deploy.state import StateDir
 from twllm.errors import RuntimeFailure
 
@@ -23,16 +23,23 @@ def database_url(source: StateDir | Path | str | Mapping[str, Any] | Any,
     """The URL of a deployment's database, from its state directory or its plan.
 
     ``source`` is a state directory (path or StateDir; its plan.json is read), a plan as a dict
-    (plan.json's content), or a Plan. Embedded: ``postgresql://twllm@127.0.0.1:PORT/twllm``.
-    External: the plan's literal URL, or the value of the environment variable it names."""
-    db = _database_section(source)
+    (plan.json's content), or a Plan. Embedded: ``postgresql://twllm:PASSWORD@127.0.0.1:PORT/twllm``
+    with the password read from the secrets folder beside the data directory
+    (``<state_dir>/secrets/db_password``; no password if there is none, as for a cluster an older
+    twllm made with trust). External: the plan's literal URL, or the value of the environment
+    variable it names. The URL may hold a password: show it only through ``mask_password``."""
+    plan = _plan(source)
+    db = _database_section(plan)
     env = os.environ if environ is None else environ
     if db.get("embedded"):
         port = db.get("port")
         if not isinstance(port, int):
             raise RuntimeFailure("the plan's embedded database has no port",
                                  hint="deploy (or render) the spec again to rewrite plan.json")
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{DATABASE}"
+        data_dir = db.get("data_dir") or (Path(plan["state_dir"]) / "postgres" if plan.get("state_dir") else None)
+        if not data_dir:
+            return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{DATABASE}"
+        return EmbeddedPostgres(Path(data_dir), port).url
     if db.get("url"):
         return str(db["url"])
     var = db.get("url_env")
@@ -58,7 +65,7 @@ def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
                  "the deployment does)") from None
 
 
-def _database_section(source: Any) -> Mapping[str, Any]:
+def _plan(source: Any) -> Mapping[str, Any]:
     if isinstance(source, (str, Path)):
         source = StateDir(Path(source))
     if isinstance(source, StateDir):
@@ -69,10 +76,14 @@ def _database_section(source: Any) -> Mapping[str, Any]:
         source = plan
     if is_dataclass(source) and not isinstance(source, type):
         source = asdict(source)
-    if not isinstance(source, Mapping) or not isinstance(source.get("database"), Mapping):
+    return source if isinstance(source, Mapping) else {}
+
+
+def _database_section(plan: Mapping[str, Any]) -> Mapping[str, Any]:
+    if not isinstance(plan.get("database"), Mapping):
         raise RuntimeFailure("the plan has no database section",
                              hint="deploy (or render) the spec again to rewrite plan.json")
-    return source["database"]
+    return plan["database"]
 
 
 def _redact(text: str, url: str) -> str:

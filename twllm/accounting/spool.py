@@ -56,7 +56,7 @@ class Spool:
         """Create the folder and take this process's lock (held until ``close`` or exit)."""
         if self._lock_fd is not None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, like the state dir
         lock_path = lock_file(self.folder, self.pid)
         while True:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -86,7 +86,8 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
 
 
 def database_url_for(plan: Plan, ctx: RuntimeContext) -> str | None:
-    """The URL the gateway's hooks use: the embedded server's, or the spec's external one."""
+    """The URL the gateway's hooks, migrations and maintenance use: the embedded server's (with the
+    password from <state_dir>/secrets/db_password; never log it), or the spec's external one."""
     db = plan.database
     if db.embedded:
         from twllm.deploy.database import EmbeddedPostgres

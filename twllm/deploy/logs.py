@@ -1,11 +1,18 @@
-"""One rotated log file per component, fed from the child's stdout/stderr pipe."""
+"""One rotated log file per component, fed from the child's stdout/stderr pipe.
+
+Logs are private like the rest of the state directory: the folder is 0700, every file (rotated
+ones too) 0600.
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
 from typing import IO
+
+from twllm.deploy.state import PRIVATE_FILE, mkdir_private
 
 MAX_BYTES = 10 * 2**20
 BACKUPS = 3
@@ -19,8 +26,8 @@ class RotatingLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "ab")
+        mkdir_private(path.parent)
+        self._file = _open_private(path)
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -55,7 +62,14 @@ class RotatingLog:
             if older.exists():
                 older.replace(self.path.with_name(f"{self.path.name}.{index + 1}"))
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        self._file = open(self.path, "ab")
+        self._file = _open_private(self.path)
+
+
+def _open_private(path: Path) -> IO[bytes]:
+    """``path`` opened to append, mode 0600 (also when an older twllm made it readable to others)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)
+    return os.fdopen(fd, "ab")
 
 
 def tail(path: Path, lines: int = 40) -> list[str]:

@@ -1,7 +1,8 @@
 """Runtime, client side: deploy (fresh or over a running stack), status, stop — what the CLI calls.
 
 The supervisor owns the processes; this module only stages files, starts or signals the
-supervisor, and watches state.json.
+supervisor, and watches state.json. What it writes into the state directory is private to the
+deploying user (folders 0700, files 0600), like everything the supervisor writes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Callable
 
 from twllm.deploy.plan import ENGINE_KEY_ENV, Plan
 from twllm.deploy.resolve import LoadedSpec
-from twllm.deploy.state import DeploymentState, StateDir, pid_alive
-from twllm.deploy.supervisor import stop_group
+from twllm.deploy.state import PRIVATE_DIR, PRIVATE_FILE, DeploymentState, StateDir, mkdir_private, pid_alive, write_atomic
+from twllm.deploy.supervisor import UMASK, stop_group
 from twllm.errors import EXIT_NOT_READY, RuntimeFailure, TwllmError
 from twllm.litellm_config.render import render
 
@@ -125,11 +126,13 @@ def deploy(loaded: LoadedSpec, plan: Plan, sd: StateDir, *, watch: Watcher, env:
     _write_plan(loaded, plan, sd.plan, sd.rendered)
     state = DeploymentState(name=plan.name, status="starting", gateway_url=plan.gateway.url, secret_digest=digest)
     sd.write_state(state)
-    with open(sd.supervisor_log, "ab") as log:
+    fd = os.open(sd.supervisor_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "twllm.deploy.supervisor", "--state-dir", str(sd.root)],
             env={**env, ENGINE_KEY_ENV: sd.engine_key()}, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True,
+            start_new_session=True, umask=UMASK,
         )
     final = _wait(sd, watch, generation=0, proc=proc)
     return DeployResult(final, "fresh", [c.name for c in final.components])
@@ -154,8 +157,17 @@ def _redeploy(loaded: LoadedSpec, plan: Plan, sd: StateDir, pid: int, watch: Wat
 
 
 def _write_plan(loaded: LoadedSpec, plan: Plan, plan_path: Path, rendered: Path) -> None:
-    render(plan, loaded.spec, rendered)
-    plan_path.write_text(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    """Render the gateway's files into ``rendered`` and write the plan: folder 0700, files 0600."""
+    mkdir_private(rendered)
+    rendered.chmod(PRIVATE_DIR)
+    old = os.umask(UMASK)  # render() writes with the umask's modes; chmod below makes sure
+    try:
+        written = render(plan, loaded.spec, rendered)
+    finally:
+        os.umask(old)
+    for path in written:
+        path.chmod(PRIVATE_FILE)
+    write_atomic(plan_path, json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
 def _wait(sd: StateDir, watch: Watcher, generation: int, proc: subprocess.Popen | None = None) -> DeploymentState:

@@ -6,19 +6,38 @@
       state.json                written by the supervisor: every component's pid, port, health
       supervisor.pid / .log     the background supervisor
       logs/<component>.log      one rotated log per component (.log.1, .log.2 ...)
-      secrets/engine_key        generated key engines require (mode 0600)
+      secrets/engine_key        generated key engines require
+      secrets/db_password       generated password of the embedded database's ``twllm`` role
+      spool/                    ledger rows the gateway journals until PostgreSQL has them
       postgres/  ollama/        data of the embedded database and Ollama's models
+
+All of it is private to the user who deploys: folders 0700, files 0600 (``ensure()`` creates it so
+and tightens what an older twllm left wider; the supervisor and its children run with umask 077).
+One exception, only when twllm runs as root: PostgreSQL then runs as the system user
+``twllm-postgres`` and must traverse the state directory to reach ``postgres/``, so the state
+directory itself is 0710 with that user's own group (search only: no listing, and no other user
+gains anything). See twllm.deploy.database.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+DB_PASSWORD_FILE = "db_password"
+"""In ``secrets/``: the embedded PostgreSQL's password (see twllm.deploy.database)."""
+_NOT_TIGHTENED = frozenset({"postgres", "postgres.initdb"})
+"""Not walked into: PostgreSQL keeps its data directory 0700/0600 itself (and owns it when twllm
+runs as root)."""
 
 
 @dataclass
@@ -88,21 +107,15 @@ class StateDir:
         return self.logs / f"{component}.log"
 
     def ensure(self) -> None:
-        for path in (self.root, self.rendered, self.logs):
-            path.mkdir(parents=True, exist_ok=True)
-        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Create the folders (0700), and tighten anything an older twllm left readable to others."""
+        for path in (self.root, self.rendered, self.logs, self.secrets_dir):
+            mkdir_private(path)
+        tighten(self.root)
 
     def engine_key(self) -> str:
         """The key engines require, generated once per state directory (file mode 0600)."""
-        path = self.secrets_dir / "engine_key"
-        if path.exists():
-            return path.read_text().strip()
-        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = "sk-engine-" + secrets.token_urlsafe(24)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(key)
-        return key
+        return read_or_create_secret(self.secrets_dir / "engine_key",
+                                     lambda: "sk-engine-" + secrets.token_urlsafe(24))
 
     def read_state(self) -> DeploymentState | None:
         try:
@@ -138,9 +151,80 @@ class StateDir:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename; the file is 0600."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(fd, PRIVATE_FILE)  # a leftover tmp file keeps its old mode through O_TRUNC
+        handle.write(text)
     tmp.replace(path)
+
+
+def mkdir_private(path: Path) -> None:
+    """Create ``path`` and every missing folder above it with mode 0700 (existing ones untouched)."""
+    missing = []
+    folder = Path(path)
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            continue
+        folder.chmod(PRIVATE_DIR)  # mkdir's mode passes through the umask
+
+
+def read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret in ``path``; made by ``make()`` and written (0600, folder 0700) if missing."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    mkdir_private(path.parent)
+    value = make()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    except FileExistsError:  # made meanwhile by another process: that one counts
+        return path.read_text(encoding="utf-8").strip()
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value)
+    return value
+
+
+def tighten(root: Path) -> None:
+    """Take group and other permissions off everything of this user under ``root``.
+
+    ``root`` itself may keep group search (0710) when its group is that of the system user
+    PostgreSQL runs as under root (the one exception; see twllm.deploy.database). Symbolic links
+    are never followed; the embedded database's data directory and whatever belongs to another
+    user are left as they are."""
+    me = os.geteuid()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        for name in [*dirs, *files]:
+            _strip(here / name, me, 0)
+        dirs[:] = [d for d in dirs if (here / d).lstat().st_uid == me
+                   and not (here == root and d in _NOT_TIGHTENED)]
+    _strip(root, me, 0o010 if _is_postgres_group(root.stat().st_gid) else 0)
+
+
+def _strip(path: Path, owner: int, allowed: int) -> None:
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != owner:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077 & ~allowed:
+        path.chmod(mode & (0o700 | allowed))
+
+
+def _is_postgres_group(gid: int) -> bool:
+    from twllm.deploy.database import ROOT_RUN_AS
+
+    try:
+        return gid != 0 and pwd.getpwnam(ROOT_RUN_AS).pw_gid == gid
+    except KeyError:
+        return False
 
 
 def pid_alive(pid: int) -> bool:

@@ -5,6 +5,9 @@ inside `twllm deploy --foreground`. Signals become events on a queue handled by 
 (SIGTERM/SIGINT: stop; SIGHUP: apply the plan staged by a redeploy). Children run in their own
 process groups with their output pumped into one rotated log each; state.json is rewritten
 whenever something changes.
+
+Everything it and its children create is private to the deploying user: the supervisor process
+runs with umask 077 and starts every child with umask 077 (see twllm.deploy.state).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from twllm.deploy.components import KIND_ORDER, Component, build_components
 from twllm.deploy.engines.base import RuntimeContext
 from twllm.deploy.logs import RotatingLog
 from twllm.deploy.plan import ENGINE_KEY_ENV, Plan, plan_from_dict
-from twllm.deploy.state import ComponentState, DeploymentState, StateDir
+from twllm.deploy.state import ComponentState, DeploymentState, StateDir, write_atomic
 from twllm.errors import EXIT_NOT_READY, TwllmError
 
+UMASK = 0o077
+"""Of the supervisor and every process it starts: what they create is readable by this user only."""
 TICK_S = 0.25
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
@@ -98,7 +103,7 @@ class Supervisor:
     def run(self) -> int:
         """Start everything, then supervise until a stop event; returns the exit code."""
         self.sd.ensure()
-        self.sd.supervisor_pid.write_text(str(os.getpid()))
+        write_atomic(self.sd.supervisor_pid, str(os.getpid()))
         try:
             self._adopt(self.build(self.plan, self.ctx, self.sd.rendered))
             self._save()
@@ -222,7 +227,7 @@ class Supervisor:
         try:
             run.proc = subprocess.Popen(
                 launch.argv, env=env, cwd=launch.cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, umask=UMASK,
             )
         except OSError as exc:
             self._fail_start(run, now, f"cannot run {launch.argv[0]}: {exc.strerror}")
@@ -407,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m twllm.deploy.supervisor")
     parser.add_argument("--state-dir", required=True, type=Path)
     args = parser.parse_args(argv)
+    os.umask(UMASK)
     sd = StateDir(args.state_dir)
     plan = plan_from_dict(__import__("json").loads(sd.plan.read_text()))
     supervisor = Supervisor(sd, plan, runtime_context(sd, plan))

@@ -28,6 +28,7 @@ import httpx
 
 from twllm.deploy.engines.base import Launch, Progress, RuntimeContext
 from twllm.deploy.plan import EngineProcess
+from twllm.deploy.state import mkdir_private
 from twllm.errors import RuntimeFailure
 from twllm.settings import Settings
 
@@ -94,7 +95,7 @@ class OllamaDriver:
         env = dict(proc.env)
         if models_dir := env.get("OLLAMA_MODELS"):
             try:
-                Path(models_dir).mkdir(parents=True, exist_ok=True)
+                mkdir_private(Path(models_dir))  # in the state dir: 0700 like the rest of it
             except OSError as exc:
                 raise RuntimeFailure(
                     f"{proc.id}: cannot create the model directory {models_dir}: {exc.strerror}"
