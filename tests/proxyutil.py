@@ -148,6 +148,7 @@ def start_proxy(
     server: Literal["uvicorn", "gunicorn"] = "uvicorn",
     extra_args: Sequence[str] = (),
     log_path: Path | None = None,
+    entry: Literal["twllm", "litellm"] = "twllm",
 ) -> ProxyHandle:
     """Start the LiteLLM proxy on a free 127.0.0.1 port and wait until it serves.
 
@@ -164,6 +165,12 @@ def start_proxy(
     port = free_port(host)
     log_path = Path(log_path) if log_path is not None else config_path.parent / f"proxy-{port}.log"
 
+    if entry == "twllm":  # what the supervisor runs: the proxy app behind twllm's shield
+        if server != "uvicorn" or extra_args:
+            raise ValueError("twllm's gateway entry point takes no server choice or extra LiteLLM flags")
+        argv = [sys.executable, "-m", "twllm.gateway.serve", "--config", str(config_path), "--host", host,
+                "--port", str(port), "--workers", str(workers)]
+        return _launch(argv, config_path, host, port, env, workers, timeout, log_path)
     argv = [
         sys.executable,
         "-m",
@@ -182,7 +189,11 @@ def start_proxy(
     elif workers > 1:
         argv += ["--timeout_worker_healthcheck", str(max(60, int(timeout)))]
     argv += list(extra_args)
+    return _launch(argv, config_path, host, port, env, workers, timeout, log_path)
 
+
+def _launch(argv: list[str], config_path: Path, host: str, port: int, env: Mapping[str, str], workers: int,
+            timeout: float, log_path: Path) -> ProxyHandle:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             argv,

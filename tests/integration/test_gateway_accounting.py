@@ -168,7 +168,8 @@ def test_master_key_may_do_everything(client):
     reply = chat(client, MASTER, model="chat-b")
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"] == MOCK_TEXT
-    assert client.get("/model/info", headers=auth(MASTER)).status_code == 200
+    # LiteLLM's management routes are not served, not even to the master key
+    assert client.get("/model/info", headers=auth(MASTER)).status_code == 404
 
 
 def test_a_key_sees_and_uses_only_its_models(client, postgres):
@@ -181,7 +182,7 @@ def test_a_key_sees_and_uses_only_its_models(client, postgres):
     sneaky = chat(client, secret, fallbacks=["chat-b"])  # client-side fallbacks count as asking
     assert sneaky.status_code == 403
     admin_route = client.get("/model/info", headers=auth(secret))
-    assert admin_route.status_code == 403 and error(admin_route)["code"] == "route_not_allowed"
+    assert admin_route.status_code == 404 and "twllm" in error(admin_route)["message"]
 
     _, every = make_key(postgres.url)
     listed = client.get("/v1/models", headers=auth(every))
@@ -268,7 +269,8 @@ def test_one_row_per_answered_request_streams_and_failures_included(client, post
             assert "[DONE]" in reply.read().decode()
             streamed += 1
     statuses = sorted([r.status_code for r in answered] + [200] * streamed)
-    assert statuses.count(200) == 5 and 400 in statuses and 500 in statuses
+    # an unknown model is 404 model_not_found; a model whose engine fails, 5xx
+    assert statuses.count(200) == 5 and 404 in statuses and max(statuses) >= 500
 
     rows = wait_rows(postgres.url, key_id, len(statuses))
     time.sleep(0.5)
@@ -286,7 +288,7 @@ def test_one_row_per_answered_request_streams_and_failures_included(client, post
     assert len(streams) == 2 and all(r["ttft_ms"] is not None for r in streams)
     assert all(r["ttft_ms"] is None for r in ok if not r["stream"])
     failed = {r["status_code"]: r for r in rows if r["status_code"] != 200}
-    assert failed[500]["error_class"] and failed[500]["cost"] == 0
+    assert failed[max(failed)]["error_class"] and failed[max(failed)]["cost"] == 0
 
 
 def test_refusals_of_a_known_key_are_in_the_ledger_unknown_keys_are_not(client, postgres):

@@ -286,7 +286,7 @@ def test_unsafe_streamed_output_never_reaches_the_client(client: httpx.Client, t
     answer, errors, raw = stream(client, key, say("這是一段很正常的開頭文字。接下來是炸彈的做法和材料清單。"))
     assert "炸彈" not in raw and "材料清單" not in raw
     assert answer == "" or "炸彈" not in answer
-    assert len(errors) == 1 and "S1" in errors[0]["message"] and errors[0]["code"] in ("400", 400)
+    assert len(errors) == 1 and "S1" in errors[0]["message"] and errors[0]["code"] == "content_blocked"
 
 
 def test_guard_input_uses_a_stricter_tenant_policy(client: httpx.Client, postgres: Postgres) -> None:

@@ -118,6 +118,7 @@ def _start(
         workers=workers,
         timeout=START_TIMEOUT,
         server=server,
+        entry="litellm",  # LiteLLM's own command line: proves the dependency set of the bare proxy
     )
     return RunningProxy(handle=handle, startup_log=handle.log_text(), callback_log=callback_log)
 

@@ -37,6 +37,7 @@ from twllm.accounting.auth import Authenticator, Identity, Rejection
 from twllm.accounting.gateway_config import DATABASE_URL_ENV, SETTINGS_ENV, Database, GatewayConfig
 from twllm.accounting.ledger import LedgerWriter, replay_folder, row_from_logging
 from twllm.accounting.spool import Spool
+from twllm.gateway.streams import faithful
 
 log = logging.getLogger(__name__)
 
@@ -220,16 +221,22 @@ class SpendLogger(CustomLogger):
     async def async_log_failure_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
         await self._record(kwargs, success=False)
 
+    async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: UserAPIKeyAuth, response: Any,
+                                                      request_data: dict) -> Any:
+        """Streams reach the client as the engine sent them (see twllm.gateway.streams)."""
+        async for chunk in faithful(response, request_data):
+            yield chunk
+
     @staticmethod
     async def _record(kwargs: dict, *, success: bool) -> None:
         try:
-            guard = await _guard_record(kwargs)
+            guard = await _guard_record(kwargs, failed=not success)
             runtime().record(kwargs, success=success, guard=guard)
         except Exception:  # noqa: BLE001 - a logging bug must not fail the request; it is logged loudly
             log.exception("twllm spend logger: could not record call %s", kwargs.get("litellm_call_id"))
 
 
-async def _guard_record(kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+async def _guard_record(kwargs: Mapping[str, Any], *, failed: bool = False) -> dict[str, Any] | None:
     """The Safety Guard's verdicts on this call (None when no guardrail runs in this process)."""
     import sys
 
@@ -237,7 +244,8 @@ async def _guard_record(kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
     if gateway is None:
         return None
     slo = kwargs.get("standard_logging_object") or {}
-    return await gateway.take_record(str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or ""))
+    return await gateway.take_record(str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or ""),
+                                     failed=failed)
 
 
 spend_logger = SpendLogger()

@@ -14,9 +14,12 @@ stopped gateway left; running workers adopt it too).
 
 from __future__ import annotations
 
+from twllm.gateway.errors import public_error
+
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -107,6 +110,10 @@ def row_from_logging(kwargs: Mapping[str, Any], *, success: bool, tenant_id: int
         status, error_class = 200, None
     else:
         status = _status(error.get("error_code"), kwargs.get("exception"))
+        # The status the client was answered (the gateway's shield maps LiteLLM's view of an
+        # error to OpenAI's: an unreachable engine is 503, an unknown model 404).
+        message = str(kwargs.get("exception") or error.get("error_message") or "")
+        status = public_error(status, {"error": {"message": message, "code": str(status)}}).status
         error_class = _text(error.get("error_class")) or _exception_class(kwargs.get("exception"))
     model = _text(slo.get("model_group")) or _text(slo.get("model")) or _text(kwargs.get("model")) or ""
     price = price_of(model)
@@ -369,7 +376,8 @@ class LedgerWriter:
                           row.request_id, " ".join(str(exc).split())[:200], path.name)
                 refused.append(encode(row.to_json()))
         if refused:
-            with open(path.with_name(path.name + ".rejected"), "ab") as out:
+            fd = os.open(path.with_name(path.name + ".rejected"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "ab") as out:
                 out.write(b"".join(refused))
         return stored
 

@@ -24,16 +24,12 @@ SPOOL_DIR_ENV = "TWLLM_SPOOL_DIR"
 
 def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str], database_url: str | None = None,
                    spool_dir: Path | None = None) -> Launch:
-    """The LiteLLM proxy command, run with twllm's own Python so our hooks import."""
-    argv = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(rendered / LITELLM_CONFIG),
-            "--host", gw.host, "--port", str(gw.port), "--num_workers", str(gw.workers)]
-    if gw.workers > 1:
-        # uvicorn's own supervisor spawns fresh worker processes. It kills a worker that has not
-        # answered its health ping within 5 s, and importing the proxy takes longer on a small
-        # machine, so the ping gets 120 s. (gunicorn's --run_gunicorn starts faster by forking a
-        # preloaded app, but a forked worker was seen hanging at "Waiting for application
-        # startup" on a busy machine.)
-        argv += ["--timeout_worker_healthcheck", "120"]
+    """The gateway command: LiteLLM's proxy app behind twllm's shield (``twllm.gateway.serve``),
+    run with twllm's own Python so our hooks import."""
+    argv = [sys.executable, "-m", "twllm.gateway.serve", "--config", str(rendered / LITELLM_CONFIG),
+            "--host", gw.host, "--port", str(gw.port), "--workers", str(gw.workers)]
+    if gw.tls_cert and gw.tls_key:
+        argv += ["--ssl-certfile", gw.tls_cert, "--ssl-keyfile", gw.tls_key]
     env = {
         SETTINGS_ENV: str(rendered / GATEWAY_SETTINGS),
         # Prices come from the spec; never fetch LiteLLM's price list at start.
@@ -60,12 +56,15 @@ def gateway_ready(gw: GatewayPlan, master_key: str, timeout: float = 30.0) -> bo
         if gw.probe_model is not None:
             body = {"model": gw.probe_model, "max_tokens": 1, "temperature": 0,
                     "messages": [{"role": "user", "content": PROBE_TEXT}]}
-            reply = httpx.post(f"{base}/chat/completions", json=body, headers=headers, timeout=timeout, trust_env=False)
+            reply = httpx.post(f"{base}/chat/completions", json=body, headers=headers, timeout=timeout,
+                               trust_env=False, verify=_verify(gw))
         elif gw.probe_embed_model is not None:
             body = {"model": gw.probe_embed_model, "input": PROBE_TEXT}
-            reply = httpx.post(f"{base}/embeddings", json=body, headers=headers, timeout=timeout, trust_env=False)
+            reply = httpx.post(f"{base}/embeddings", json=body, headers=headers, timeout=timeout,
+                               trust_env=False, verify=_verify(gw))
         else:
-            reply = httpx.get(f"{base}/models", headers=headers, timeout=timeout, trust_env=False)
+            reply = httpx.get(f"{base}/models", headers=headers, timeout=timeout, trust_env=False,
+                              verify=_verify(gw))
     except httpx.HTTPError:
         return False
     return reply.status_code == 200
@@ -75,6 +74,12 @@ def gateway_listening(gw: GatewayPlan) -> bool:
     """True once the proxy answers its liveness route (before engines are asked)."""
     try:
         url = gw.url.rstrip("/").removesuffix("/v1") + "/health/liveliness"
-        return httpx.get(url, timeout=2, trust_env=False).status_code == 200
+        return httpx.get(url, timeout=2, trust_env=False, verify=_verify(gw)).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _verify(gw: GatewayPlan) -> bool:
+    """The supervisor's own probes of its gateway on loopback do not check the certificate (it
+    may be issued for the public name, or self-signed); clients do."""
+    return not gw.tls_cert

@@ -88,6 +88,10 @@ class GatewayPlan:
     probe_model: str | None = None
     """A chat model the readiness check asks through the gateway (None: embeddings only)."""
     probe_embed_model: str | None = None
+    max_request_bytes: int = 10 * 1024 * 1024
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,12 @@ class Plan:
 
     def engine(self, engine_id: str) -> EngineProcess:
         return next(e for e in self.engines if e.id == engine_id)
+
+
+def _spec_path(loaded: LoadedSpec, value: str) -> str:
+    """A path from the spec: ~ expands; relative to the spec file's folder."""
+    base = Path(loaded.path).parent if loaded.path else Path.cwd()
+    return str((base / Path(value).expanduser()).resolve(strict=False))
 
 
 def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> Plan:
@@ -188,7 +198,7 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
         gpus_total=inventory.count,
         gateway=GatewayPlan(
             host=gw.host, port=gw.port, workers=gw.workers,
-            url=f"http://{_connect_host(gw.host)}:{gw.port}/v1",
+            url=f"{'https' if gw.tls else 'http'}://{_connect_host(gw.host)}:{gw.port}/v1",
             master_key_env=gw.master_key.var or "",
             request_timeout_s=gw.request_timeout_s, num_retries=gw.num_retries,
             routing_strategy=gw.routing_strategy, cooldown_s=gw.cooldown_s,
@@ -197,6 +207,10 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
             start_timeout_s=gw.start_timeout_s,
             probe_model=next((m.name for m in loaded.models if m.task == "chat" and m.name not in guard_only), None),
             probe_embed_model=next((m.name for m in loaded.models if m.task == "embed"), None),
+            max_request_bytes=gw.max_request_bytes,
+            tls_cert=_spec_path(loaded, gw.tls.cert) if gw.tls else None,
+            tls_key=_spec_path(loaded, gw.tls.key) if gw.tls else None,
+            cors_origins=tuple(gw.cors_origins),
         ),
         database=DatabasePlan(
             embedded=db.url is None,
@@ -360,7 +374,8 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
 
     return Plan(
         name=data["name"], spec_file=data.get("spec_file"), state_dir=data["state_dir"],
-        gpus_total=data["gpus_total"], gateway=GatewayPlan(**data["gateway"]),
+        gpus_total=data["gpus_total"],
+        gateway=GatewayPlan(**{**data["gateway"], "cors_origins": tuple(data["gateway"].get("cors_origins", ()))}),
         database=DatabasePlan(**data["database"]),
         engines=tuple(engine(e) for e in data["engines"]),
         routes=tuple(Route(**r) for r in data["routes"]),

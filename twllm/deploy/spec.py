@@ -29,6 +29,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+class TlsSpec(_Model):
+    """The gateway's certificate and private key."""
+
+    cert: str
+    """PEM certificate chain (relative paths are relative to the spec file)."""
+    key: str
+    """PEM private key of the certificate."""
+
+
 class GatewaySpec(_Model):
     """The LiteLLM proxy that clients talk to."""
 
@@ -58,6 +67,12 @@ class GatewaySpec(_Model):
     """Model name -> models tried in order when it fails, for every model at once."""
     start_timeout_s: float = Field(180.0, gt=0, le=3600)
     """Seconds the gateway may take to answer its first request at deploy."""
+    max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    """Largest request body accepted (bytes); a larger one is refused with 413 before it is read."""
+    tls: TlsSpec | None = None
+    """Serve HTTPS with this certificate and key (PEM files) instead of plain HTTP."""
+    cors_origins: list[str] = []
+    """Browser origins allowed to call the gateway (e.g. https://app.example.tw); none by default."""
 
     @model_validator(mode="after")
     def _key_prefix(self) -> "GatewaySpec":

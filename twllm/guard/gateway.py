@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import os
 import threading
@@ -42,6 +43,7 @@ from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
 from twllm.accounting.gateway_config import SETTINGS_ENV
 from twllm.deploy.spec import PiiEntity
+from twllm.gateway.streams import faithful
 from twllm.guard.pipeline import GuardPipeline, GuardResult, ModelCache
 from twllm.guard.policy import GuardPolicies, UnknownPolicy
 from twllm.guard.streaming import OutputStream, StreamBlocked
@@ -176,11 +178,16 @@ def state() -> GuardState:
         return _state
 
 
-async def take_record(call_id: str | None) -> dict[str, Any] | None:
+async def take_record(call_id: str | None, *, failed: bool = False) -> dict[str, Any] | None:
     """The guard's verdicts on a call, for its ledger row (None when the guard is off or passed
-    it by); waits a little for an output verdict still being decided."""
+    it by); on success waits a little for an output verdict still being decided. A failed call
+    gets no output verdict (a block is noted before it is raised), and LiteLLM awaits its failure
+    logging before it answers the client: never wait then."""
     if _state is None or _state.pid != os.getpid():
         return None
+    if failed:
+        _state.output_done(call_id)
+        return await _state.take(call_id, 0)
     timeout = OUTPUT_WAIT_S + max((p.spec.llama_guard.timeout_s for p in list(_state.pipelines.values())), default=0)
     return await _state.take(call_id, timeout)
 
@@ -273,6 +280,14 @@ class TwllmGuardrail(CustomGuardrail):
             return _screen_messages(pipeline, data)
         return _screen_field(pipeline, data, "prompt")
 
+    async def async_post_call_failure_hook(self, request_data: dict, original_exception: Exception,
+                                           user_api_key_dict: UserAPIKeyAuth, traceback_str: str | None = None) -> None:
+        """The call failed (the engine refused it, or could not be reached): no output verdict
+        will come, so the spend logger must not wait for one (it would hold the error back)."""
+        if _state is not None and _state.pid == os.getpid():
+            _state.output_done(_call_id(request_data))
+        return None
+
     # --- output -------------------------------------------------------------------------------
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: UserAPIKeyAuth,
                                            response: Any) -> Any:
@@ -303,12 +318,13 @@ class TwllmGuardrail(CustomGuardrail):
                                                       request_data: dict) -> AsyncGenerator[Any, None]:
         st = state()
         call_id = _call_id(request_data)
+        chunks = faithful(response, request_data)
         try:
             pipeline = st.pipeline(request_data.get("model"), _policy_of(user_api_key_dict))
         except UnknownPolicy:
             pipeline = None
         if pipeline is None or not pipeline.stages("output"):
-            async for chunk in response:
+            async for chunk in chunks:
                 yield chunk
             return
         window = pipeline.spec.stream_window
@@ -323,9 +339,12 @@ class TwllmGuardrail(CustomGuardrail):
             return await asyncio.to_thread(fn, *args) if offload else fn(*args)
 
         try:
-            async for chunk in response:
+            async for chunk in chunks:
                 choices = getattr(chunk, "choices", None) or []
-                keep = not choices
+                # A chunk is dropped only when all it carried was text that a stage holds back
+                # for now; anything else (a role, a finish reason, tool calls, logprobs, usage)
+                # goes out as the engine sent it.
+                keep = not choices or getattr(chunk, "usage", None) is not None
                 for choice in choices:
                     index = getattr(choice, "index", 0) or 0
                     stream = streams.get(index)
@@ -334,17 +353,20 @@ class TwllmGuardrail(CustomGuardrail):
                     delta = getattr(choice, "delta", None)
                     text = getattr(delta, "content", None) if delta is not None else getattr(choice, "text", None)
                     piece = await call(stream.feed, text) if text else ""
-                    if getattr(choice, "finish_reason", None):
+                    finish = getattr(choice, "finish_reason", None)
+                    if finish:
                         piece += await call(stream.flush)
                     if delta is not None:
                         if text is not None or piece:
                             delta.content = piece
-                        keep = keep or bool(piece) or bool(getattr(choice, "finish_reason", None)) \
-                            or bool(getattr(delta, "role", None) and text is None) \
-                            or bool(getattr(delta, "tool_calls", None))
+                        keep = keep or bool(piece) or bool(finish) or not text \
+                            or bool(getattr(delta, "role", None)) or bool(getattr(delta, "tool_calls", None)) \
+                            or bool(getattr(choice, "logprobs", None))
                     else:
-                        choice.text = piece
-                        keep = keep or bool(piece) or bool(getattr(choice, "finish_reason", None))
+                        if text is not None or piece:
+                            choice.text = piece
+                        keep = keep or bool(piece) or bool(finish) or not text \
+                            or bool(getattr(choice, "logprobs", None))
                 if keep:
                     yield chunk
             for stream in streams.values():  # a stream that ended without a finish_reason
@@ -354,8 +376,12 @@ class TwllmGuardrail(CustomGuardrail):
                                 "back were not sent", len(rest))
             finished = True
         except StreamBlocked as blocked:
+            # The stream has started: an error event ends it. Handed to the proxy as a ready SSE
+            # event (it sends such a string as it is, then [DONE]), so the client gets our code;
+            # the ledger row reads the block from the output verdict noted here.
             st.note(call_id, "output", blocked.result)
-            raise GuardBlocked(blocked.result, block_code(blocked.result)) from None
+            error = GuardBlocked(blocked.result, block_code(blocked.result))
+            yield "data: " + json.dumps({"error": error.to_dict()}, ensure_ascii=False) + "\n\n"
         finally:
             if finished:
                 st.note(call_id, "output", _combine([s.result() for s in streams.values()]))

@@ -39,7 +39,23 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
         "retry_after": 0,
         "cooldown_time": gw.cooldown_s,
         "allowed_fails": gw.allowed_fails,
-        "enable_pre_call_checks": True,
+        # A request the engine refuses is refused again on any replica: answer it at once.
+        # Only an engine that cannot be reached (or fails with 5xx) is worth another replica.
+        "retry_policy": {
+            "BadRequestErrorRetries": 0,
+            "AuthenticationErrorRetries": 0,
+            "NotFoundErrorRetries": 0,
+            "ContentPolicyViolationErrorRetries": 0,
+            "RateLimitErrorRetries": 0,
+            "TimeoutErrorRetries": 0,
+            "InternalServerErrorRetries": gw.num_retries,
+            "ServiceUnavailableErrorRetries": gw.num_retries,
+            "DefaultRetries": gw.num_retries,
+        },
+        # No pre-call context checks: the engine knows its context window and refuses an
+        # overlong prompt itself (the gateway answers 400 context_length_exceeded with the
+        # engine's message), and LiteLLM's token counting logs an ERROR for every request.
+        "enable_pre_call_checks": False,
     }
     if gw.fallbacks:
         router["fallbacks"] = [{name: list(targets)} for name, targets in gw.fallbacks.items()]
@@ -54,7 +70,6 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
         "litellm_settings": {
             "drop_params": True,
             "request_timeout": gw.request_timeout_s,
-            "num_retries": gw.num_retries,
             "telemetry": False,
             # The spend ledger: an instance (LiteLLM refuses a class), found on the import path.
             "callbacks": ["twllm.accounting.hooks.spend_logger"],
@@ -133,6 +148,10 @@ def gateway_settings(plan: Plan, spec: Spec) -> dict[str, Any]:
             "url": plan.database.url,
         },
         "guard": guard_settings(spec, plan),
+        "http": {
+            "max_request_bytes": plan.gateway.max_request_bytes,
+            "cors_origins": list(plan.gateway.cors_origins),
+        },
         "models": models,
     }
 

@@ -1,0 +1,149 @@
+"""Run a twllm stack for a test module: real vLLM engines and the real gateway, from a spec.
+
+``Stack.start(spec_text, ...)`` plans the spec exactly as ``twllm deploy`` does, launches every
+vLLM engine of the plan through ``VllmDriver`` (the CPU build), waits until each lists its model,
+renders the gateway's files and starts the gateway with ``gateway_launch`` — the same command the
+supervisor runs — against a PostgreSQL URL the caller gives. Everything binds to 127.0.0.1 on
+free ports and is stopped (SIGTERM, then SIGKILL) by ``stop()``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from twllm.deploy.engines.base import RuntimeContext
+from twllm.deploy.engines.envs import child_env
+from twllm.deploy.engines.vllm import VllmDriver
+from twllm.deploy.gateway import gateway_launch
+from twllm.deploy.placement import GpuInventory
+from twllm.deploy.plan import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
+from twllm.deploy.resolve import parse_spec
+from twllm.litellm_config.render import render
+
+ENGINE_KEY = "sk-engine-stack-0123456789abcdef"
+READY_TIMEOUT_S = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(child: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 30.0) -> None:
+    if child.poll() is not None:
+        return
+    try:
+        os.killpg(child.pid, sig)
+        child.wait(grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
+
+
+@dataclass
+class Stack:
+    plan: Plan
+    folder: Path
+    master_key: str
+    ctx: RuntimeContext
+    engines: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    gateway: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def start(cls, spec_text: str, folder: Path, *, master_key: str, vllm_python: Path, database_url: str,
+              env: dict[str, str] | None = None) -> Stack:
+        folder.mkdir(parents=True, exist_ok=True)
+        spec_env = {"TWLLM_MASTER_KEY": master_key, **(env or {})}
+        loaded = parse_spec(spec_text.replace("@ENGINE_PORT@", str(free_port())).replace(
+            "@GATEWAY_PORT@", str(free_port())), str(folder / "spec.yaml"), spec_env)
+        plan = make_plan(loaded, GpuInventory(0), folder / "state")
+        ctx = RuntimeContext(state_dir=folder, secrets={ENGINE_KEY_ENV: ENGINE_KEY, "TWLLM_MASTER_KEY": master_key},
+                             vllm_python=vllm_python)
+        stack = cls(plan, folder, master_key, ctx)
+        try:
+            for proc in plan.engines:
+                stack.start_engine(proc)
+            for proc in plan.engines:
+                stack.wait_engine(proc)
+            rendered = folder / "rendered"
+            render(plan, loaded.spec, rendered)
+            launch = gateway_launch(plan.gateway, rendered, ctx.secrets, database_url=database_url,
+                                    spool_dir=folder / "spool")
+            with (folder / "gateway.log").open("wb") as out:
+                stack.gateway = subprocess.Popen(launch.argv, env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
+                                                 cwd=launch.cwd, stdout=out, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
+            stack.wait_gateway()
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
+    # --- engines ----------------------------------------------------------------------------
+    def start_engine(self, proc: EngineProcess) -> None:
+        launch = VllmDriver().launch(proc, self.ctx)
+        with (self.folder / f"{proc.id}.log").open("ab") as out:
+            self.engines[proc.id] = subprocess.Popen(
+                launch.argv, env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_engine(self, proc: EngineProcess) -> None:
+        began = time.monotonic()
+        while not VllmDriver().ready(proc, self.ctx):
+            child = self.engines[proc.id]
+            if child.poll() is not None or time.monotonic() - began > READY_TIMEOUT_S:
+                raise RuntimeError(f"{proc.id} never became ready:\n{self.engine_log(proc.id)[-3000:]}")
+            time.sleep(0.5)
+
+    def kill_engine(self, engine_id: str) -> None:
+        """kill -9 an engine's whole process group (the server and its engine core)."""
+        child = self.engines[engine_id]
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+    def engine_log(self, engine_id: str) -> str:
+        return (self.folder / f"{engine_id}.log").read_text(errors="replace")
+
+    def engine_url(self, model: str, replica: int = 0) -> str:
+        proc = [e for e in self.plan.engines if model in e.models][replica]
+        return f"http://127.0.0.1:{proc.port}/v1"
+
+    # --- gateway ----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self.plan.gateway.url
+
+    def gateway_log(self) -> str:
+        return (self.folder / "gateway.log").read_text(errors="replace")
+
+    def wait_gateway(self) -> None:
+        began = time.monotonic()
+        live = self.url.removesuffix("/v1") + "/health/liveliness"
+        while True:
+            assert self.gateway is not None
+            if self.gateway.poll() is not None or time.monotonic() - began > 120:
+                raise RuntimeError(f"gateway never became ready:\n{self.gateway_log()[-3000:]}")
+            try:
+                if httpx.get(live, timeout=2, trust_env=False, verify=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            _stop(self.gateway)
+        for child in self.engines.values():
+            _stop(child)

@@ -1,0 +1,209 @@
+"""The gateway's shield and error rewriting, on error bodies LiteLLM really produced.
+
+The inner app here is a stand-in ASGI app (named as such) that answers what a test tells it; the
+real proxy behind the shield is exercised in tests/integration/test_gateway_fidelity.py and
+test_gateway_hardening.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import pytest
+from starlette.middleware.cors import CORSMiddleware
+
+from twllm.gateway import errors
+from twllm.gateway.asgi import ClientErrorLogFilter, HttpSettings, Shield, _NoCors, allowed, rewrite_stream_errors
+
+FORBIDDEN = re.compile(r"(?i:litellm|hosted_vllm|traceback|https?://|127\.0\.0\.1)|\b[A-Z]\w*(?:Error|Exception)\b")
+
+# Bodies the LiteLLM proxy (1.108) answered in front of vLLM 0.32 (CPU build), verbatim.
+NEG_MAX = {"error": {"message": 'litellm.BadRequestError: Hosted_vllmException - {"error":{"message":"max_tokens '
+                                'must be at least 1, got -5. (parameter=max_tokens, value=-5)","type":"BadRequestError",'
+                                '"param":"max_tokens","code":400}}\n\nLiteLLM: model group \'chat\' failed with the '
+                                'error above. Received Model Group=chat\nAvailable Model Group Fallbacks=None',
+                     "type": None, "param": None, "code": "400"}}
+CONTEXT = {"error": {"message": "litellm.ContextWindowExceededError: litellm.BadRequestError: ContextWindowExceededError: "
+                                'Hosted_vllmException - {"error":{"message":"This model\'s maximum context length is '
+                                '1024 tokens. However, your prompt contains at least 1025 input tokens. '
+                                '(parameter=input_tokens, value=1025)","type":"BadRequestError","param":"input_tokens",'
+                                '"code":400}}', "type": None, "param": None, "code": "400"}}
+UNKNOWN = {"error": {"message": "/chat/completions: Invalid model name passed in model=nope. Call `/v1/models` to view "
+                                "available models for your key.", "type": "invalid_request_error", "param": None,
+                     "code": "400"}}
+CONNECT = {"error": {"message": "litellm.APIConnectionError: Hosted_vllmException - Cannot connect to host "
+                                "127.0.0.1:44169 ssl:<ssl.SSLContext object at 0x7f0a2c1b5e40> [Connect call failed "
+                                "('127.0.0.1', 44169)]. Received Model Group=chat", "type": None, "param": None,
+                     "code": "500"}}
+NO_DEPLOYMENT = {"error": {"message": "No deployments available for selected model, Try again in 60 seconds. Passed "
+                                      "model=chat. pre-call-checks=False, cooldown_list=[('chat-0', {...})]",
+                           "type": "None", "param": "None", "code": "429"}}
+OURS = {"error": {"message": "Rate limit reached: 60 requests per minute.", "type": "requests",
+                  "param": None, "code": "rate_limit_exceeded"}}
+
+
+@pytest.mark.parametrize("status, body, want_status, want_code", [
+    (400, NEG_MAX, 400, None),
+    (400, CONTEXT, 400, "context_length_exceeded"),
+    (400, UNKNOWN, 404, "model_not_found"),
+    (500, CONNECT, 503, "engine_unavailable"),
+    (429, NO_DEPLOYMENT, 503, "engine_unavailable"),
+    (429, OURS, 429, "rate_limit_exceeded"),
+    (422, {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]}, 422, None),
+    (500, b"Internal Server Error", 500, None),
+])
+def test_public_error_shapes(status, body, want_status, want_code) -> None:
+    error = errors.public_error(status, json.dumps(body).encode() if isinstance(body, dict) else body)
+    assert (error.status, error.code) == (want_status, want_code)
+    data = error.body()["error"]
+    assert set(data) == {"message", "type", "param", "code"} and data["message"]
+    assert not FORBIDDEN.search(json.dumps(data)), data
+    if want_status == 503:
+        assert error.headers["Retry-After"].isdigit() and error.type == "server_error"
+
+
+def test_the_engines_own_message_survives() -> None:
+    error = errors.public_error(400, json.dumps(NEG_MAX).encode())
+    assert error.message == "max_tokens must be at least 1, got -5. (parameter=max_tokens, value=-5)"
+    assert error.param == "max_tokens" and error.type == "invalid_request_error"
+    context = errors.public_error(400, json.dumps(CONTEXT).encode())
+    assert context.message.startswith("This model's maximum context length is 1024 tokens.")
+
+
+def test_our_own_refusals_pass_as_they_are() -> None:
+    error = errors.public_error(429, json.dumps(OURS).encode())
+    assert error.body() == {"error": {**OURS["error"]}}
+
+
+def test_routes() -> None:
+    assert allowed("POST", "/v1/chat/completions") is True
+    assert allowed("POST", "/chat/completions") is True
+    assert allowed("GET", "/v1/models/chat") is True
+    assert allowed("GET", "/v1/chat/completions") is False
+    for path in ("/ui", "/key/generate", "/spend/logs", "/docs", "/openapi.json", "/vllm/v1/models", "/metrics",
+                 "/v1/responses", "/health", "/"):
+        assert allowed("GET", path) is None and allowed("POST", path) is None
+
+
+# --- the shield around a stand-in app --------------------------------------------------------
+
+
+class StandIn:
+    """A stand-in for the proxy app: answers ``status``/``body``/``headers``; counts calls."""
+
+    def __init__(self, status: int = 200, body: bytes = b'{"ok": true}', headers=(), content_type=b"application/json",
+                 chunks: list[bytes] | None = None) -> None:
+        self.status, self.body, self.headers, self.content_type, self.chunks = status, body, headers, content_type, chunks
+        self.calls = 0
+        self.received = b""
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.calls += 1
+        while True:
+            message = await receive()
+            self.received += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = [(b"content-type", self.content_type), *self.headers]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        for piece in self.chunks or [self.body]:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def run(app, method: str, path: str, **kwargs) -> httpx.Response:
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            return await client.request(method, path, **kwargs)
+    return asyncio.run(go())
+
+
+def test_unknown_and_management_routes_are_404_without_reaching_the_proxy() -> None:
+    inner = StandIn()
+    shield = Shield(inner, HttpSettings())
+    for path in ("/ui/", "/key/generate", "/spend/logs", "/team/new"):
+        response = run(shield, "POST", path, json={})
+        assert response.status_code == 404
+        assert "twllm keys" in response.json()["error"]["message"]
+    response = run(shield, "GET", "/docs")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert run(shield, "GET", "/v1/chat/completions").status_code == 405
+    assert inner.calls == 0
+
+
+def test_a_body_over_the_limit_is_413_before_the_proxy_reads_it() -> None:
+    inner = StandIn()
+    shield = Shield(inner, HttpSettings(max_request_bytes=1000))
+    response = run(shield, "POST", "/v1/chat/completions", content=b"x" * 1001)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    async def chunked():  # no Content-Length: counted as it arrives
+        for _ in range(5):
+            yield b"y" * 300
+
+    response = run(shield, "POST", "/v1/embeddings", content=chunked())
+    assert response.status_code == 413
+    assert inner.calls == 0
+    response = run(shield, "POST", "/v1/embeddings", content=b"z" * 1000)
+    assert response.status_code == 200 and inner.received == b"z" * 1000
+
+
+def test_error_bodies_and_internal_headers_are_rewritten() -> None:
+    inner = StandIn(status=500, body=json.dumps(CONNECT).encode(),
+                    headers=[(b"x-litellm-model-api-base", b"http://127.0.0.1:8100/v1"),
+                             (b"llm_provider-x-request-id", b"abc"), (b"access-control-allow-origin", b"*")])
+    response = run(Shield(inner, HttpSettings()), "POST", "/v1/chat/completions", json={})
+    assert response.status_code == 503 and response.headers["retry-after"] == str(errors.RETRY_AFTER_S)
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert not any(k.startswith(("x-litellm", "llm_provider", "access-control")) for k in response.headers)
+    assert not FORBIDDEN.search(response.text)
+
+
+def test_stream_error_events_are_rewritten_and_text_passes() -> None:
+    event = b'data: {"error": {"message": "litellm.APIConnectionError: Hosted_vllmException - Server disconnected", ' \
+            b'"type": null, "param": null, "code": "500"}}\n\n'
+    text = b'data: {"choices": [{"delta": {"content": "the \\"error\\" word"}}]}\n\n'
+    assert rewrite_stream_errors(text) == text
+    out = rewrite_stream_errors(event)
+    data = json.loads(out.split(b"data: ", 1)[1])
+    assert data["error"]["code"] == "engine_unavailable" and not FORBIDDEN.search(out.decode())
+    inner = StandIn(content_type=b"text/event-stream", chunks=[text, event, b"data: [DONE]\n\n"])
+    response = run(Shield(inner, HttpSettings()), "POST", "/v1/chat/completions", json={})
+    assert "engine_unavailable" in response.text and "Hosted_vllm" not in response.text
+
+
+def test_cors_only_for_configured_origins() -> None:
+    preflight = {"Origin": "https://app.example.tw", "Access-Control-Request-Method": "POST"}
+    closed = _NoCors(Shield(StandIn(), HttpSettings()))
+    assert run(closed, "OPTIONS", "/v1/chat/completions", headers=preflight).status_code == 403
+    response = run(closed, "POST", "/v1/chat/completions", json={}, headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in response.headers
+    inner = StandIn(headers=[(b"access-control-allow-origin", b"*")])
+    opened = CORSMiddleware(Shield(inner, HttpSettings()), allow_origins=["https://app.example.tw"],
+                            allow_methods=["GET", "POST"], allow_headers=["*"])
+    ok = run(opened, "OPTIONS", "/v1/chat/completions", headers=preflight)
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example.tw"
+    other = run(opened, "POST", "/v1/chat/completions", json={}, headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_litellms_client_error_log_lines_are_dropped() -> None:
+    import logging
+
+    class Refusal(Exception):
+        status_code = 400
+
+    record = logging.LogRecord("LiteLLM Proxy", logging.ERROR, __file__, 1,
+                               "litellm.proxy.proxy_server._handle_llm_api_exception(): Exception occured - "
+                               "litellm_call_id=%s - %s", ("id", Refusal("bad")), None)
+    assert ClientErrorLogFilter().filter(record) is False
+
+    class Down(Exception):
+        status_code = 500
+
+    record.args = ("id", Down("Cannot connect to host 127.0.0.1:1"))
+    assert ClientErrorLogFilter().filter(record) is True and record.levelno == logging.WARNING
+    assert "127.0.0.1" not in record.getMessage()

@@ -1,0 +1,1 @@
+"""The gateway process: LiteLLM's proxy behind twllm's shield (routes, limits, OpenAI's errors)."""

@@ -1,0 +1,70 @@
+"""The gateway's entry point: ``python -m twllm.gateway.serve --config litellm_config.yaml ...``.
+
+Runs LiteLLM's proxy app behind twllm's shield (``asgi.py``) with uvicorn: one process, or a
+supervisor with ``--workers`` processes that each import the app. LiteLLM's own command line is
+not used: it would serve the bare proxy app, and with it every internal route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+WORKER_HEALTHCHECK_S = 120
+"""uvicorn kills a new worker that has not answered its health ping within 5 s by default, and
+importing the proxy takes longer on a small machine: the ping gets this long instead."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m twllm.gateway.serve", description=__doc__)
+    parser.add_argument("--config", required=True, type=Path, help="the rendered LiteLLM config")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--ssl-certfile", type=Path, help="PEM certificate chain: serve HTTPS")
+    parser.add_argument("--ssl-keyfile", type=Path, help="PEM private key of --ssl-certfile")
+    args = parser.parse_args(argv)
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        parser.error("--ssl-certfile and --ssl-keyfile go together")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = args.config.resolve()
+    if not config.is_file():
+        sys.exit(f"twllm gateway: no LiteLLM config at {config}")
+    # The proxy's startup reads its config from here (each worker does, on import of the app).
+    os.environ["CONFIG_FILE_PATH"] = str(config)
+    os.environ["NUM_WORKERS"] = str(args.workers)
+    # Our hooks are imported by module name relative to the config's folder first.
+    sys.path.insert(0, str(config.parent))
+    import uvicorn
+
+    options: dict[str, object] = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "server_header": False,
+        "date_header": True,
+        "timeout_graceful_shutdown": 30,
+        "log_level": "info",
+    }
+    try:
+        import uvloop  # noqa: F401
+
+        options["loop"] = "uvloop"
+    except ImportError:  # pragma: no cover - Windows
+        pass
+    if args.workers > 1:
+        options["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_S
+    if args.ssl_certfile is not None:
+        options["ssl_certfile"] = str(args.ssl_certfile)
+        options["ssl_keyfile"] = str(args.ssl_keyfile)
+    uvicorn.run("twllm.gateway.asgi:app", **options)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Streams as the engine sent them: every chunk, every choice's finish reason, the usage chunk.
+
+LiteLLM re-chunks a provider's stream in ``CustomStreamWrapper``: it drops the role chunk of
+every choice but the first, keeps one finish reason for the whole stream (with ``n > 1`` the
+other choices' finish reasons are lost), moves it into a chunk of its own, and gives the usage
+chunk a choice with an empty delta. An application written against vLLM would see a different
+protocol through the gateway than from the engine.
+
+For OpenAI-compatible engines (vLLM) the wrapper's input is the engine's own chunks, already
+parsed. ``install()`` (once per gateway worker) makes the wrapper keep a copy of each input
+chunk, by call id, before it processes it; ``faithful`` still drives the wrapper to the end —
+so LiteLLM's usage, cost and logging (and so the spend ledger) work as before — but hands the
+client the engine's chunks, one for one, in the engine's order, as soon as the wrapper has
+read them. Input of another kind (an Ollama stream) is not copied, and the wrapper's own chunks
+pass unchanged.
+
+The first of twllm's hooks that LiteLLM chains (the spend logger's or the guard's iterator
+hook) calls ``faithful``; a later one gets its output and passes it on.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from pydantic import BaseModel
+
+PENDING_MAX = 10_000
+"""Streams whose copies a worker keeps at most (a stream nobody reads is dropped oldest first)."""
+
+FOREIGN = object()
+"""Marks an input chunk that is not an engine's OpenAI chunk: the stream is passed as LiteLLM makes it."""
+
+FAITHFUL_KEY = "_twllm_faithful_stream"
+
+_pending: OrderedDict[str, deque[Any]] = OrderedDict()
+_installed = False
+
+
+def install() -> None:
+    """Make LiteLLM's stream wrapper keep a copy of every engine chunk it reads (idempotent).
+
+    This wraps ``CustomStreamWrapper.chunk_creator`` of the pinned LiteLLM (>=1.108.7,<1.109);
+    tests/integration/test_gateway_fidelity.py proves the streams equal the engine's."""
+    global _installed
+    if _installed:
+        return
+    from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+
+    original = CustomStreamWrapper.chunk_creator
+
+    def chunk_creator(self: Any, chunk: Any, *args: Any, **kwargs: Any) -> Any:
+        call_id = getattr(getattr(self, "logging_obj", None), "litellm_call_id", None)
+        if call_id:
+            queue = _pending.get(call_id)
+            engine_chunk = isinstance(chunk, BaseModel) and hasattr(chunk, "choices")
+            if queue is None:
+                queue = _pending[call_id] = deque()
+                while len(_pending) > PENDING_MAX:
+                    _pending.popitem(last=False)
+                if not engine_chunk:  # not an OpenAI-compatible engine's stream
+                    queue.append(FOREIGN)
+            if engine_chunk:
+                queue.append(chunk.model_copy(deep=True))
+            # (a later item of another kind is LiteLLM's own bookkeeping: not the engine's)
+        return original(self, chunk, *args, **kwargs)
+
+    CustomStreamWrapper.chunk_creator = chunk_creator  # type: ignore[method-assign]
+    _installed = True
+
+
+def wants_usage(request_data: Mapping[str, Any]) -> bool:
+    options = request_data.get("stream_options")
+    return isinstance(options, Mapping) and bool(options.get("include_usage"))
+
+
+def _is_usage_only(chunk: Any) -> bool:
+    return not getattr(chunk, "choices", None) and getattr(chunk, "usage", None) is not None
+
+
+async def faithful(response: Any, request_data: Mapping[str, Any]) -> AsyncIterator[Any]:
+    """The engine's chunks of the stream ``response`` (LiteLLM's), once; else ``response``'s."""
+    call_id = str(request_data.get("litellm_call_id") or "")
+    if not _installed or not call_id or request_data.get(FAITHFUL_KEY):
+        async for chunk in response:
+            yield chunk
+        return
+    if isinstance(request_data, dict):
+        request_data[FAITHFUL_KEY] = True  # a hook chained after this one gets these chunks
+    usage = wants_usage(request_data)
+    foreign = False
+    usage_sent = False
+    final_usage: Any = None
+    try:
+        async for processed in response:
+            queue = _pending.get(call_id)
+            if foreign or queue is None or FOREIGN in queue:
+                foreign = True
+                yield processed
+                continue
+            if getattr(processed, "usage", None) is not None:
+                final_usage = processed
+            while queue:
+                chunk = queue.popleft()
+                if _is_usage_only(chunk):
+                    if not usage:
+                        continue  # LiteLLM asks the engine for usage itself; the client did not
+                    usage_sent = True
+                yield chunk
+        queue = _pending.get(call_id)
+        while queue and not foreign:  # what the wrapper read but held back (finish reasons, usage)
+            chunk = queue.popleft()
+            if chunk is FOREIGN or (_is_usage_only(chunk) and not usage):
+                continue
+            usage_sent = usage_sent or _is_usage_only(chunk)
+            yield chunk
+        if usage and not usage_sent and not foreign and final_usage is not None:
+            # LiteLLM consumes the engine's usage chunk itself and re-attaches the usage to a
+            # chunk of its own; the client gets it as the engine sends it: no choices.
+            yield final_usage.model_copy(update={"choices": []})
+    finally:
+        _pending.pop(call_id, None)
