@@ -110,6 +110,25 @@ def test_streamed_output_equals_the_whole_text_result() -> None:
             assert out == whole.text and result.verdict == whole.verdict
 
 
+def test_rewriting_stages_together_release_each_chunk_at_once() -> None:
+    """pii then zh_tw: a chunk leaves as soon as both let it through, so an answer streamed token
+    by token leaves token by token (pii holds an English word until the next space: it could be
+    an e-mail's local part; zh_tw a Simplified phrase that may still grow)."""
+    spec = GuardSpec(output=["pii", "zh_tw"])
+    cases = [
+        (list("這個軟體的資訊存放在伺服器上，使用者可以透過視訊會議討論專案進度。"), 2),  # decides at 個
+        (["这个", "软件", "的", "信息", "存储", "在", "服务器", "上", "，", "用户", "可以", "通过", "视频", "会议", "讨论", "。"], 3),
+        (["The", " gateway", " routes", " each", " request", " to", " an", " engine", "."], 2),  # "engine." may go on
+    ]
+    for tokens, most_empty in cases:
+        text = "".join(tokens)
+        stream = OutputStream(GuardPipeline(spec), [], 0)
+        released = [stream.feed(token) for token in tokens]
+        assert sum(not r for r in released) <= most_empty, released
+        assert stream.held <= 8
+        assert "".join(released) + stream.flush() == GuardPipeline(spec).run(text, "output").text
+
+
 def test_a_gate_holds_windows_and_stops_before_unsafe_text() -> None:
     gate = Gate()
     spec = GuardSpec(output=["llama_guard"])

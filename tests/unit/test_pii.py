@@ -502,10 +502,60 @@ def test_stream_holds_back_a_possible_entity_and_never_leaks_it() -> None:
     assert masker.feed("我的電話是0912") == "我的電話是"
     assert masker.feed("-345-") == ""
     released = masker.feed("678，謝謝你")
-    assert released == "[tw_phone]，謝"
-    assert masker.flush() == "謝你"
+    assert released == "[tw_phone]，謝謝你"  # the text after the number is not held
+    assert masker.flush() == ""
     assert [f.entity for f in masker.findings] == ["tw_phone"]
     assert (masker.findings[0].start, masker.findings[0].end) == (5, 17)
+
+
+def test_stream_waits_one_character_after_a_number_and_for_a_city_name() -> None:
+    masker = StreamMasker(PiiPolicy())
+    assert masker.feed("第12") == "第"
+    assert masker.feed(".") == ""  # 12. could still become 12.5: "." after a digit waits
+    assert masker.feed("5版，") == "12.5版，"
+    assert masker.feed("我住台") == "我住"  # 台 may begin 台北市
+    assert masker.feed("灣") == "台灣"
+    assert masker.feed("台北市") == ""  # a city name: an address may follow
+    assert masker.feed("很熱鬧") == ""  # 台北市很熱鬧 can still become 台北市很熱鬧區…
+    assert masker.feed("。") == "台北市很熱鬧。"  # … but not with 。: released
+    assert masker.flush() == ""
+
+
+def _candidate_tail(text: str, policy: PiiPolicy) -> int:
+    """Length of the run at the end of text made of characters some entity may contain."""
+    inner = set().union(*(pii._INNER[e] for e in policy.detected))
+    n = len(text)
+    while n and text[n - 1] in inner:
+        n -= 1
+    return len(text) - n
+
+
+@pytest.mark.parametrize("chunking", ["char", "token"])
+def test_stream_holds_only_a_candidate_tail(chunking: str) -> None:
+    """Through the default policy, a Chinese answer is held at most two characters beyond a
+    candidate run (a city name in progress, a digit's next character) and an English one only
+    by its current word (a possible e-mail local part); everything else leaves at once."""
+    import yaml
+    from importlib import resources
+
+    prompts = yaml.safe_load(resources.files("twllm.zh_tw").joinpath("prompts.yaml").read_text(encoding="utf-8"))
+    chinese = "\n".join(p["prompt"] for p in prompts["prompts"])
+    english = ("The gateway routes each request to a vLLM engine, counts tokens and spend per tenant, and "
+               "screens prompts and answers. It streams them as they are generated; see the docs. ") * 8
+    rng = random.Random(5)
+    policy = PiiPolicy()
+    for text, extra in ((chinese, 2), (english, 0)):
+        masker, out, i, empty = StreamMasker(policy), [], 0, 0
+        while i < len(text):
+            n = 1 if chunking == "char" else rng.randint(1, 3)
+            out.append(masker.feed(text[i:i + n]))
+            i += n
+            assert masker.held <= _candidate_tail(text[:i], policy) + extra, text[max(0, i - 20):i]
+            empty += not out[-1]
+        out.append(masker.flush())
+        assert "".join(out) == policy.apply(text).text
+        if extra:  # Chinese: nearly every piece releases something
+            assert empty <= 0.02 * len(out)
 
 
 def test_stream_holds_at_most_max_read_characters() -> None:
@@ -531,6 +581,9 @@ FRAGMENTS = [
     "000012345678", "012-345678-9012", "04595257", "106 ", "台北市", "大安區", "羅斯福路四段", "1號", "5樓",
     "1鄰", "東埔村", "，", "。", " ", "-", ".", "@", "x", "Ｚ", "０９１２", "－", "（", "）", "\n", "中文", "12",
     "7", "之", "+",
+    # address parts and city-name prefixes, to exercise the hold after a city name
+    "台", "北", "臺北", "北市", "市", "縣", "新竹縣", "竹北市", "信義區", "區", "里", "村", "路", "街", "大道", "三段", "段",
+    "巷", "弄", "號", "樓", "室", "5.", ".5", "1-", "-1", "5 ", "很熱鬧", "a@b", ".com",
 ]
 
 

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from twllm.zh_tw import SEGMENT_CAP, StreamNormalizer, is_simplified, mainland_terms, normalize
-from twllm.zh_tw import build_charsets
+from twllm.zh_tw import build_charsets, phrases
+from twllm.zh_tw.charsets import TRADITIONAL_ONLY
+from twllm.zh_tw.normalize import BOUNDARIES, _Cutter, _tables, convert_prose, to_simplified
 from twllm.zh_tw.terms import EXTRA_TERMS, MAINLAND_WORDS
 
 SIMPLIFIED_TO_TAIWAN = [
@@ -159,20 +161,55 @@ def test_normalize_is_idempotent_on_converted_text() -> None:
         assert normalize(once) == once
 
 
-def test_a_long_segment_without_boundary_is_cut_at_the_cap() -> None:
+def test_an_undecided_segment_without_boundary_is_cut_at_the_cap() -> None:
+    # 后 is shared by both scripts and s2twp would change it (後): held until the segment's
+    # script is known, at most SEGMENT_CAP characters; with nothing Simplified before, kept.
+    text = "后" * (SEGMENT_CAP + 50)
+    stream = StreamNormalizer()
+    early = stream.feed(text)
+    assert early == "后" * SEGMENT_CAP and stream.deciding and stream.held == 50
+    assert early + stream.flush() == normalize(text) == text
+
+
+def test_a_long_simplified_run_is_released_but_its_last_character() -> None:
     text = "软" * (SEGMENT_CAP + 50)
     stream = StreamNormalizer()
     early = stream.feed(text)
-    assert early == "軟" * SEGMENT_CAP  # emitted before any boundary arrived
-    assert early + stream.flush() == normalize(text) == "軟" * (SEGMENT_CAP + 50)
+    assert early == "軟" * (len(text) - stream.held) and stream.held <= 2  # 软 may start 软件
+    assert early + stream.flush() == normalize(text) == "軟" * len(text)
 
 
-def test_stream_holds_text_only_until_the_segment_ends() -> None:
+def test_stream_holds_only_what_a_phrase_could_still_extend() -> None:
     stream = StreamNormalizer()
-    assert stream.feed("这个软") == ""
-    assert stream.feed("件很好。然后") == "這個軟體很好。"  # whole phrase converted, not 軟件
-    assert stream.feed("呢") == ""
-    assert stream.flush() == "然後呢"
+    assert stream.feed("这个软") == "這個"  # 软 waits: 软件 is one phrase
+    assert stream.feed("件很好。然后") == "軟體很好。然"  # whole phrase converted, not 軟件
+    assert stream.flush() == "後"  # 然 is 然 in every phrase that starts with it: sent early
+    stream = StreamNormalizer()
+    assert stream.feed("I use ") == "I use "  # Latin text and spaces pass at once
+    assert stream.feed("pip_install") == "pip_install"  # so do an identifier's characters
+    assert stream.feed("，然后") == "，然"  # 后 (後) waits: 然后 may still grow
+    stream = StreamNormalizer()
+    assert [stream.feed(c) for c in "服务器"] == ["", "", "伺服器"]  # 服务器 → 伺服器: 服 must wait
+
+
+def test_a_segment_is_decided_by_its_first_script_specific_character() -> None:
+    # Traditional first: only the Simplified-only characters after it are fixed (no phrasing).
+    assert normalize("這个软件很好。") == "這個軟件很好。"
+    # Simplified first, then a Taiwan word: s2twp up to the last cut before 擾/灣, character
+    # fixes from there, so 干擾 and 台灣 survive.
+    assert normalize("这个干擾很严重。") == "這個干擾很嚴重。"
+    assert normalize("这是台灣的软件。") == "這是台灣的軟件。"
+    # 著 is Traditional-only in OpenCC's tables but also written in Simplified (著名): it decides
+    # nothing, and the segment is Simplified from 软 on.
+    assert normalize("著名的软件很好用。") == "著名的軟體很好用。"
+
+
+def test_traditional_text_is_released_at_once_once_decided() -> None:
+    stream = StreamNormalizer()
+    assert stream.feed("干") == ""  # s2twp would change 干: waits for the script
+    assert stream.feed("擾") == "干擾"  # 擾 is Traditional-only: decided, released
+    assert [stream.feed(c) for c in "已經排除"] == list("已經排除")
+    assert stream.flush() == ""
 
 
 def test_code_fence_state_crosses_chunks() -> None:
@@ -189,6 +226,10 @@ STREAM_PARTS = [
     "这个软件", "的信息", "。", "！", "？", "\n", "干擾", "後面", "台灣", "```", "```python\n", "`code`", "`", "``",
     "~~~", " ", "https://example.com/路径?q=软件", "http", "https:/", "foo.bar@example.com", "my_var", "abc123", "最后",
     "很好", "面包", "头发", "公交车", "产品质量", "x" * 50, "软" * 80, "\n```\n", "  ```\n", "物理的质量", "U盘", ";", "!",
+    # phrase fragments, Traditional and shared characters, characters inside dictionary keys
+    "著名", "软", "件", "公交", "车站", "质量", "问题", "用户", "服务器", "程序员", "打印机", "西红柿", "·", "-", "〇",
+    "彼得·杰克逊", "里姆斯基-科萨科夫", "个", "這", "们", "后", "干", "台", "里", "计算机病毒", "https://x.y/软件/",
+    "\uf900", "http://", "`软件`", "e-mail", "3.14", "ftp:", "h",
 ]
 
 
@@ -205,6 +246,97 @@ def test_streamed_output_equals_whole_text_for_random_chunkings() -> None:
                 out.append(stream.feed(text[i:i + size]))
                 i += size
             assert "".join(out) + stream.flush() == want, text
+
+
+def test_streamed_output_equals_whole_text_for_every_split_point() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        text = "".join(rng.choice(STREAM_PARTS) for _ in range(rng.randint(1, 8)))
+        want = normalize(text)
+        for i in range(len(text) + 1):
+            stream = StreamNormalizer()
+            assert stream.feed(text[:i]) + stream.feed(text[i:]) + stream.flush() == want, (text, i)
+
+
+def _keys() -> tuple[list[str], list[str]]:
+    tables = _tables()
+    return sorted(tables.segment_keys), sorted(tables.taiwan_keys)
+
+
+def test_cutting_a_run_never_changes_its_conversion() -> None:
+    """_Cutter's pieces, converted one by one, equal the whole run converted: checked on runs
+    made of OpenCC phrase keys, their fragments and the extra terms (the hardest case: phrases
+    overlapping at every position). 600,000 such runs passed when this was written."""
+    segment, taiwan = _keys()
+    extra = [to_simplified(key) for key in EXTRA_TERMS]
+    rng = random.Random(11)
+
+    def fragment() -> str:
+        pick = rng.random()
+        key = rng.choice(segment) if pick < 0.7 else to_simplified(rng.choice(taiwan)) if pick < 0.85 else rng.choice(extra)
+        i = rng.randint(0, len(key))
+        return key[i:rng.randint(i, len(key))] if rng.random() < 0.5 else key
+
+    for _ in range(4000):
+        run = "".join(fragment() for _ in range(rng.randint(1, 10)))
+        cutter, pieces = _Cutter(), []
+        for char in run:
+            pieces += [piece for piece, _, _ in cutter.push(char)]
+        pieces += [piece for piece, _, _ in cutter.end()]
+        assert "".join(pieces) == run
+        assert "".join(map(convert_prose, pieces)) == convert_prose(run), (run, pieces)
+
+
+def test_a_simplified_sentence_streams_to_its_whole_conversion() -> None:
+    """What a stream sends early (characters every phrase that may follow converts alike) and in
+    pieces adds up to `s2twp` + extra terms of the whole sentence."""
+    segment, taiwan = _keys()
+    rng = random.Random(13)
+    checked = 0
+    while checked < 1500:
+        run = "这" + "".join(rng.choice(segment)[:rng.randint(1, 15)] for _ in range(rng.randint(1, 8)))
+        if any(c.isascii() or c in BOUNDARIES or c in TRADITIONAL_ONLY for c in run):
+            continue
+        stream = StreamNormalizer()
+        assert "".join(stream.feed(c) for c in run) + stream.flush() == convert_prose(run), run
+        checked += 1
+
+
+def _held_while_streaming(text: str, sizes) -> tuple[int, int, int]:
+    """(most characters held while the segment's script was decided, most held while it was not,
+    feeds that released nothing)."""
+    stream, out, i, decided, deciding, empty = StreamNormalizer(), [], 0, 0, 0, 0
+    while i < len(text):
+        n = next(sizes)
+        out.append(stream.feed(text[i:i + n]))
+        i += n
+        empty += not out[-1]
+        if stream.deciding:
+            deciding = max(deciding, stream.held)
+        else:
+            decided = max(decided, stream.held)
+    assert "".join(out) + stream.flush() == normalize(text)
+    return decided, deciding, empty
+
+
+@pytest.mark.parametrize("chunking", ["char", "token"])
+def test_stream_holds_a_few_characters_only(chunking: str) -> None:
+    """A long Simplified answer, its Taiwan original and an English one, fed one character or one
+    token-sized piece (1–3 characters) at a time: once a segment's script is decided at most a
+    few characters wait (a phrase that may still grow); before, only the few characters `s2twp`
+    would change; English never waits."""
+    rng = random.Random(3)
+    sizes = iter(lambda: 1 if chunking == "char" else rng.randint(1, 3), None)
+    taiwan = "\n".join(p["prompt"] for p in _prompts())
+    english = ("The gateway routes each request to a vLLM engine, counts tokens and spend per tenant, "
+               "and screens prompts and answers; see https://example.com/docs?id=42 or ops@example.com. ") * 8
+    decided, deciding, empty = _held_while_streaming(to_simplified(taiwan), sizes)
+    assert decided <= 6 and deciding <= 8, (decided, deciding)
+    decided, deciding, empty = _held_while_streaming(taiwan, sizes)
+    assert decided == 0 and deciding <= 8 and empty <= len(taiwan) * 0.02
+    # English waits only inside "https://" (":/" may or may not start a URL).
+    assert _held_while_streaming(english, sizes)[:2] == (2, 0)
+    assert _held_while_streaming(english.replace("https://", "at "), sizes) == (0, 0, 0)
 
 
 def _prompts() -> list[dict]:
@@ -226,3 +358,10 @@ def test_builtin_prompts_are_many_taiwan_traditional_and_cover_five_categories()
 
 def test_shipped_charsets_match_the_installed_opencc_dictionaries() -> None:
     assert build_charsets.TARGET.read_text(encoding="utf-8") == build_charsets.render()
+
+
+def test_shipped_phrase_keys_match_the_installed_opencc_dictionaries() -> None:
+    assert build_charsets.shipped_phrase_data() == build_charsets.phrase_data()
+    tables = _tables()
+    assert len(tables.segment_keys) == phrases.SEGMENTATION_KEY_COUNT
+    assert max(map(len, tables.segment_keys)) == phrases.MAX_SEGMENTATION_KEY == 15

@@ -112,9 +112,9 @@ def row_from_logging(kwargs: Mapping[str, Any], *, success: bool, tenant_id: int
         status = _status(error.get("error_code"), kwargs.get("exception"))
         # The status the client was answered (the gateway's shield maps LiteLLM's view of an
         # error to OpenAI's: an unreachable engine is 503, an unknown model 404).
-        message = str(kwargs.get("exception") or error.get("error_message") or "")
-        status = public_error(status, {"error": {"message": message, "code": str(status)}}).status
         error_class = _text(error.get("error_class")) or _exception_class(kwargs.get("exception"))
+        message = f"{error_class or ''}: {kwargs.get('exception') or error.get('error_message') or ''}"
+        status = public_error(status, {"error": {"message": message, "code": str(status)}}).status
     model = _text(slo.get("model_group")) or _text(slo.get("model")) or _text(kwargs.get("model")) or ""
     price = price_of(model)
     return LedgerRow(

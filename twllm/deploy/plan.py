@@ -133,7 +133,8 @@ class Plan:
 
 def _spec_path(loaded: LoadedSpec, value: str) -> str:
     """A path from the spec: ~ expands; relative to the spec file's folder."""
-    base = Path(loaded.path).parent if loaded.path else Path.cwd()
+    file = loaded.source.file
+    base = Path(loaded.path).parent if loaded.path else Path(file).parent if not file.startswith("<") else Path.cwd()
     return str((base / Path(value).expanduser()).resolve(strict=False))
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from twllm.gateway import errors, streams
+from twllm.gateway import errors, failfast, streams
 
 log = logging.getLogger("twllm.gateway")
 
@@ -124,7 +124,7 @@ class Shield:
             if MANAGEMENT.fullmatch(path.rstrip("/") or "/"):
                 await send_error(send, errors.make(404, MANAGEMENT_MESSAGE, "not_found"))
             else:
-                await send_error(send, errors.make(404, f"Unknown request URL: {method} {path}.", "not_found"))
+                await send_error(send, errors.make(404, f"Invalid URL ({method} {path}).", "not_found"))
             return
         if verdict is False:
             await send_error(send, errors.make(405, f"Method {method} is not allowed on {path}.",
@@ -276,7 +276,10 @@ class ClientErrorLogFilter(logging.Filter):
             return record.exc_info is not None and _status_of(record.exc_info[1]) not in range(400, 500)
         if self.CALL not in msg:
             return True
-        exc = record.args[1] if isinstance(record.args, tuple) and len(record.args) > 1 else None
+        args = record.args if isinstance(record.args, tuple) else ()
+        exc = next((a for a in args if isinstance(a, BaseException)), None)
+        if exc is None and record.exc_info and isinstance(record.exc_info, tuple):
+            exc = record.exc_info[1]
         status = _status_of(exc)
         if status is not None and status < 500:
             return False
@@ -284,8 +287,9 @@ class ClientErrorLogFilter(logging.Filter):
         if status is None or errors._UNAVAILABLE.search(text) or errors._TIMEOUT.search(text):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text = None, None
-            record.msg, record.args = "twllm gateway: a model's engine could not answer: %s", (
-                errors.unavailable().message if errors._UNAVAILABLE.search(text) else "timeout",)
+            record.msg, record.args = "twllm gateway: a model's engine could not answer (%s, %s): %s", (
+                type(exc).__name__, "unreachable" if errors._UNAVAILABLE.search(text) else "timeout",
+                errors._scrub(text)[:200] or "-")
         return True
 
 
@@ -314,6 +318,7 @@ def build(settings: HttpSettings | None = None) -> ASGIApp:
 
     verbose_proxy_logger.addFilter(ClientErrorLogFilter())
     streams.install()
+    failfast.install()
 
     settings = settings or HttpSettings.from_env()
     shielded: ASGIApp = Shield(proxy_app, settings)

@@ -68,7 +68,7 @@ FORBIDDEN = re.compile(INTERNALS.pattern + r"|(?i:\bsk-[a-z0-9_-]{16,})")
 _CONTEXT = re.compile(r"maximum context length|context length|context window|too many tokens|is too long|"
                       r"exceeds the (?:model'?s? )?max|max_model_len|longer than the maximum", re.IGNORECASE)
 _UNAVAILABLE = re.compile(
-    r"APIConnectionError|Cannot connect|Connection refused|ConnectError|All connection attempts failed|"
+    r"Cannot connect|Connect call failed|stopped before the answer was complete|Connection refused|ConnectError|All connection attempts failed|"
     r"Server disconnected|RemoteProtocolError|ConnectionReset|Connection reset|No deployments available|"
     r"No healthy deployment|ServiceUnavailable|peer closed connection|incomplete chunked read|ReadError",
     re.IGNORECASE)

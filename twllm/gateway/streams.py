@@ -34,7 +34,12 @@ FOREIGN = object()
 
 FAITHFUL_KEY = "_twllm_faithful_stream"
 
+CUT_MESSAGE = "The model's engine stopped before the answer was complete; retry the request."
+CUT_STATUS = 503
+CUT_CLASS = "EngineStreamCut"
+
 _pending: OrderedDict[str, deque[Any]] = OrderedDict()
+_cut: OrderedDict[str, None] = OrderedDict()
 _installed = False
 
 
@@ -70,6 +75,23 @@ def install() -> None:
     _installed = True
 
 
+def take_cut(call_id: str | None) -> bool:
+    """True once for a stream whose engine went away before every answer finished."""
+    return bool(call_id) and _cut.pop(str(call_id), False) is None
+
+
+class EngineStreamCut(Exception):
+    """Raised into LiteLLM's stream when the engine's stream ended with an answer unfinished:
+    the proxy then ends the client's stream with an error event and logs a failure (a 503 row)."""
+
+    status_code = CUT_STATUS
+    code = str(CUT_STATUS)
+
+    def __init__(self) -> None:
+        super().__init__(CUT_MESSAGE)
+        self.message = CUT_MESSAGE
+
+
 def wants_usage(request_data: Mapping[str, Any]) -> bool:
     options = request_data.get("stream_options")
     return isinstance(options, Mapping) and bool(options.get("include_usage"))
@@ -92,6 +114,16 @@ async def faithful(response: Any, request_data: Mapping[str, Any]) -> AsyncItera
     foreign = False
     usage_sent = False
     final_usage: Any = None
+    open_choices: set[int] = set()
+
+    def note(chunk: Any) -> None:
+        for choice in getattr(chunk, "choices", None) or ():
+            index = getattr(choice, "index", 0) or 0
+            if getattr(choice, "finish_reason", None):
+                open_choices.discard(index)
+            else:
+                open_choices.add(index)
+
     try:
         async for processed in response:
             queue = _pending.get(call_id)
@@ -103,6 +135,7 @@ async def faithful(response: Any, request_data: Mapping[str, Any]) -> AsyncItera
                 final_usage = processed
             while queue:
                 chunk = queue.popleft()
+                note(chunk)
                 if _is_usage_only(chunk):
                     if not usage:
                         continue  # LiteLLM asks the engine for usage itself; the client did not
@@ -111,10 +144,20 @@ async def faithful(response: Any, request_data: Mapping[str, Any]) -> AsyncItera
         queue = _pending.get(call_id)
         while queue and not foreign:  # what the wrapper read but held back (finish reasons, usage)
             chunk = queue.popleft()
-            if chunk is FOREIGN or (_is_usage_only(chunk) and not usage):
+            if chunk is FOREIGN:
+                continue
+            note(chunk)
+            if _is_usage_only(chunk) and not usage:
                 continue
             usage_sent = usage_sent or _is_usage_only(chunk)
             yield chunk
+        if open_choices and not foreign:
+            # The engine's stream ended with an answer unfinished (its process died, the
+            # connection was cut): LiteLLM takes that for the end. Say so, as an error event.
+            _cut[call_id] = None
+            while len(_cut) > PENDING_MAX:
+                _cut.popitem(last=False)
+            raise EngineStreamCut()
         if usage and not usage_sent and not foreign and final_usage is not None:
             # LiteLLM consumes the engine's usage chunk itself and re-attaches the usage to a
             # chunk of its own; the client gets it as the engine sends it: no choices.

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from string import ascii_letters, digits
 from types import MappingProxyType
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 from twllm.guard.tw_ids import business_id_ok, id_kind, luhn_ok
 
@@ -275,28 +275,69 @@ def _scan_emails(t: str, lo: int, want: frozenset, out: list) -> None:
 
 
 # --- postal addresses -------------------------------------------------------------------------
+# The pattern is built from parts that also give its prefix closure (_ADDRESS_PREFIX matches every
+# prefix of an address, and more): a stream holds text after a city name only while it can still
+# grow into an address.
+class _Rx(NamedTuple):
+    full: str
+    pre: str
+    """Matches (at least) every prefix of what `full` matches, the empty one included."""
+
+
+def _cls(chars: str, lo: int | None = None, hi: int | None = None, lazy: bool = False) -> _Rx:
+    if lo is None:
+        return _Rx(f"[{chars}]", f"[{chars}]?")
+    return _Rx(f"[{chars}]{{{lo},{hi}}}" + ("?" if lazy else ""), f"[{chars}]{{0,{hi}}}")
+
+
+def _lit(text: str) -> _Rx:
+    return _Rx(text, "(?:" + "|".join(text[:i] for i in range(len(text), 0, -1)) + ")?")
+
+
+def _alt(*parts: _Rx) -> _Rx:
+    return _Rx("(?:" + "|".join(p.full for p in parts) + ")", "(?:" + "|".join(p.pre for p in parts) + ")")
+
+
+def _opt(part: _Rx) -> _Rx:
+    return _Rx(f"(?:{part.full})?", part.pre)
+
+
+def _seq(*parts: _Rx) -> _Rx:
+    pre = parts[-1].pre
+    for part in reversed(parts[:-1]):
+        pre = f"(?:{part.full}{pre}|{part.pre})"
+    return _Rx("".join(p.full for p in parts), pre)
+
+
 _CJK = "\u4e00-\u9fff"
 _NUM_ZH = "一二三四五六七八九十"
-_CITY = (
-    r"(?:臺北|台北|新北|桃園|臺中|台中|臺南|台南|高雄|基隆|新竹|嘉義|苗栗|彰化|南投|雲林|屏東"
-    r"|宜蘭|花蓮|臺東|台東|澎湖|金門|連江)[市縣]"
+_CITY_NAMES = ("臺北", "台北", "新北", "桃園", "臺中", "台中", "臺南", "台南", "高雄", "基隆", "新竹", "嘉義", "苗栗",
+               "彰化", "南投", "雲林", "屏東", "宜蘭", "花蓮", "臺東", "台東", "澎湖", "金門", "連江")
+_CITY_PARTS = _seq(_alt(*map(_lit, _CITY_NAMES)), _cls("市縣"))
+_CITY = _CITY_PARTS.full
+_ROAD = _seq(_cls(_CJK, 1, 7, lazy=True), _alt(_lit("大道"), _lit("路"), _lit("街")),
+             _opt(_seq(_cls(_NUM_ZH + "0-9", 1, 2), _lit("段"))))
+_SUB = _opt(_seq(_lit("之"), _cls("0-9", 1, 3)))  # 之1
+_ADDRESS = _seq(
+    _CITY_PARTS,
+    _cls(_CJK, 1, 3, lazy=True), _cls("區鄉鎮市"),  # district
+    _opt(_seq(_cls(_CJK, 1, 3, lazy=True), _cls("里村"))),  # village
+    _alt(_seq(_alt(_cls("0-9", 1, 3), _cls(_NUM_ZH, 1, 3)), _lit("鄰"), _opt(_ROAD)), _ROAD),  # 鄰 and/or road
+    _opt(_seq(_cls("0-9", 1, 4), _SUB, _lit("巷"))),
+    _opt(_seq(_cls("0-9", 1, 4), _SUB, _lit("弄"))),
+    _cls("0-9", 1, 5), _opt(_seq(_cls("-之"), _cls("0-9", 1, 4))), _lit("號"), _SUB,
+    _opt(_seq(_alt(_cls("0-9", 1, 3), _cls(_NUM_ZH, 1, 3)), _lit("樓"), _SUB)),
+    _opt(_seq(_cls("0-9", 1, 4), _lit("室"))),
 )
-_ROAD = rf"[{_CJK}]{{1,7}}?(?:大道|路|街)(?:[{_NUM_ZH}0-9]{{1,2}}段)?"
-_ADDRESS_RE = re.compile(
-    _CITY
-    + rf"[{_CJK}]{{1,3}}?[區鄉鎮市]"                       # district
-    + rf"(?:[{_CJK}]{{1,3}}?[里村])?"                      # village
-    + rf"(?:(?:[0-9]{{1,3}}|[{_NUM_ZH}]{{1,3}})鄰(?:{_ROAD})?|{_ROAD})"  # 鄰 and/or road
-    + r"(?:[0-9]{1,4}(?:之[0-9]{1,3})?巷)?(?:[0-9]{1,4}(?:之[0-9]{1,3})?弄)?"
-    + r"[0-9]{1,5}(?:[-之][0-9]{1,4})?號(?:之[0-9]{1,3})?"
-    + rf"(?:(?:[0-9]{{1,3}}|[{_NUM_ZH}]{{1,3}})樓(?:之[0-9]{{1,3}})?)?(?:[0-9]{{1,4}}室)?",
-    re.ASCII,
-)
+_ADDRESS_RE = re.compile(_ADDRESS.full, re.ASCII)
+_ADDRESS_PREFIX = re.compile(_ADDRESS.pre, re.ASCII)
 # Longest match of _ADDRESS_RE, from its bounded quantifiers: city 3, district 4, village 4,
 # 鄰 + road + 段 16, 巷 9, 弄 9, 號 15, 樓 8, 室 5 = 73; a postal code adds up to 7 before it.
 _ADDRESS_SPAN = 80
 _CITY_RE = re.compile(_CITY)
-_CITY_FIRSTS = frozenset("臺台新桃高基嘉苗彰南雲屏宜花澎金連")
+_CITY_FIRSTS = frozenset(name[0] for name in _CITY_NAMES)
+_CITY_STARTS = frozenset(w[:i] for name in _CITY_NAMES for w in (name + "市", name + "縣") for i in (1, 2))
+"""Proper prefixes of a city name: a stream waits for the rest before deciding."""
 
 
 def _scan_addresses(t: str, lo: int, want: frozenset, out: list) -> None:
@@ -481,11 +522,20 @@ _HOLD_STEP = 32
 class StreamMasker:
     """Applies a policy to text that arrives in chunks.
 
-    `feed` returns the text that is safe to send now and holds back a tail that could still be
-    part of an entity: everything up to the last stop character (punctuation, a space not after a
-    digit, CJK text when addresses are off or no city name is near) is released, and at most
-    MAX_READ + 32 characters are held (plus the last chunk). The concatenation of every `feed` and the final `flush` is
-    exactly `policy.apply(whole_text).text`, however the text was split.
+    `feed` returns the text that is safe to send now and holds back only a tail that could still
+    be part of an entity: everything up to the last stop character is released at once. A stop is
+    a character no entity can contain: punctuation, a space not after a digit, CJK text — unless
+    addresses are looked for and it follows a city name (or may begin one: 台 waits for 北市)
+    while the text from the city on can still grow into an address (_ADDRESS_PREFIX). What is
+    held is therefore a run of characters an entity could be made of — letters and digits (an ID,
+    an e-mail's local part: so with e-mail on, the current word), a phone number with its spaces
+    and dashes, an address in progress — plus one character after a digit when it is -, . or a
+    space, whose meaning the next character decides ("5." then "1"). A keyword (健保, 帳號) is
+    not masked and is released; only the number after it is held, as digits. A run without stops
+    is cut MAX_READ characters behind its end (outside any candidate), so at most MAX_READ + 32
+    characters are held (plus the last chunk); ``held`` says how many. The concatenation of every
+    `feed` and the final `flush` is exactly `policy.apply(whole_text).text`, however the text was
+    split.
     """
 
     def __init__(self, policy: PiiPolicy) -> None:
@@ -503,7 +553,13 @@ class StreamMasker:
         # Scanning for stops moves forward once over the stream (see _scan_stops).
         self._checked = 0  # positions below this have been classified
         self._stop = -1  # last stop found
-        self._anchor = -_ADDRESS_SPAN - 1  # start of the last city name seen
+        self._anchors: list[int] = []  # starts of city names that may still begin an address
+        self._fed = 0
+
+    @property
+    def held(self) -> int:
+        """Characters fed but not yet released."""
+        return self._fed - self._emitted
 
     @property
     def findings(self) -> tuple[Finding, ...]:
@@ -520,6 +576,7 @@ class StreamMasker:
             raise ValueError("StreamMasker.feed after flush")
         self._raw += chunk
         self._fold += fold(chunk)
+        self._fed += len(chunk)
         return self._release(final=False)
 
     def flush(self) -> str:
@@ -559,25 +616,38 @@ class StreamMasker:
         self._emitted = self._base + cut
         keep = max(0, cut - CONTEXT)
         self._raw, self._fold, self._base = self._raw[keep:], self._fold[keep:], self._base + keep
+        if self._anchors and self._anchors[0] < self._base:
+            self._anchors = [a for a in self._anchors if a >= self._base]
         return out
 
     def _scan_stops(self, t: str) -> int:
-        """Classify the new positions of t (up to len(t) - 3, keeping 2 characters of lookahead)
-        and return the last stop, as an offset into the whole stream (-1 if none yet)."""
-        base, end = self._base, len(t) - 2
-        for h in range(self._checked - base, end):
+        """Classify the new positions of t, each as soon as the text decides it, and return the
+        last stop, as an offset into the whole stream (-1 if none yet)."""
+        base, n, inner = self._base, len(t), self._inner
+        h = self._checked - base
+        while h < n:
             c = t[h]
-            if c in self._inner:
+            if c in inner:
+                h += 1
                 continue
-            if c == " ":
-                if not (self._spaced and h > 0 and t[h - 1] in "0123456789)"):
-                    self._stop = base + h
-                continue
+            if c == " " and self._spaced and h > 0 and t[h - 1] in "0123456789)":
+                h += 1
+                continue  # may be inside a spaced number
+            if c in "-. " and h > 0 and t[h - 1] in _DIGITS and h + 1 == n:
+                break  # a number ending before c reads the character after it: (?![-. ][0-9])
             if self._address and "\u4e00" <= c <= "\u9fff":
+                if n - h < 3 and t[h:] in _CITY_STARTS:
+                    break  # may begin a city name: wait for the rest
                 if c in _CITY_FIRSTS and _CITY_RE.match(t, h):
-                    self._anchor = base + h
-                if self._anchor >= base + h - _ADDRESS_SPAN:
-                    continue  # could be inside an address
+                    self._anchors.append(base + h)
+                    h += 1
+                    continue
+                if self._anchors:
+                    self._anchors = [a for a in self._anchors if _ADDRESS_PREFIX.fullmatch(t, a - base, h + 1)]
+                    if self._anchors:
+                        h += 1
+                        continue  # could be inside an address
             self._stop = base + h
-        self._checked = max(self._checked, base + end)
+            h += 1
+        self._checked = base + h
         return self._stop

@@ -1,14 +1,27 @@
 """The output stages applied to an answer that arrives in pieces (a streamed completion).
 
-Rewriting stages work incrementally and hold back only what could still change: ``pii`` through
-``StreamMasker`` (an entity split across chunks is still masked), ``zh_tw`` through the
-normaliser's ``StreamNormalizer``; together their output equals the whole-text result.
+Rewriting stages work incrementally and release text as soon as it can no longer change, each
+chunk passing through them in the spec's order within the same ``feed`` call, so a chunk reaches
+the client as soon as every stage has let it through:
 
-Classifier stages (``llama_guard``) cannot judge half a sentence, so the text they gate is held:
-once ``window`` characters wait (or the stream ends), the whole answer so far is checked and,
-if safe, the waiting text is released. ``window`` 0 holds everything until the end. Unsafe output
-therefore never reaches the client; the cost is latency — the first token waits for the first
-window plus one check. A block ends the stream with the pipeline's bilingual message.
+- ``pii`` (``StreamMasker``) holds only a run that could still become an entity: letters and
+  digits (with e-mail masking on, the current word, a possible local part), a phone or card
+  number with its spaces and dashes, text after a city name while it can still be an address;
+  an entity split across chunks is still masked;
+- ``zh_tw`` (``StreamNormalizer``) holds only the last characters of a Simplified run that a
+  dictionary phrase could still extend (usually one or two), an unclosed inline `code` span,
+  and, until a sentence's script is decided, the few characters `s2twp` would change; Latin
+  text, digits, whitespace and Taiwan Traditional text pass at once.
+
+Together their output equals the whole-text result, however the answer was chunked.
+
+Classifier stages (``llama_guard``) cannot judge half a sentence: they must see a whole window,
+so the text they gate is held: once ``window`` characters wait (or the stream ends), the whole
+answer so far is checked and, if safe, the waiting text is released. ``window`` 0 holds
+everything until the end. Unsafe output therefore never reaches the client; the cost is
+latency — the first token waits for the first window plus one check (the default 200 characters
+are ~50 English or ~150 Chinese tokens), and each later window arrives in one burst. A block
+ends the stream with the pipeline's bilingual message.
 
     stream = OutputStream(pipeline, messages, window=200)
     for chunk in chunks:
@@ -48,14 +61,17 @@ class OutputStream:
         self._steps: list[tuple[str, Callable[[str], str], Callable[[], str]]] = []
         self._gates: list[str] = []
         self._masker: StreamMasker | None = None
+        self._holders: list[Any] = []
         for name in pipeline.stages("output"):
             if name == "pii":
                 self._masker = StreamMasker(pipeline.pii)
+                self._holders.append(self._masker)
                 self._steps.append((name, self._masker.feed, self._masker.flush))
             elif name == "zh_tw":
                 from twllm.zh_tw import StreamNormalizer
 
                 normalizer = StreamNormalizer()
+                self._holders.append(normalizer)
                 self._steps.append((name, self._tracked(normalizer.feed), self._tracked_flush(normalizer.flush)))
             elif name in GATES:
                 self._gates.append(name)
@@ -89,6 +105,12 @@ class OutputStream:
     @property
     def active(self) -> bool:
         return bool(self._steps or self._gates)
+
+    @property
+    def held(self) -> int:
+        """Characters fed but not yet released, summed over the stages (each counts its own
+        input) and the gate's window."""
+        return sum(holder.held for holder in self._holders) + len(self._held)
 
     def feed(self, chunk: str) -> str:
         """Text that may be sent now (possibly empty)."""

@@ -8,6 +8,7 @@ order, so two renders of one spec are byte-identical. Secrets appear only as ref
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
             "NotFoundErrorRetries": 0,
             "ContentPolicyViolationErrorRetries": 0,
             "RateLimitErrorRetries": 0,
-            "TimeoutErrorRetries": 0,
+            # LiteLLM reports some failures to reach a dead engine as timeouts: try another replica
+            "TimeoutErrorRetries": gw.num_retries,
             "InternalServerErrorRetries": gw.num_retries,
             "ServiceUnavailableErrorRetries": gw.num_retries,
             "DefaultRetries": gw.num_retries,
@@ -61,11 +63,13 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
         router["fallbacks"] = [{name: list(targets)} for name, targets in gw.fallbacks.items()]
     if any(r.rpm or r.tpm for r in plan.routes):
         router["optional_pre_call_checks"] = ["enforce_model_rate_limits"]
+    replicas = Counter(r.model_name for r in plan.routes)
     policies = GuardPolicies.from_spec(spec, plan) if spec is not None else None
     # A guard model served by the deployment answers the guard on its engine, never clients.
     internal = set(policies.remote) if policies is not None else set()
     config: dict[str, Any] = {
-        "model_list": [_deployment(r, gw.request_timeout_s) for r in plan.routes if r.model_name not in internal],
+        "model_list": [_deployment(r, gw.request_timeout_s, replicas[r.model_name] > 1)
+                       for r in plan.routes if r.model_name not in internal],
         "router_settings": router,
         "litellm_settings": {
             "drop_params": True,
@@ -94,7 +98,18 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
     return config
 
 
-def _deployment(route: Route, timeout: float) -> dict[str, Any]:
+REPLICA_DOWN_POLICY = {
+    "InternalServerErrorAllowedFails": 0,
+    "ServiceUnavailableErrorAllowedFails": 0,
+    "BadGatewayErrorAllowedFails": 0,
+}
+"""A replica whose engine fails (5xx, or cannot be reached: LiteLLM reports a refused connection
+as a 500) is taken out of rotation at its first failure, for ``gateway.cooldown_s``, while
+another replica of the model serves. LiteLLM's default waits for several failures a minute, and
+a retry may pick the dead replica again; background health checks bring it back."""
+
+
+def _deployment(route: Route, timeout: float, has_siblings: bool = False) -> dict[str, Any]:
     params: dict[str, Any] = {
         "model": route.provider_model,
         "api_base": route.api_base,
@@ -121,6 +136,8 @@ def _deployment(route: Route, timeout: float) -> dict[str, Any]:
     }
     if route.max_input_tokens:
         info["max_input_tokens"] = route.max_input_tokens
+    if has_siblings:
+        info["allowed_fails_policy"] = dict(REPLICA_DOWN_POLICY)
     return {"model_name": route.model_name, "litellm_params": params, "model_info": info}
 
 
