@@ -207,3 +207,49 @@ def test_litellms_client_error_log_lines_are_dropped() -> None:
     record.args = ("id", Down("Cannot connect to host 127.0.0.1:1"))
     assert ClientErrorLogFilter().filter(record) is True and record.levelno == logging.WARNING
     assert "127.0.0.1" not in record.getMessage()
+
+
+# --- the spec's gateway fields, through plan, render and launch -----------------------------------
+
+
+def test_spec_fields_reach_the_shield_and_the_command(tmp_path) -> None:
+    from pathlib import Path
+
+    from twllm.deploy.gateway import gateway_launch
+    from twllm.deploy.placement import GpuInventory
+    from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
+    from twllm.deploy.resolve import parse_spec
+    from twllm.errors import SpecError
+    from twllm.litellm_config.render import gateway_settings, litellm_config
+
+    text = """
+name: shielded
+gateway:
+  master_key: ${TWLLM_MASTER_KEY}
+  max_request_bytes: 2048
+  tls: {cert: tls/cert.pem, key: tls/key.pem}
+  cors_origins: [https://app.example.tw]
+models:
+  - {name: chat, model: llama-3.2-1b-instruct, replicas: 2}
+  - {name: solo, model: llama-3.2-1b-instruct}
+"""
+    env = {"TWLLM_MASTER_KEY": "sk-test-master"}
+    loaded = parse_spec(text, str(tmp_path / "spec.yaml"), env)
+    plan = make_plan(loaded, GpuInventory(8, 80, "test"), tmp_path / "state")
+    assert plan.gateway.url.startswith("https://")
+    assert plan.gateway.tls_cert == str(tmp_path / "tls" / "cert.pem")
+    settings = gateway_settings(plan, loaded.spec)
+    assert settings["http"] == {"max_request_bytes": 2048, "cors_origins": ["https://app.example.tw"]}
+    launch = gateway_launch(plan.gateway, Path("/r"), {"TWLLM_MASTER_KEY": "sk-test-master", ENGINE_KEY_ENV: "sk-e"})
+    assert launch.argv[1:3] == ["-m", "twllm.gateway.serve"]
+    assert launch.argv[launch.argv.index("--ssl-certfile") + 1] == str(tmp_path / "tls" / "cert.pem")
+    config = litellm_config(plan, loaded.spec)
+    router = config["router_settings"]
+    assert router["retry_policy"]["BadRequestErrorRetries"] == 0 and router["enable_pre_call_checks"] is False
+    policies = {d["model_name"]: d["model_info"].get("allowed_fails_policy") for d in config["model_list"]}
+    assert policies["chat"] == {"InternalServerErrorAllowedFails": 0, "ServiceUnavailableErrorAllowedFails": 0,
+                                "BadGatewayErrorAllowedFails": 0}
+    assert policies["solo"] is None  # a lone replica is never taken out for one failure
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text.replace("max_request_bytes: 2048", "max_request_bytes: 10"), "bad.yaml", env)
+    assert "bad.yaml:5" in str(caught.value) and "max_request_bytes" in str(caught.value)

@@ -22,7 +22,6 @@ failure events without our metadata; they are attributed by the key's hash (Lite
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import hashlib
 import logging
 import os
@@ -38,7 +37,6 @@ from twllm.accounting.auth import Authenticator, Identity, Rejection
 from twllm.accounting.gateway_config import DATABASE_URL_ENV, SETTINGS_ENV, Database, GatewayConfig
 from twllm.accounting.ledger import LedgerWriter, replay_folder, row_from_logging
 from twllm.accounting.spool import Spool
-from twllm.gateway import streams
 from twllm.gateway.streams import faithful
 
 log = logging.getLogger(__name__)
@@ -113,8 +111,6 @@ class Runtime:
         tenant_id, key_id = who
         row = row_from_logging(kwargs, success=success, tenant_id=tenant_id, key_id=key_id,
                                price_of=self.config.price, guard=guard)
-        if success and streams.take_cut(call_id):  # the engine went away mid-stream
-            row = dataclasses.replace(row, status_code=streams.CUT_STATUS, error_class=streams.CUT_CLASS)
         self.writer.enqueue(row)
         if key_id is not None:
             self.auth.budgets.note_queued(key_id, row.cost)

@@ -36,10 +36,8 @@ FAITHFUL_KEY = "_twllm_faithful_stream"
 
 CUT_MESSAGE = "The model's engine stopped before the answer was complete; retry the request."
 CUT_STATUS = 503
-CUT_CLASS = "EngineStreamCut"
 
 _pending: OrderedDict[str, deque[Any]] = OrderedDict()
-_cut: OrderedDict[str, None] = OrderedDict()
 _installed = False
 
 
@@ -73,11 +71,6 @@ def install() -> None:
 
     CustomStreamWrapper.chunk_creator = chunk_creator  # type: ignore[method-assign]
     _installed = True
-
-
-def take_cut(call_id: str | None) -> bool:
-    """True once for a stream whose engine went away before every answer finished."""
-    return bool(call_id) and _cut.pop(str(call_id), False) is None
 
 
 class EngineStreamCut(Exception):
@@ -154,9 +147,6 @@ async def faithful(response: Any, request_data: Mapping[str, Any]) -> AsyncItera
         if open_choices and not foreign:
             # The engine's stream ended with an answer unfinished (its process died, the
             # connection was cut): LiteLLM takes that for the end. Say so, as an error event.
-            _cut[call_id] = None
-            while len(_cut) > PENDING_MAX:
-                _cut.popitem(last=False)
             raise EngineStreamCut()
         if usage and not usage_sent and not foreign and final_usage is not None:
             # LiteLLM consumes the engine's usage chunk itself and re-attaches the usage to a
