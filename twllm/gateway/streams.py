@@ -36,6 +36,9 @@ FAITHFUL_KEY = "_twllm_faithful_stream"
 
 CUT_MESSAGE = "The model's engine stopped before the answer was complete; retry the request."
 CUT_STATUS = 503
+FINISHING_PROVIDERS = frozenset({"hosted_vllm"})
+"""Providers whose stream ends every choice with a finish reason: one that ends without is cut.
+(LiteLLM's mock responses and some providers leave the finish reason to LiteLLM.)"""
 
 _pending: OrderedDict[str, deque[Any]] = OrderedDict()
 _installed = False
@@ -144,7 +147,7 @@ async def faithful(response: Any, request_data: Mapping[str, Any]) -> AsyncItera
                 continue
             usage_sent = usage_sent or _is_usage_only(chunk)
             yield chunk
-        if open_choices and not foreign:
+        if open_choices and not foreign and getattr(response, "custom_llm_provider", None) in FINISHING_PROVIDERS:
             # The engine's stream ended with an answer unfinished (its process died, the
             # connection was cut): LiteLLM takes that for the end. Say so, as an error event.
             raise EngineStreamCut()
