@@ -124,6 +124,11 @@ def test_proxy_lists_every_model_and_routes_each_to_its_engine_port(mixed_proxy)
     for name, ports in (("chat-a", (8100, 8101)), ("chat-b", (11434,))):
         reply = httpx.post(f"{mixed_proxy.base_url}/v1/chat/completions", headers=headers, timeout=60, trust_env=False,
                            json={"model": name, "messages": [{"role": "user", "content": "你好"}]})
+        if reply.status_code == 429:
+            # a failed replica of a model with several is cooled down at once (render.py): the
+            # retries tried every replica, which the cooldown list names
+            assert "cooldown" in reply.text and all(f"vllm-{name}-{i}" in reply.text for i in range(len(ports)))
+            continue
         assert reply.status_code >= 500, reply.text
         assert any(f":{p}" in reply.text or f", {p})" in reply.text for p in ports), reply.text
     unknown = httpx.post(f"{mixed_proxy.base_url}/v1/chat/completions", headers=headers, timeout=30, trust_env=False,

@@ -41,6 +41,9 @@ CONNECT = {"error": {"message": "litellm.APIConnectionError: Hosted_vllmExceptio
 NO_DEPLOYMENT = {"error": {"message": "No deployments available for selected model, Try again in 60 seconds. Passed "
                                       "model=chat. pre-call-checks=False, cooldown_list=[('chat-0', {...})]",
                            "type": "None", "param": "None", "code": "429"}}
+CUT = {"error": {"message": "litellm.APIConnectionError: APIConnectionError: Hosted_vllmException - Response payload "
+                             "is not completed: <TransferEncodingError: 400, message='Not enough data to satisfy "
+                             "transfer length header.'>", "type": None, "param": None, "code": "500"}}
 OURS = {"error": {"message": "Rate limit reached: 60 requests per minute.", "type": "requests",
                   "param": None, "code": "rate_limit_exceeded"}}
 
@@ -51,6 +54,7 @@ OURS = {"error": {"message": "Rate limit reached: 60 requests per minute.", "typ
     (400, UNKNOWN, 404, "model_not_found"),
     (500, CONNECT, 503, "engine_unavailable"),
     (429, NO_DEPLOYMENT, 503, "engine_unavailable"),
+    (500, CUT, 503, "engine_unavailable"),
     (429, OURS, 429, "rate_limit_exceeded"),
     (422, {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]}, 422, None),
     (500, b"Internal Server Error", 500, None),

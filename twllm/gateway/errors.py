@@ -68,7 +68,8 @@ FORBIDDEN = re.compile(INTERNALS.pattern + r"|(?i:\bsk-[a-z0-9_-]{16,})")
 _CONTEXT = re.compile(r"maximum context length|context length|context window|too many tokens|is too long|"
                       r"exceeds the (?:model'?s? )?max|max_model_len|longer than the maximum", re.IGNORECASE)
 _UNAVAILABLE = re.compile(
-    r"Cannot connect|Connect call failed|stopped before the answer was complete|Connection refused|ConnectError|All connection attempts failed|"
+    r"Cannot connect|Connect call failed|stopped before the answer was complete|Response payload is not completed|"
+    r"TransferEncodingError|ClientPayloadError|Connection refused|ConnectError|All connection attempts failed|"
     r"Server disconnected|RemoteProtocolError|ConnectionReset|Connection reset|No deployments available|"
     r"No healthy deployment|ServiceUnavailable|peer closed connection|incomplete chunked read|ReadError",
     re.IGNORECASE)
