@@ -441,6 +441,10 @@ def _screen_field(pipeline: GuardPipeline, data: dict, key: str, only: list[str]
 
 def _warm_up() -> None:
     try:
+        # The zh-TW normaliser's phrase tables take ~80 ms to build: not on the first answer's path.
+        from twllm.zh_tw import normalize
+
+        normalize("这个软件")
         pipeline = state().pipeline(None, None)
         for name in dict.fromkeys([*pipeline.stages("input"), *pipeline.stages("output")]):
             if name in ("llama_guard", "prompt_guard"):
