@@ -19,6 +19,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``root`` say why they are skipped when the suite does not run as root."""
+    if item.get_closest_marker("root") is not None and os.geteuid() != 0:
+        pytest.skip("needs root: acts as a second OS user or changes a folder's group (CI runs as root)")
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remove every TWLLM_* variable and DATABASE_URL; set OMP_NUM_THREADS=1."""

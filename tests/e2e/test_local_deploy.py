@@ -313,6 +313,7 @@ def test_the_state_dir_is_private_and_the_database_wants_its_password(stack):
     assert "no password supplied" in try_connect(host="127.0.0.1", port=port, user="twllm", dbname="twllm")
 
 
+@pytest.mark.root
 def test_another_os_user_gets_nothing_of_the_deployment(stack):
     from osuser import as_user, other_user, probe_paths, try_connect
     from twllm.deploy import database

@@ -140,6 +140,7 @@ def test_connecting_without_the_password_fails_with_it_works(server: Server) -> 
     assert "password" in str(err.value)
 
 
+@pytest.mark.root
 def test_another_os_user_can_neither_connect_nor_reach_the_files(server: Server) -> None:
     """As root: a second, unrelated user gets no connection (TCP or socket) and no file."""
     uid, gid = other_user()

@@ -168,6 +168,7 @@ def test_every_client_uses_the_password_and_nothing_else_holds_it(deployment: di
         assert password.encode() not in argv, component.name
 
 
+@pytest.mark.root
 def test_another_os_user_can_neither_read_nor_connect(deployment: dict) -> None:
     uid, gid = other_user()
     sd: StateDir = deployment["sd"]

@@ -461,14 +461,21 @@ def _grant_search(path: Path, user: _User, private: Path | None = None) -> None:
             if mode & 0o077 != 0o010:
                 folder.chmod((mode & 0o700) | 0o010)
             continue
-        if _can_search(folder, info, user):
-            continue
-        try:
-            _acl_grant_search(folder, user.uid)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
-                raise
-            folder.chmod(mode | stat.S_IXOTH)
+        if not _can_search(folder, info, user):
+            _let_search(folder, user.uid)
+
+
+def _let_search(folder: Path, uid: int) -> bool:
+    """Let ``uid`` traverse ``folder``: an ACL entry for it alone (True), or o+x where the
+    filesystem has no ACLs (False)."""
+    try:
+        _acl_grant_search(folder, uid)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise
+        folder.chmod(stat.S_IMODE(folder.stat().st_mode) | stat.S_IXOTH)
+        return False
+    return True
 
 
 # POSIX ACLs as Linux stores them in the system.posix_acl_access attribute (what setfacl writes):
