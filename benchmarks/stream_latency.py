@@ -43,7 +43,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import secrets
 import shutil
 import signal

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from pgutil import free_port
 
 from twllm.deploy.engines.base import RuntimeContext
 from twllm.deploy.engines.envs import child_env
@@ -30,12 +31,6 @@ from twllm.litellm_config.render import render
 
 ENGINE_KEY = "sk-engine-stack-0123456789abcdef"
 READY_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stop(child: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 30.0) -> None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +22,8 @@ import yaml
 
 from echo_upstream import EchoUpstream
 from pgutil import Postgres
-from stackutil import _stop, free_port
+from pgutil import free_port
+from stackutil import _stop
 from twllm.deploy.engines.envs import child_env
 from twllm.deploy.gateway import gateway_launch
 from twllm.deploy.placement import GpuInventory

@@ -230,7 +230,7 @@ class _Rewriter:
         assert self._start is not None and self._error_body is not None
         raw = b"".join(self._error_body)
         public = errors.public_error(self._start["status"], raw)
-        ErrorLog.note(self._method, self._path, public)
+        note_error(self._method, self._path, public)
         body = public.encoded()
         keep = [(k, v) for k, v in self._start.get("headers", ())
                 if k.lower() not in (b"content-length", b"content-type")
@@ -284,12 +284,12 @@ class ClientErrorLogFilter(logging.Filter):
         if status is not None and status < 500:
             return False
         text = str(exc)
-        if status is None or errors._UNAVAILABLE.search(text) or errors._TIMEOUT.search(text):
+        if status is None or errors.UNAVAILABLE.search(text) or errors.TIMEOUT.search(text):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text = None, None
             record.msg, record.args = "twllm gateway: a model's engine could not answer (%s, %s): %s", (
-                type(exc).__name__, "unreachable" if errors._UNAVAILABLE.search(text) else "timeout",
-                errors._scrub(text)[:200] or "-")
+                type(exc).__name__, "unreachable" if errors.UNAVAILABLE.search(text) else "timeout",
+                errors.scrub(text)[:200] or "-")
         return True
 
 
@@ -301,13 +301,10 @@ def _status_of(exc: Any) -> int | None:
     return None
 
 
-class ErrorLog:
+def note_error(method: str, path: str, error: errors.PublicError) -> None:
     """One line per error the gateway answered (its status and code, never its text)."""
-
-    @staticmethod
-    def note(method: str, path: str, error: errors.PublicError) -> None:
-        level = logging.WARNING if error.status >= 500 else logging.INFO
-        log.log(level, "twllm gateway: %s %s -> %d %s", method, path, error.status, error.code or error.type)
+    level = logging.WARNING if error.status >= 500 else logging.INFO
+    log.log(level, "twllm gateway: %s %s -> %d %s", method, path, error.status, error.code or error.type)
 
 
 def build(settings: HttpSettings | None = None) -> ASGIApp:

@@ -67,13 +67,13 @@ FORBIDDEN = re.compile(INTERNALS.pattern + r"|(?i:\bsk-[a-z0-9_-]{16,})")
 
 _CONTEXT = re.compile(r"maximum context length|context length|context window|too many tokens|is too long|"
                       r"exceeds the (?:model'?s? )?max|max_model_len|longer than the maximum", re.IGNORECASE)
-_UNAVAILABLE = re.compile(
+UNAVAILABLE = re.compile(
     r"Cannot connect|Connect call failed|stopped before the answer was complete|Response payload is not completed|"
     r"TransferEncodingError|ClientPayloadError|Connection refused|ConnectError|All connection attempts failed|"
     r"Server disconnected|RemoteProtocolError|ConnectionReset|Connection reset|No deployments available|"
     r"No healthy deployment|ServiceUnavailable|peer closed connection|incomplete chunked read|ReadError",
     re.IGNORECASE)
-_TIMEOUT = re.compile(r"\bTimeout\b|timed out|ReadTimeout", re.IGNORECASE)
+TIMEOUT = re.compile(r"\bTimeout\b|timed out|ReadTimeout", re.IGNORECASE)
 _UNKNOWN_MODEL = re.compile(r"Invalid model name passed in model=([^\s.,'\"]+)|model[= ]'?([^\s'\"]+)'? (?:does not|not) "
                             r"(?:exist|found)", re.IGNORECASE)
 _PREFIX = re.compile(r"^(?:litellm\.)?[A-Za-z_]*(?:Error|Exception)\s*[:\-]\s*", re.IGNORECASE)
@@ -128,13 +128,13 @@ def public_error(status: int, body: bytes | str | dict[str, Any] | None) -> Publ
         return PublicError(status, raw or PLAIN.get(status, PLAIN[400]), _clean_type(error.get("type"), status),
                            _param(error.get("param")), code_text)
     inner_status, inner = _engine_error(raw)
-    if _UNAVAILABLE.search(raw) and (status >= 500 or status == 429 or inner_status is None):
+    if UNAVAILABLE.search(raw) and (status >= 500 or status == 429 or inner_status is None):
         return unavailable()
-    if _TIMEOUT.search(raw) and status >= 500:
+    if TIMEOUT.search(raw) and status >= 500:
         return make(504, code="engine_timeout")
     if inner_status is not None and 400 <= inner_status < 600:
         status = inner_status
-    message = _scrub(inner.get("message") if inner else raw)
+    message = scrub(inner.get("message") if inner else raw)
     if _CONTEXT.search(raw) and status < 500:
         return make(400, message or "The prompt is longer than the model's context window.",
                     "context_length_exceeded", _param(inner.get("param")) if inner else "messages")
@@ -191,46 +191,38 @@ def _validation_param(detail: list[Any]) -> str | None:
 
 def _engine_error(message: str) -> tuple[int | None, dict[str, Any]]:
     """The engine's own status and error object inside a LiteLLM message, when it carries one."""
-    status = None
     match = re.search(r"Error code:\s*(\d{3})", message)
-    if match:
-        status = int(match.group(1))
+    status = int(match.group(1)) if match else None
     start = message.find("{")
     while start != -1:
-        candidate = message[start:]
-        for parse in (json.loads, ast.literal_eval):
-            try:
-                data = parse(candidate)
-            except (ValueError, SyntaxError, RecursionError, MemoryError):
-                continue
-            if isinstance(data, dict):
-                inner = data.get("error", data)
-                if isinstance(inner, dict) and ("message" in inner or "detail" in inner):
-                    if "message" not in inner:
-                        inner = {"message": str(inner["detail"])}
-                    code = inner.get("code")
-                    if status is None and isinstance(code, int) and 400 <= code < 600:
-                        status = code
-                    return status, inner
-                if isinstance(inner, str):
-                    return status, {"message": inner}
-        # LiteLLM sometimes appends text after the JSON: try the longest balanced object.
-        end = _balanced_end(message, start)
-        if end is not None:
-            for parse in (json.loads, ast.literal_eval):
-                try:
-                    data = parse(message[start:end])
-                except (ValueError, SyntaxError, RecursionError, MemoryError):
-                    continue
-                if isinstance(data, dict):
-                    inner = data.get("error", data)
-                    if isinstance(inner, dict) and "message" in inner:
-                        code = inner.get("code")
-                        if status is None and isinstance(code, int) and 400 <= code < 600:
-                            status = code
-                        return status, inner
+        inner = _error_in(message[start:])
+        if inner is None:  # LiteLLM sometimes appends text after the JSON: the balanced object
+            end = _balanced_end(message, start)
+            inner = _error_in(message[start:end]) if end is not None else None
+        if inner is not None:
+            code = inner.get("code")
+            if status is None and isinstance(code, int) and 400 <= code < 600:
+                status = code
+            return status, inner
         start = message.find("{", start + 1)
     return status, {}
+
+
+def _error_in(text: str) -> dict[str, Any] | None:
+    """The error object of ``text`` read as JSON or as a Python literal (LiteLLM prints both)."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            data = parse(text)
+        except (ValueError, SyntaxError, RecursionError, MemoryError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        inner = data.get("error", data)
+        if isinstance(inner, str):
+            return {"message": inner}
+        if isinstance(inner, dict) and ("message" in inner or "detail" in inner):
+            return inner if "message" in inner else {"message": str(inner["detail"])}
+    return None
 
 
 def _balanced_end(text: str, start: int) -> int | None:
@@ -257,7 +249,7 @@ def _balanced_end(text: str, start: int) -> int | None:
     return None
 
 
-def _scrub(message: Any) -> str:
+def scrub(message: Any) -> str:
     """The message without LiteLLM's prefixes and suffixes; '' when it still shows internals."""
     text = str(message or "").strip()
     for _ in range(3):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twllm.gateway.errors import _UNAVAILABLE
+from twllm.gateway.errors import UNAVAILABLE
 
 _installed = False
 
@@ -27,7 +27,7 @@ def install() -> None:
     original = Router._time_to_sleep_before_retry
 
     def time_to_sleep(self: Any, e: Exception, *args: Any, **kwargs: Any) -> float:
-        if _UNAVAILABLE.search(f"{type(e).__name__}: {e}"):
+        if UNAVAILABLE.search(f"{type(e).__name__}: {e}"):
             return 0.0
         return original(self, e, *args, **kwargs)
 

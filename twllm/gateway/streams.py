@@ -21,7 +21,7 @@ hook) calls ``faithful``; a later one gets its output and passes it on.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -29,6 +29,9 @@ from pydantic import BaseModel
 PENDING_MAX = 10_000
 """Streams whose copies a worker keeps at most (a stream nobody reads is dropped oldest first)."""
 
+FINISHING = object()
+"""First in a queue whose engine ends every choice with a finish reason (a stream that ends with
+one open was cut)."""
 FOREIGN = object()
 """Marks an input chunk that is not an engine's OpenAI chunk: the stream is passed as LiteLLM makes it."""
 
@@ -65,6 +68,8 @@ def install() -> None:
                 queue = _pending[call_id] = deque()
                 while len(_pending) > PENDING_MAX:
                     _pending.popitem(last=False)
+                if getattr(self, "custom_llm_provider", None) in FINISHING_PROVIDERS:
+                    queue.append(FINISHING)
                 if not engine_chunk:  # not an OpenAI-compatible engine's stream
                     queue.append(FOREIGN)
             if engine_chunk:
@@ -108,52 +113,39 @@ async def faithful(response: Any, request_data: Mapping[str, Any]) -> AsyncItera
         request_data[FAITHFUL_KEY] = True  # a hook chained after this one gets these chunks
     usage = wants_usage(request_data)
     foreign = False
-    usage_sent = False
-    final_usage: Any = None
+    finishing = False
     open_choices: set[int] = set()
 
-    def note(chunk: Any) -> None:
-        for choice in getattr(chunk, "choices", None) or ():
-            index = getattr(choice, "index", 0) or 0
-            if getattr(choice, "finish_reason", None):
-                open_choices.discard(index)
-            else:
-                open_choices.add(index)
+    def drain(queue: deque[Any] | None) -> Iterator[Any]:
+        """The copies waiting in ``queue``; notes which choices are still open."""
+        while queue:
+            chunk = queue.popleft()
+            for choice in getattr(chunk, "choices", None) or ():
+                index = getattr(choice, "index", 0) or 0
+                (open_choices.discard if getattr(choice, "finish_reason", None) else open_choices.add)(index)
+            if _is_usage_only(chunk) and not usage:
+                continue  # LiteLLM asks the engine for usage itself; the client did not
+            yield chunk
 
     try:
         async for processed in response:
             queue = _pending.get(call_id)
-            if foreign or queue is None or FOREIGN in queue:
+            if queue and queue[0] is FINISHING:
+                queue.popleft()
+                finishing = True
+            if foreign or queue is None or (queue and queue[0] is FOREIGN):
                 foreign = True
                 yield processed
                 continue
-            if getattr(processed, "usage", None) is not None:
-                final_usage = processed
-            while queue:
-                chunk = queue.popleft()
-                note(chunk)
-                if _is_usage_only(chunk):
-                    if not usage:
-                        continue  # LiteLLM asks the engine for usage itself; the client did not
-                    usage_sent = True
+            for chunk in drain(queue):
                 yield chunk
-        queue = _pending.get(call_id)
-        while queue and not foreign:  # what the wrapper read but held back (finish reasons, usage)
-            chunk = queue.popleft()
-            if chunk is FOREIGN:
-                continue
-            note(chunk)
-            if _is_usage_only(chunk) and not usage:
-                continue
-            usage_sent = usage_sent or _is_usage_only(chunk)
+        if foreign:
+            return
+        for chunk in drain(_pending.get(call_id)):  # what the wrapper read but held back
             yield chunk
-        if open_choices and not foreign and getattr(response, "custom_llm_provider", None) in FINISHING_PROVIDERS:
+        if open_choices and finishing:
             # The engine's stream ended with an answer unfinished (its process died, the
             # connection was cut): LiteLLM takes that for the end. Say so, as an error event.
             raise EngineStreamCut()
-        if usage and not usage_sent and not foreign and final_usage is not None:
-            # LiteLLM consumes the engine's usage chunk itself and re-attaches the usage to a
-            # chunk of its own; the client gets it as the engine sends it: no choices.
-            yield final_usage.model_copy(update={"choices": []})
     finally:
         _pending.pop(call_id, None)

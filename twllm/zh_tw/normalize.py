@@ -533,22 +533,9 @@ def _token_certain(buf: str, pos: int) -> int:
         word = _WORD.match(buf, pos)
         assert word is not None
         return word.end()
-    i = pos + len(scheme)
-    limit = i + SEGMENT_CAP
-    while i < min(len(buf), limit):
-        char = buf[i]
-        if char in _URL_CHARS:
-            i += 1
-            continue
-        if char.isascii() or not char.isalnum():
-            return i
-        j = i
-        while j < len(buf) and not buf[j].isascii() and buf[j].isalnum():
-            j += 1
-        if j == len(buf) or buf[j] not in "/?#&=":
-            return i
-        i = j
-    return i
+    end = _url_end(buf, pos, pos + len(scheme), final=True)  # as if nothing more came
+    assert end is not None
+    return end
 
 
 def _url_end(buf: str, pos: int, i: int, final: bool) -> int | None:
