@@ -22,6 +22,7 @@ failure events without our metadata; they are attributed by the key's hash (Lite
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import logging
 import os
@@ -37,7 +38,8 @@ from twllm.accounting.auth import Authenticator, Identity, Rejection
 from twllm.accounting.gateway_config import DATABASE_URL_ENV, SETTINGS_ENV, Database, GatewayConfig
 from twllm.accounting.ledger import LedgerWriter, replay_folder, row_from_logging
 from twllm.accounting.spool import Spool
-from twllm.gateway.streams import faithful
+from twllm.gateway import streams
+from twllm.gateway.streams import EngineStreamCut, faithful
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,8 @@ class Runtime:
         tenant_id, key_id = who
         row = row_from_logging(kwargs, success=success, tenant_id=tenant_id, key_id=key_id,
                                price_of=self.config.price, guard=guard)
+        if streams.was_cut(call_id):  # the engine went away mid-stream; whichever event came first
+            row = dataclasses.replace(row, status_code=streams.CUT_STATUS, error_class=EngineStreamCut.__name__)
         self.writer.enqueue(row)
         if key_id is not None:
             self.auth.budgets.note_queued(key_id, row.cost)

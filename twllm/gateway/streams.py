@@ -44,6 +44,7 @@ FINISHING_PROVIDERS = frozenset({"hosted_vllm"})
 (LiteLLM's mock responses and some providers leave the finish reason to LiteLLM.)"""
 
 _pending: OrderedDict[str, deque[Any]] = OrderedDict()
+_cut: OrderedDict[str, None] = OrderedDict()
 _installed = False
 
 
@@ -79,6 +80,12 @@ def install() -> None:
 
     CustomStreamWrapper.chunk_creator = chunk_creator  # type: ignore[method-assign]
     _installed = True
+
+
+def was_cut(call_id: str | None) -> bool:
+    """Whether the stream of ``call_id`` was cut. LiteLLM may log such a stream as a success
+    (with the usage so far) before or besides the failure: its ledger row must say 503 either way."""
+    return bool(call_id) and str(call_id) in _cut
 
 
 class EngineStreamCut(Exception):
@@ -146,6 +153,9 @@ async def faithful(response: Any, request_data: Mapping[str, Any]) -> AsyncItera
         if open_choices and finishing:
             # The engine's stream ended with an answer unfinished (its process died, the
             # connection was cut): LiteLLM takes that for the end. Say so, as an error event.
+            _cut[call_id] = None
+            while len(_cut) > PENDING_MAX:
+                _cut.popitem(last=False)
             raise EngineStreamCut()
     finally:
         _pending.pop(call_id, None)
