@@ -76,15 +76,15 @@ from twllm.accounting.gateway_config import Database
 from twllm.accounting.limits import BudgetTracker, RateLimiter
 from twllm.accounting.migrate import migrate
 from twllm.accounting.spool import Spool
-from twllm.deploy.demo_model import build_demo_models, default_models_dir
-from twllm.deploy.engines.base import RuntimeContext
-from twllm.deploy.engines.envs import child_env, find_engine
-from twllm.deploy.engines.vllm import VllmDriver
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
-from twllm.deploy.resolve import parse_spec
-from twllm.deploy.spec import Spec
-from twllm.litellm_config.render import GATEWAY_SETTINGS, LITELLM_CONFIG, litellm_config, render
+from twllm.demo.build import build_demo_models, default_models_dir
+from twllm.runtime.engines.base import RuntimeContext
+from twllm.runtime.engines.envs import child_env, find_engine
+from twllm.runtime.engines.vllm import VllmDriver
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
+from twllm.spec.resolve import parse_spec
+from twllm.spec.schema import Spec
+from twllm.render.gateway_config import GATEWAY_SETTINGS, LITELLM_CONFIG, litellm_config, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from pgutil import Postgres  # noqa: E402  (the tests' embedded PostgreSQL, not a package)

@@ -1,6 +1,6 @@
 """Guard model micro-benchmark: per-check latency of the tiny Llama Guard and tiny Prompt Guard.
 
-Both models are built on the spot (twllm.guard.tiny_models) into a temporary folder and loaded
+Both models are built on the spot (tiny_guard_models) into a temporary folder and loaded
 through transformers, exactly as the gateway loads real ones. Each row is N timed checks after a
 few warm-up checks, one thread (torch.set_num_threads(1), OMP_NUM_THREADS=1), CPU by default:
 
@@ -69,7 +69,7 @@ def main() -> int:
 
     from twllm.guard.llama_guard import LlamaGuard, build_prompt
     from twllm.guard.prompt_guard import PromptGuard
-    from twllm.guard.tiny_models import build_tiny_llama_guard, build_tiny_prompt_guard
+    from tiny_guard_models import build_tiny_llama_guard, build_tiny_prompt_guard
 
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()

@@ -41,13 +41,13 @@ from typing import IO
 import httpx
 
 from twllm.cli.commands import build_plan
-from twllm.deploy.components import Component, build_components
-from twllm.deploy.demo_model import build_demo_models, default_models_dir
-from twllm.deploy.engines.envs import find_engine
-from twllm.deploy.plan import ENGINE_KEY_ENV, Plan
-from twllm.deploy.state import StateDir
-from twllm.deploy.supervisor import runtime_context, stop_group
-from twllm.litellm_config.render import render
+from twllm.runtime.components import Component, build_components
+from twllm.demo.build import build_demo_models, default_models_dir
+from twllm.runtime.engines.envs import find_engine
+from twllm.plan.build import ENGINE_KEY_ENV, Plan
+from twllm.runtime.state import StateDir
+from twllm.runtime.supervisor import runtime_context, stop_group
+from twllm.render.gateway_config import render
 
 MANUAL_POLL_S = 0.1
 """How often the manual run probes readiness (the supervisor probes each component once a second)."""

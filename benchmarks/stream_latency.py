@@ -432,15 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     from twllm.accounting import store
     from twllm.accounting.migrate import migrate
     from twllm.bench.compare import bare_litellm_config, proxy_env
-    from twllm.deploy.demo_model import build_demo_models, default_models_dir
-    from twllm.deploy.engines.base import RuntimeContext
-    from twllm.deploy.engines.envs import child_env, find_engine
-    from twllm.deploy.engines.vllm import VllmDriver
-    from twllm.deploy.gateway import gateway_launch
-    from twllm.deploy.placement import GpuInventory
-    from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
-    from twllm.deploy.resolve import parse_spec
-    from twllm.litellm_config.render import LITELLM_CONFIG, render
+    from twllm.demo.build import build_demo_models, default_models_dir
+    from twllm.runtime.engines.base import RuntimeContext
+    from twllm.runtime.engines.envs import child_env, find_engine
+    from twllm.runtime.engines.vllm import VllmDriver
+    from twllm.runtime.gateway import gateway_launch
+    from twllm.plan.placement import GpuInventory
+    from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+    from twllm.spec.resolve import parse_spec
+    from twllm.render.gateway_config import LITELLM_CONFIG, render
 
     sys.path.insert(0, str(ROOT / "tests"))
     from pgutil import Postgres, free_port  # the tests' embedded PostgreSQL (not a package)

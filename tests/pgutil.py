@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from twllm.deploy.database import STOP_SIGNAL, EmbeddedPostgres, short_socket_dir
+from twllm.runtime.database import STOP_SIGNAL, EmbeddedPostgres, short_socket_dir
 
 
 def free_port() -> int:

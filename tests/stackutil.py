@@ -20,14 +20,14 @@ import httpx
 
 from pgutil import free_port
 
-from twllm.deploy.engines.base import RuntimeContext
-from twllm.deploy.engines.envs import child_env
-from twllm.deploy.engines.vllm import VllmDriver
-from twllm.deploy.gateway import gateway_launch
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
-from twllm.deploy.resolve import parse_spec
-from twllm.litellm_config.render import render
+from twllm.runtime.engines.base import RuntimeContext
+from twllm.runtime.engines.envs import child_env
+from twllm.runtime.engines.vllm import VllmDriver
+from twllm.runtime.gateway import gateway_launch
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
+from twllm.spec.resolve import parse_spec
+from twllm.render.gateway_config import render
 
 ENGINE_KEY = "sk-engine-stack-0123456789abcdef"
 READY_TIMEOUT_S = 240.0

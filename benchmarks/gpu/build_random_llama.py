@@ -71,7 +71,7 @@ def build_tokenizer(vocab_size: int):
     """twllm's demo tokenizer, padded with plain (non-special) added tokens to ``vocab_size``."""
     from tokenizers import AddedToken
 
-    from twllm.deploy.demo_build_script import build_tokenizer as demo_tokenizer
+    from twllm.demo.build_script import build_tokenizer as demo_tokenizer
 
     tok = demo_tokenizer()
     missing = vocab_size - len(tok)

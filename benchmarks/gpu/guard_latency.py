@@ -42,7 +42,7 @@ def build(out: Path, layers: int | None, dtype: str) -> Path:
     import torch
     import transformers
 
-    from twllm.guard.tiny_models import BOS, EOS, EOT, PAD, _byte_level_tokenizer
+    from tiny_guard_models import BOS, EOS, EOT, PAD, _byte_level_tokenizer
 
     tokenizer = _byte_level_tokenizer("炸彈")
     shape = dict(LLAMA_GUARD_3_1B)

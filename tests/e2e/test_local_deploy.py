@@ -295,7 +295,7 @@ def test_the_state_dir_is_private_and_the_database_wants_its_password(stack):
     import stat
 
     from osuser import not_private, try_connect
-    from twllm.deploy.database import ROOT_RUN_AS
+    from twllm.runtime.state import ROOT_RUN_AS
 
     state = stack["state"]
     wrong, seen = not_private(state)
@@ -316,7 +316,7 @@ def test_the_state_dir_is_private_and_the_database_wants_its_password(stack):
 @pytest.mark.root
 def test_another_os_user_gets_nothing_of_the_deployment(stack):
     from osuser import as_user, other_user, probe_paths, try_connect
-    from twllm.deploy import database
+    from twllm.runtime import database
 
     uid, gid = other_user()
     state = stack["state"]
@@ -339,7 +339,7 @@ def test_stop_leaves_no_process_and_no_port(stack):
     pids = [c["pid"] for c in status(stack)["components"] if c["pid"]]
     result = twllm("stop", "--state-dir", str(stack["state"]), timeout=180)
     assert result.returncode == 0, result.stderr
-    from twllm.deploy.state import pid_alive
+    from twllm.runtime.state import pid_alive
 
     assert pids and not any(pid_alive(p) for p in pids)
     ports = [stack["ports"]["gateway"], stack["ports"]["database"]] + [stack["ports"]["engines"] + i for i in range(3)]

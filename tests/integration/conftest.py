@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from pgutil import Postgres, free_port
-from twllm.deploy.database import STOP_SIGNAL, EmbeddedPostgres
+from twllm.runtime.database import STOP_SIGNAL, EmbeddedPostgres
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from pgutil import free_port
-from twllm.deploy.database import EmbeddedPostgres
+from twllm.runtime.database import EmbeddedPostgres
 
 pytestmark = pytest.mark.integration
 UTC = timezone.utc

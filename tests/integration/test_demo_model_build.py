@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from twllm.deploy.demo_model import DEMO_CHAT, DEMO_MODELS, MINILM, build_demo_models, script_env
+from twllm.demo.build import DEMO_CHAT, DEMO_MODELS, MINILM, build_demo_models, script_env
 
 pytestmark = pytest.mark.integration
 

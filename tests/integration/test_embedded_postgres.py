@@ -26,8 +26,8 @@ import psycopg
 import pytest
 
 from osuser import as_user, other_user, probe_paths, try_connect
-from twllm.deploy import database
-from twllm.deploy.database import STOP_SIGNAL, EmbeddedPostgres, check_external, short_socket_dir
+from twllm.runtime import database
+from twllm.runtime.database import STOP_SIGNAL, EmbeddedPostgres, check_external, short_socket_dir
 from twllm.errors import RuntimeFailure
 
 pytestmark = pytest.mark.integration

@@ -28,10 +28,10 @@ from proxyutil import ProxyHandle, start_proxy
 from twllm.accounting import store
 from twllm.accounting.auth import KEY_CACHE_TTL_S
 from twllm.accounting.ledger import replay_folder
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
-from twllm.deploy.resolve import parse_spec
-from twllm.litellm_config.render import render
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.spec.resolve import parse_spec
+from twllm.render.gateway_config import render
 
 pytestmark = pytest.mark.integration
 

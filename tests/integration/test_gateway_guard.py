@@ -25,12 +25,12 @@ from echo_upstream import EchoUpstream
 from pgutil import Postgres, sql
 from proxyutil import ProxyHandle, start_proxy
 from twllm.accounting import store
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
-from twllm.deploy.resolve import parse_spec
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.spec.resolve import parse_spec
 from twllm.guard.pipeline import GuardPipeline
 from twllm.guard.policy import GuardPolicies
-from twllm.litellm_config.render import render
+from twllm.render.gateway_config import render
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ models:
 
 @pytest.fixture(scope="module")
 def guard_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from twllm.guard.tiny_models import build_tiny_llama_guard, build_tiny_prompt_guard
+    from tiny_guard_models import build_tiny_llama_guard, build_tiny_prompt_guard
 
     root = tmp_path_factory.mktemp("guard-models")
     broken = root / "not-a-model"

@@ -24,13 +24,13 @@ from echo_upstream import EchoUpstream
 from pgutil import Postgres
 from pgutil import free_port
 from stackutil import _stop
-from twllm.deploy.engines.envs import child_env
-from twllm.deploy.gateway import gateway_launch
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
-from twllm.deploy.resolve import parse_spec
+from twllm.runtime.engines.envs import child_env
+from twllm.runtime.gateway import gateway_launch
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.spec.resolve import parse_spec
 from twllm.gateway.asgi import allowed
-from twllm.litellm_config.render import render
+from twllm.render.gateway_config import render
 
 pytestmark = pytest.mark.integration
 

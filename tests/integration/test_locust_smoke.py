@@ -1,6 +1,6 @@
 """A short, bounded `twllm bench` run against the real local stack: zero errors, one ledger row per request.
 
-The stack is deployed by the runtime `twllm deploy` uses (``twllm.deploy.runtime.deploy``): an
+The stack is deployed by the runtime `twllm deploy` uses (``twllm.runtime.control.deploy``): an
 embedded PostgreSQL, one vLLM CPU engine serving the demo chat model, the LiteLLM gateway with
 twllm's hooks. A tenant key is made with ``twllm.accounting.store`` as `twllm keys create` makes
 it; `twllm bench` loads the gateway with it for 10 s over loopback.
@@ -21,12 +21,12 @@ import psycopg
 import pytest
 
 from twllm.accounting import store
-from twllm.accounting.dburl import database_url
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import make_plan
-from twllm.deploy.resolve import parse_spec
-from twllm.deploy.runtime import deploy, stop
-from twllm.deploy.state import StateDir
+from twllm.runtime.database_url import database_url
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import make_plan
+from twllm.spec.resolve import parse_spec
+from twllm.runtime.control import deploy, stop
+from twllm.runtime.state import StateDir
 
 pytestmark = pytest.mark.integration
 

@@ -25,9 +25,9 @@ import httpx
 import pytest
 from ollama_contract import ContractServer, canned_reply
 
-from twllm.deploy.engines.base import RuntimeContext
-from twllm.deploy.engines.ollama import OllamaDriver
-from twllm.deploy.plan import EngineProcess
+from twllm.runtime.engines.base import RuntimeContext
+from twllm.runtime.engines.ollama import OllamaDriver
+from twllm.plan.build import EngineProcess
 from twllm.errors import RuntimeFailure
 
 pytestmark = pytest.mark.integration

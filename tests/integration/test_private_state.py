@@ -29,16 +29,17 @@ import pytest
 from osuser import as_user, not_private, other_user, probe_paths, try_connect
 from proxyutil import free_port
 from twllm.accounting import migrate
-from twllm.accounting.dburl import database_url
-from twllm.deploy import runtime
-from twllm.deploy.components import Component, build_components
-from twllm.deploy.database import ROOT_RUN_AS, EmbeddedPostgres
-from twllm.deploy.engines.base import Launch, RuntimeContext
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
-from twllm.deploy.resolve import parse_spec
-from twllm.deploy.state import DeploymentState, StateDir
-from twllm.deploy.supervisor import Supervisor
+from twllm.runtime.database_url import database_url
+from twllm.runtime import control as runtime
+from twllm.runtime.components import Component, build_components
+from twllm.runtime.database import EmbeddedPostgres
+from twllm.runtime.state import ROOT_RUN_AS
+from twllm.runtime.engines.base import Launch, RuntimeContext
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.spec.resolve import parse_spec
+from twllm.runtime.state import DeploymentState, StateDir
+from twllm.runtime.supervisor import Supervisor
 
 pytestmark = pytest.mark.integration
 

@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 
 from test_vllm_engine import ENGINE_KEY, engine_of, serving
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
-from twllm.deploy.resolve import parse_spec
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.spec.resolve import parse_spec
 from twllm.guard.pipeline import GuardPipeline
 from twllm.guard.policy import GuardPolicies, RemoteGuard
+from twllm.render.gateway_config import guard_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
 def tiny_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from twllm.guard.tiny_models import build_tiny_llama_guard
+    from tiny_guard_models import build_tiny_llama_guard
 
     return build_tiny_llama_guard(tmp_path_factory.mktemp("guard") / "tiny-llama-guard")
 
@@ -39,7 +40,7 @@ models:
 """
     loaded = parse_spec(text, "remote.yaml", {"TWLLM_MASTER_KEY": "sk-master"})
     plan = make_plan(loaded, GpuInventory(0), tmp_path)
-    remote = GuardPolicies.from_spec(loaded.spec, plan).remote
+    remote = GuardPolicies.from_settings(guard_settings(loaded.spec, plan)).remote
     engines = [r.api_base for r in plan.routes if r.model_name == "guard"]
     assert remote == {"guard": RemoteGuard("guard", tuple(engines), ENGINE_KEY_ENV)} and len(engines) == 2
 

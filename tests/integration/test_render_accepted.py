@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from proxyutil import ProxyHandle, start_proxy
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
-from twllm.deploy.resolve import load_spec, parse_spec
-from twllm.litellm_config.render import litellm_config, render
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.spec.resolve import load_spec, parse_spec
+from twllm.render.gateway_config import litellm_config, render
 
 pytestmark = pytest.mark.integration
 

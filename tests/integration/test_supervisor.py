@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from proxyutil import free_port
-from twllm.deploy import supervisor as supervisor_mod
-from twllm.deploy.components import Component
-from twllm.deploy.engines.base import Launch, RuntimeContext
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import make_plan
-from twllm.deploy.resolve import parse_spec
-from twllm.deploy.state import StateDir, pid_alive
+from twllm.runtime import supervisor as supervisor_mod
+from twllm.runtime.components import Component
+from twllm.runtime.engines.base import Launch, RuntimeContext
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import make_plan
+from twllm.spec.resolve import parse_spec
+from twllm.runtime.state import StateDir, pid_alive
 from twllm.errors import EXIT_NOT_READY
 
 pytestmark = pytest.mark.integration

@@ -21,12 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from twllm.deploy.engines.base import RuntimeContext
-from twllm.deploy.engines.envs import EngineEnv, child_env
-from twllm.deploy.engines.vllm import VllmDriver
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, EngineProcess, make_plan
-from twllm.deploy.resolve import parse_spec
+from twllm.runtime.engines.base import RuntimeContext
+from twllm.runtime.engines.envs import EngineEnv, child_env
+from twllm.runtime.engines.vllm import VllmDriver
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, make_plan
+from twllm.spec.resolve import parse_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

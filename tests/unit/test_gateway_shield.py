@@ -219,12 +219,12 @@ def test_litellms_client_error_log_lines_are_dropped() -> None:
 def test_spec_fields_reach_the_shield_and_the_command(tmp_path) -> None:
     from pathlib import Path
 
-    from twllm.deploy.gateway import gateway_launch
-    from twllm.deploy.placement import GpuInventory
-    from twllm.deploy.plan import ENGINE_KEY_ENV, make_plan
-    from twllm.deploy.resolve import parse_spec
+    from twllm.runtime.gateway import gateway_launch
+    from twllm.plan.placement import GpuInventory
+    from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+    from twllm.spec.resolve import parse_spec
     from twllm.errors import SpecError
-    from twllm.litellm_config.render import gateway_settings, litellm_config
+    from twllm.render.gateway_config import gateway_settings, litellm_config
 
     text = """
 name: shielded

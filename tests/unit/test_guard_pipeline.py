@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from twllm.deploy.spec import GuardSpec
+from twllm.spec.schema import GuardSpec
 from twllm.guard.pipeline import GuardPipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +120,7 @@ def tiny_guard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     torch.set_num_threads(1)
-    from twllm.guard.tiny_models import build_tiny_llama_guard
+    from tiny_guard_models import build_tiny_llama_guard
 
     return build_tiny_llama_guard(tmp_path_factory.mktemp("tiny-llama-guard"), trigger=TRIGGER)
 

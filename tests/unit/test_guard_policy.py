@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from twllm.deploy.resolve import parse_spec
-from twllm.deploy.spec import GuardSpec
+from twllm.spec.resolve import parse_spec
+from twllm.spec.schema import GuardSpec
 from twllm.errors import SpecError
 from twllm.guard.pipeline import GuardPipeline, GuardResult
 from twllm.guard.policy import GuardPolicies, UnknownPolicy

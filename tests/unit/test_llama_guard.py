@@ -1,6 +1,6 @@
 """Llama Guard: strict verdict parsing, conversations and prompts, and checks through a real
 forward pass of a tiny model built here whose answer depends only on a trigger token
-(twllm.guard.llama_guard, twllm.guard.tiny_models).
+(twllm.guard.llama_guard, tiny_guard_models).
 
 The parsing and prompt tests need no torch; the model tests skip without the `guard` extra."""
 
@@ -206,7 +206,7 @@ def stack():
 
 @pytest.fixture(scope="module")
 def tiny_guard_dir(stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from twllm.guard.tiny_models import build_tiny_llama_guard
+    from tiny_guard_models import build_tiny_llama_guard
 
     return build_tiny_llama_guard(tmp_path_factory.mktemp("tiny-llama-guard"), trigger=TRIGGER)
 
@@ -359,7 +359,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def test_builds_are_byte_identical(stack, tiny_guard_dir: Path, tmp_path: Path) -> None:
-    from twllm.guard.tiny_models import build_tiny_llama_guard
+    from tiny_guard_models import build_tiny_llama_guard
 
     again = build_tiny_llama_guard(tmp_path / "again", trigger=TRIGGER)
     assert digest(again) == digest(tiny_guard_dir)
@@ -368,7 +368,7 @@ def test_builds_are_byte_identical(stack, tiny_guard_dir: Path, tmp_path: Path) 
 
 def test_other_trigger_and_category(stack, tmp_path: Path) -> None:
     from twllm.guard.llama_guard import LlamaGuard
-    from twllm.guard.tiny_models import build_tiny_llama_guard
+    from tiny_guard_models import build_tiny_llama_guard
 
     guard = LlamaGuard(build_tiny_llama_guard(tmp_path, trigger="仇恨言論", unsafe_category="S10"), device="cpu")
     check = guard.check_input(user("這是仇恨言論"))

@@ -6,7 +6,7 @@ import io
 import os
 import stat
 
-from twllm.deploy.logs import RotatingLog, tail
+from twllm.runtime.logs import RotatingLog, tail
 
 
 def test_rotation_keeps_backups_and_bounds_size(tmp_path):

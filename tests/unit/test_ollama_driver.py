@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from twllm.deploy.engines.base import RuntimeContext, driver_for
-from twllm.deploy.engines.ollama import (
+from twllm.runtime.engines.base import RuntimeContext
+from twllm.runtime.engines.drivers import driver_for
+from twllm.runtime.engines.ollama import (
     OllamaDriver,
     _create_from_gguf,
     _error_text,
@@ -20,7 +21,7 @@ from twllm.deploy.engines.ollama import (
     canonical_name,
     missing_models,
 )
-from twllm.deploy.plan import EngineProcess
+from twllm.plan.build import EngineProcess
 from twllm.errors import RuntimeFailure
 from twllm.settings import Settings
 

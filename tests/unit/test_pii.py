@@ -387,7 +387,7 @@ def test_mask_styles() -> None:
 def test_entities_match_the_spec_schema() -> None:
     from typing import get_args
 
-    from twllm.deploy.spec import PiiEntity, PiiSpec
+    from twllm.spec.schema import PiiEntity, PiiSpec
 
     assert set(get_args(PiiEntity)) == set(ENTITIES)
     policy = PiiPolicy(**PiiSpec().model_dump())

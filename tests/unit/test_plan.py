@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, engine_flags, make_plan
-from twllm.deploy.resolve import parse_spec
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, engine_flags, make_plan
+from twllm.spec.resolve import parse_spec
 from twllm.errors import PlanError
 
 ENV = {"TWLLM_MASTER_KEY": "sk-plan-test"}
@@ -217,7 +217,7 @@ def test_engine_flags_are_sorted_and_typed():
 def test_examples_plan(monkeypatch):
     env = {**ENV, "DATABASE_URL": "postgresql://u:p@db/twllm"}
     root = Path(__file__).resolve().parents[2] / "examples"
-    from twllm.deploy.resolve import load_spec
+    from twllm.spec.resolve import load_spec
 
     prod = make_plan(load_spec(root / "prod.yaml", env), GpuInventory(8, 80, "test"), STATE)
     assert sum(len(e.gpus) for e in prod.engines) == 8
@@ -227,7 +227,7 @@ def test_examples_plan(monkeypatch):
 
 
 def test_plan_round_trips_through_json():
-    from twllm.deploy.plan import plan_from_dict
+    from twllm.plan.build import plan_from_dict
 
     plan = plan_of(
         "  - {name: a, model: llama-3.1-8b-instruct, replicas: 2}\n"

@@ -1,6 +1,6 @@
 """Prompt-injection screening: scores, threshold and sliding windows through a real forward pass of
 a tiny classifier built here, labelled like Prompt Guard 2 (twllm.guard.prompt_guard,
-twllm.guard.tiny_models). Skips without the `guard` extra, except the label tests."""
+tiny_guard_models). Skips without the `guard` extra, except the label tests."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     torch.set_num_threads(1)
-    from twllm.guard.tiny_models import build_tiny_prompt_guard
+    from tiny_guard_models import build_tiny_prompt_guard
 
     return build_tiny_prompt_guard(tmp_path_factory.mktemp("tiny-prompt-guard"), trigger=TRIGGER)
 
@@ -119,7 +119,7 @@ def test_special_tokens_in_the_text_stay_text(guard) -> None:
 
 
 def test_builds_are_byte_identical(model_dir: Path, tmp_path: Path) -> None:
-    from twllm.guard.tiny_models import build_tiny_prompt_guard
+    from tiny_guard_models import build_tiny_prompt_guard
 
     def digest(folder: Path) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import make_plan
-from twllm.deploy.resolve import load_spec
-from twllm.litellm_config.render import gateway_settings, litellm_config, render
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import make_plan
+from twllm.spec.resolve import load_spec
+from twllm.render.gateway_config import gateway_settings, litellm_config, render
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MASTER = "sk-render-master-9f8e7d"
@@ -97,7 +97,7 @@ def test_rendered_yaml_round_trips(tmp_path):
 
 
 def test_a_guard_model_served_here_is_for_the_guard_only(tmp_path):
-    from twllm.deploy.resolve import parse_spec
+    from twllm.spec.resolve import parse_spec
 
     text = """
 name: guarded

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from twllm.deploy.source import EnvStr, format_path, load_source, parse_source
+from twllm.spec.source import EnvStr, format_path, load_source, parse_source
 from twllm.errors import SpecError
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from twllm.deploy.resolve import load_spec, parse_spec
+from twllm.spec.resolve import load_spec, parse_spec
 from twllm.errors import EXIT_INVALID, SpecError, SpecIssue
 
 FILE = "spec.yaml"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from twllm.deploy.state import DeploymentState, StateDir, mkdir_private, read_or_create_secret, tighten, write_atomic
+from twllm.runtime.state import DeploymentState, StateDir, mkdir_private, read_or_create_secret, tighten, write_atomic
 
 
 def mode(path: Path) -> int:
@@ -79,7 +79,7 @@ def test_ensure_tightens_what_an_older_twllm_left_open(tmp_path: Path, wide_umas
 
 
 def test_tighten_keeps_only_group_search_for_postgres_s_group(tmp_path: Path, monkeypatch) -> None:
-    from twllm.deploy import state
+    from twllm.runtime import state
 
     root = tmp_path / "state"
     root.mkdir()

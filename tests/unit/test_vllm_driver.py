@@ -18,9 +18,10 @@ import typer
 from typer.testing import CliRunner
 
 from twllm.cli.engines_cmds import engines_app
-from twllm.deploy.engines import envs
-from twllm.deploy.engines.base import RuntimeContext, driver_for
-from twllm.deploy.engines.envs import (
+from twllm.runtime.engines import envs
+from twllm.runtime.engines.base import RuntimeContext
+from twllm.runtime.engines.drivers import driver_for
+from twllm.runtime.engines.envs import (
     MARKER,
     RECIPES,
     base_python,
@@ -32,10 +33,10 @@ from twllm.deploy.engines.envs import (
     list_engines,
     write_vllm_alias,
 )
-from twllm.deploy.engines.vllm import VllmDriver, serve_argv
-from twllm.deploy.placement import GpuInventory
-from twllm.deploy.plan import ENGINE_KEY_ENV, EngineProcess, make_plan
-from twllm.deploy.resolve import parse_spec
+from twllm.runtime.engines.vllm import VllmDriver, serve_argv
+from twllm.plan.placement import GpuInventory
+from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, make_plan
+from twllm.spec.resolve import parse_spec
 from twllm.errors import RuntimeFailure
 
 KEY = "sk-engine-unit-0123456789"

@@ -7,10 +7,10 @@
   twllm+guard  a second gateway rendered from the same spec with ``guard: {input: [pii],
                output: [pii]}``, sharing the engine and the database, with the same tenant key.
 
-The deployment is the one ``twllm deploy`` makes (``twllm.deploy.runtime.deploy``): when the
+The deployment is the one ``twllm deploy`` makes (``twllm.runtime.control.deploy``): when the
 spec's state directory already holds a running deployment it is used as it is, otherwise it is
 deployed first and stopped at the end. The extra gateways are started with the deployment's own
-gateway launcher (``twllm.deploy.gateway.gateway_launch``) on free ports.
+gateway launcher (``twllm.runtime.gateway.gateway_launch``) on free ports.
 
 Rounds interleave the targets, rotating their order (round 1: a b c d, round 2: b c d a, ...) so
 that drift of the machine hits every target alike; each target's samples are pooled over rounds.
@@ -36,9 +36,9 @@ import yaml
 from twllm.bench import report
 from twllm.bench.load import LoadSettings
 from twllm.bench.runner import Load, run_locust
-from twllm.deploy.plan import ENGINE_KEY_ENV, Plan
-from twllm.deploy.resolve import LoadedSpec
-from twllm.deploy.state import StateDir
+from twllm.plan.build import ENGINE_KEY_ENV, Plan
+from twllm.spec.resolve import LoadedSpec
+from twllm.runtime.state import StateDir
 from twllm.errors import RuntimeFailure
 
 TARGETS = ("direct", "litellm", "twllm", "twllm+guard")
@@ -81,7 +81,7 @@ class Proxy:
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
-        from twllm.deploy.supervisor import stop_group
+        from twllm.runtime.supervisor import stop_group
 
         if self.proc.poll() is None:
             stop_group(self.proc.pid, 15, self.proc)
@@ -122,7 +122,7 @@ def proxy_env(extra: dict[str, str]) -> dict[str, str]:
 
 def bare_litellm_config(plan: Plan, model: str) -> dict[str, Any]:
     """Only ``model_list`` (the model's routes, as twllm renders them) and the master key."""
-    from twllm.litellm_config.render import litellm_config
+    from twllm.render.gateway_config import litellm_config
 
     rendered = litellm_config(plan)
     routes = [d for d in rendered["model_list"] if d["model_name"] == model]
@@ -148,8 +148,8 @@ def start_guard_gateway(loaded: LoadedSpec, plan: Plan, secrets_env: dict[str, s
 
     Returns the proxy, its endpoint, and whether its LiteLLM config differs from the guard-less
     render (False: this build's renderer does not wire guards into the gateway yet)."""
-    from twllm.deploy.gateway import gateway_launch
-    from twllm.litellm_config.render import LITELLM_CONFIG, render
+    from twllm.runtime.gateway import gateway_launch
+    from twllm.render.gateway_config import LITELLM_CONFIG, render
 
     spec = loaded.spec
     guarded = spec.model_copy(update={"guard": spec.guard.model_copy(update={"input": list(GUARD_STAGES),
@@ -248,8 +248,9 @@ def compare(loaded: LoadedSpec, plan: Plan, settings: LoadSettings, load: Load, 
             prompt_set: str = "zh-tw") -> Comparison:
     """Deploy (or use the running deployment), start the extra proxies, run the rounds, clean up."""
     from twllm.accounting import store
-    from twllm.accounting.dburl import connect, database_url
-    from twllm.deploy.runtime import deploy, stop
+    from twllm.accounting.dburl import connect
+    from twllm.runtime.database_url import database_url
+    from twllm.runtime.control import deploy, stop
 
     unknown = set(targets) - set(TARGETS)
     if unknown:

@@ -19,13 +19,14 @@ import typer
 
 from twllm.accounting import migrate as migrations
 from twllm.accounting import store
-from twllm.accounting.dburl import connect, database_url
+from twllm.accounting.dburl import connect
+from twllm.runtime.database_url import database_url
 from twllm.accounting.store import KeyRecord, KeySettings
 from twllm.accounting.usage import GROUPS, totals, usage as usage_report
-from twllm.cli.app import stderr
+from twllm.cli.output import stderr
 from twllm.cli.output import table
 from twllm.cli.runtime_cmds import CONFIG_FIND, STATE_DIR_FIND, find_state_dir
-from twllm.deploy.state import StateDir
+from twllm.runtime.state import StateDir
 from twllm.errors import RuntimeFailure, did_you_mean
 
 JSON = typer.Option(False, "--json", help="Write one JSON document to stdout.")

@@ -8,9 +8,9 @@ import traceback
 import typer
 # typer 0.29 vendors click as typer._click; its exceptions are not the `click` package's.
 from typer._click import exceptions as click_errors
-from rich.console import Console
 
 from twllm import __version__
+from twllm.cli.output import stderr
 from twllm.errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_RUNTIME, SpecError, TwllmError
 from twllm.settings import Settings
 
@@ -21,7 +21,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"debug": False}
 
 
@@ -54,31 +53,30 @@ def report(error: TwllmError) -> None:
         stderr.print(error.hint, markup=False)
 
 
+def _register_commands() -> None:
+    """Add every command group to the root command, once (in the order `--help` lists them)."""
+    if app.registered_commands:
+        return
+    from twllm.cli import accounts_cmds, bench_cmds, commands, eval_cmds, runtime_cmds
+    from twllm.cli.demo_cmds import demo_app
+    from twllm.cli.engines_cmds import engines_app
+    from twllm.cli.guard_cmds import guard_app
+
+    commands.register(app)  # validate, plan, render, schema, models
+    runtime_cmds.register(app)  # deploy, status, logs, stop
+    app.add_typer(engines_app, name="engines")
+    app.add_typer(demo_app, name="demo")
+    app.add_typer(guard_app, name="guard")
+    accounts_cmds.register(app)  # tenants, keys, usage, db
+    eval_cmds.register(app)  # eval zh-tw
+    bench_cmds.register(app)  # bench
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        from twllm.cli import commands, runtime_cmds  # noqa: F401  (registers the commands)
-        from twllm.cli.demo_cmds import demo_app
-        from twllm.cli.engines_cmds import engines_app
-
-        if not any(group.name == "engines" for group in app.registered_groups):
-            app.add_typer(engines_app, name="engines")
-            app.add_typer(demo_app, name="demo")
-        from twllm.cli.guard_cmds import guard_app
-
-        if not any(group.name == "guard" for group in app.registered_groups):
-            app.add_typer(guard_app, name="guard")
-        from twllm.cli.accounts_cmds import register as register_accounts
-
-        register_accounts(app)  # tenants, keys, usage, db
-        from twllm.cli.eval_cmds import register as register_eval
-
-        register_eval(app)  # eval zh-tw
-        from twllm.cli.bench_cmds import register as register_bench
-
-        register_bench(app)  # bench
-
+        _register_commands()
         command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="twllm", standalone_mode=False)
         return result if isinstance(result, int) else 0

@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from twllm.cli.app import stderr
+from twllm.cli.output import stderr
 
 MODEL = typer.Option(None, "--model", "-m", help="Chat model to load (repeat for several). With --compare: the spec's model to compare (default: its first chat model).")
 ENDPOINT = typer.Option(None, "--endpoint", help="OpenAI base URL to load, e.g. http://127.0.0.1:4000/v1 (not with --compare).")

@@ -9,13 +9,12 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from twllm.cli.app import app
 from twllm.cli.output import table as _table
-from twllm.deploy.hardware import inventory
-from twllm.deploy.plan import Plan, make_plan
-from twllm.deploy.resolve import LoadedSpec, load_spec
-from twllm.deploy.schema import spec_json_schema
-from twllm.litellm_config.render import render as render_files
+from twllm.runtime.hardware import inventory
+from twllm.plan.build import Plan, make_plan
+from twllm.spec.resolve import LoadedSpec, load_spec
+from twllm.spec.json_schema import spec_json_schema
+from twllm.render.gateway_config import render as render_files
 from twllm.model_registry import load_registry
 from twllm.settings import Settings
 
@@ -27,7 +26,6 @@ GPUS = typer.Option(None, "--gpus", min=0, help="Plan for this many GPUs instead
 STATE_DIR = typer.Option(None, "--state-dir", help="State directory (default: the spec's state_dir, $TWLLM_STATE_DIR, or a per-user folder).")
 
 models_app = typer.Typer(help="The model registry: what twllm knows how to serve.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
 
 
 def _emit_json(document: object) -> None:
@@ -50,7 +48,6 @@ def build_plan(config: Path, gpus: int | None, state_dir: Path | None) -> tuple[
     return loaded, make_plan(loaded, inv, _state_dir(loaded, state_dir))
 
 
-@app.command()
 def validate(config: Path = CONFIG, json_out: bool = JSON) -> None:
     """Check a spec: syntax, fields, bounds, and models against the registry."""
     loaded = load_spec(config)
@@ -63,7 +60,6 @@ def validate(config: Path = CONFIG, json_out: bool = JSON) -> None:
     stdout.print(f"[green]✓[/] {config} is valid: deployment '{spec.name}', {len(spec.models)} model(s)")
 
 
-@app.command()
 def plan(config: Path = CONFIG, json_out: bool = JSON, gpus: Optional[int] = GPUS, state_dir: Optional[Path] = STATE_DIR) -> None:
     """Show every process, port, GPU and route the spec turns into (changes nothing)."""
     _, the_plan = build_plan(config, gpus, state_dir)
@@ -81,7 +77,6 @@ def plan(config: Path = CONFIG, json_out: bool = JSON, gpus: Optional[int] = GPU
         stdout.print(f"[yellow]note:[/] {note}")
 
 
-@app.command()
 def render(config: Path = CONFIG, out: Path = typer.Option(..., "--out", help="Folder to write the files into."),
            gpus: Optional[int] = GPUS, state_dir: Optional[Path] = STATE_DIR) -> None:
     """Write the LiteLLM proxy config, the gateway settings and the plan into a folder."""
@@ -90,7 +85,6 @@ def render(config: Path = CONFIG, out: Path = typer.Option(..., "--out", help="F
         stdout.print(str(path))
 
 
-@app.command()
 def schema() -> None:
     """Print the JSON Schema of the deployment spec (for editors)."""
     _emit_json(spec_json_schema())
@@ -122,3 +116,10 @@ def models_show(model_id: str = typer.Argument(..., metavar="ID", help="Registry
     for key, value in data.items():
         stdout.print(f"[bold]{key}[/]: ", end="")
         stdout.print(str(value), markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add validate, plan, render, schema and the models group to the root command."""
+    for command in (validate, plan, render, schema):
+        app.command()(command)
+    app.add_typer(models_app, name="models")

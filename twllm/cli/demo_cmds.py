@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from twllm.deploy.demo_model import build_demo_models, default_engine_python, default_models_dir, pending_models
+from twllm.demo.build import build_demo_models, default_engine_python, default_models_dir, pending_models
 
 demo_app = typer.Typer(
     help="Models for the offline example (examples/local.yaml), built locally with no model hub.",

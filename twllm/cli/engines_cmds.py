@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from twllm.cli.output import table
-from twllm.deploy.engines.envs import RECIPES, engines_root, env_record, install_engine, install_steps, list_engines
+from twllm.runtime.engines.envs import RECIPES, engines_root, env_record, install_engine, install_steps, list_engines
 
 engines_app = typer.Typer(
     help="Engine environments: each vLLM build in its own virtual environment.",

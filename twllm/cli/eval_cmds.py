@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from twllm.cli.app import stderr
+from twllm.cli.output import stderr
 from twllm.cli.output import table
 from twllm.errors import RuntimeFailure
 

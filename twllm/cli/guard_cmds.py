@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from twllm.deploy.resolve import load_spec
+from twllm.spec.resolve import load_spec
 from twllm.errors import did_you_mean
 
 guard_app = typer.Typer(help="The Safety Guard: PII masking, Llama Guard and Prompt Guard checks.",
@@ -38,7 +38,8 @@ def check(
     Exits 0 whenever the check ran: the verdict (allow, mask, block) is the output, not an error.
     """
     from twllm.guard.pipeline import GuardPipeline
-    from twllm.guard.policy import GuardPolicies, served_guard_models
+    from twllm.guard.policy import GuardPolicies
+    from twllm.spec.guard_layers import served_guard_models
 
     if stage not in ("input", "output"):
         raise typer.BadParameter(f"'{stage}' is neither input nor output", param_hint="--stage")

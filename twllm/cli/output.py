@@ -1,10 +1,13 @@
-"""Output helpers shared by commands: tables that read well on a terminal and in a pipe."""
+"""Output helpers shared by commands: stderr for people, tables that read well on a terminal and in a pipe."""
 
 from __future__ import annotations
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+"""Progress, warnings and errors: everything that is not the command's result."""
 
 
 def table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

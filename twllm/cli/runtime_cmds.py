@@ -13,12 +13,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from twllm.cli.app import app, stderr
+from twllm.cli.output import stderr
 from twllm.cli.commands import CONFIG, GPUS, JSON, STATE_DIR, _state_dir, build_plan
-from twllm.deploy.logs import tail
-from twllm.deploy.resolve import load_spec
-from twllm.deploy.runtime import NotReady, deploy as run_deploy, status as read_status, stop as run_stop
-from twllm.deploy.state import DeploymentState, StateDir
+from twllm.runtime.logs import tail
+from twllm.spec.resolve import load_spec
+from twllm.runtime.control import NotReady, deploy as run_deploy, status as read_status, stop as run_stop
+from twllm.runtime.state import DeploymentState, StateDir
 from twllm.errors import RuntimeFailure
 from twllm.settings import Settings
 
@@ -62,7 +62,6 @@ class _Progress:
             self.live.stop()
 
 
-@app.command()
 def deploy(config: Path = CONFIG, state_dir: Optional[Path] = STATE_DIR, gpus: Optional[int] = GPUS,
            foreground: bool = typer.Option(False, "--foreground", help="Stay attached; Ctrl-C stops everything."),
            json_out: bool = JSON) -> None:
@@ -139,7 +138,6 @@ def find_state_dir(state_dir: Path | None, config: Path | None) -> StateDir:
                          hint="pass --state-dir DIR or --config FILE")
 
 
-@app.command()
 def status(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND, json_out: bool = JSON) -> None:
     """Each component's health, restarts, uptime and port, and the gateway's URL."""
     sd = find_state_dir(state_dir, config)
@@ -156,7 +154,6 @@ def status(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = 
                      f"up {uptime:<8} {c['detail']}", markup=False)
 
 
-@app.command()
 def logs(component: str = typer.Argument(..., help="Component name (see `twllm status`), or 'supervisor'."),
          state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
@@ -184,7 +181,6 @@ def logs(component: str = typer.Argument(..., help="Component name (see `twllm s
                 return
 
 
-@app.command()
 def stop(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND, json_out: bool = JSON) -> None:
     """Stop the gateway, then the engines, then the database."""
     sd = find_state_dir(state_dir, config)
@@ -195,3 +191,9 @@ def stop(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CO
         stdout.print(f"nothing deployed in {sd.root}")
     else:
         stdout.print(f"[green]✓[/] {state.name} stopped")
+
+
+def register(app: typer.Typer) -> None:
+    """Add deploy, status, logs and stop to the root command."""
+    for command in (deploy, status, logs, stop):
+        app.command()(command)

@@ -42,7 +42,7 @@ from litellm.integrations.custom_guardrail import CustomGuardrail
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
 from twllm.accounting.gateway_config import SETTINGS_ENV
-from twllm.deploy.spec import PiiEntity
+from twllm.spec.schema import PiiEntity
 from twllm.gateway.streams import faithful
 from twllm.guard.pipeline import GuardPipeline, GuardResult, ModelCache
 from twllm.guard.policy import GuardPolicies, UnknownPolicy

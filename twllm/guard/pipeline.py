@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping
 
-from twllm.deploy.spec import GuardSpec
+from twllm.spec.schema import GuardSpec
 from twllm.guard.llama_guard import CATEGORIES
 from twllm.guard.pii import PLACEHOLDERS_ZH, PiiPolicy
 

@@ -22,7 +22,7 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from twllm.errors import EXIT_INVALID, EXIT_NOT_READY, TwllmError, did_you_mean
 from twllm.zh_tw.normalize import is_simplified, normalize
-from twllm.zh_tw.terms import mainland_terms
+from twllm.zh_tw.mainland import mainland_terms
 
 BUILTIN_PROMPTS = "prompts.yaml"
 CATEGORIES = ("customer_service", "medical_documentation", "ecommerce", "public_services", "daily_life")

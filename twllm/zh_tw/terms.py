@@ -80,21 +80,3 @@ def _extra_pattern() -> re.Pattern[str]:
 def apply_extra_terms(text: str) -> str:
     """Replace the EXTRA_TERMS keys in text that has already been through `s2twp`."""
     return _extra_pattern().sub(lambda m: EXTRA_TERMS[m.group(0)], text)
-
-
-@cache
-def _mainland_pattern() -> re.Pattern[str]:
-    from twllm.zh_tw.normalize import to_simplified  # late: normalize imports this module
-
-    words = set(MAINLAND_WORDS) | set(EXTRA_TERMS)
-    words |= {to_simplified(w) for w in words}
-    return re.compile("|".join(map(re.escape, sorted(words, key=len, reverse=True))))
-
-
-def mainland_terms(text: str) -> list[str]:
-    """The mainland terms in the prose of ``text`` (not in code or URLs), in order of
-    appearance, in Simplified or Traditional spelling."""
-    from twllm.zh_tw.normalize import prose_runs
-
-    pattern = _mainland_pattern()
-    return [term for run in prose_runs(text) for term in pattern.findall(run)]

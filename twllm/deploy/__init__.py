@@ -1,1 +1,0 @@
-"""Spec, plan, placement and (later) the runtime of a twllm deployment."""

@@ -1,1 +1,0 @@
-"""Plan → LiteLLM proxy config and the gateway settings our hooks read."""

@@ -1,0 +1,205 @@
+"""Render a plan into the files the gateway runs from: LiteLLM's proxy config and our settings.
+
+Both are pure functions of the plan (and the spec, for guard settings) and come out in a stable
+order, so two renders of one spec are byte-identical. Secrets appear only as references:
+``os.environ/VAR`` in the LiteLLM config, variable names in the gateway settings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from twllm.plan.build import Plan, Route
+from twllm.spec.schema import Spec
+from twllm.guard.policy import GuardPolicies
+from twllm.spec.guard_layers import served_guard_models, spec_layers
+
+LITELLM_CONFIG = "litellm_config.yaml"
+GATEWAY_SETTINGS = "gateway.json"
+PLAN_FILE = "plan.json"
+SETTINGS_ENV = "TWLLM_GATEWAY_SETTINGS"
+"""The variable through which the gateway process finds gateway.json."""
+
+
+GUARDRAIL_NAME = "twllm-guard"
+GUARDRAIL_CLASS = "twllm.guard.gateway.TwllmGuardrail"
+
+
+def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
+    """The LiteLLM proxy config as a dict. With ``spec``, a guard section that any request can
+    meet adds our guardrail (input and output stages, zh-TW normalisation, system prompts)."""
+    gw = plan.gateway
+    router: dict[str, Any] = {
+        "routing_strategy": gw.routing_strategy,
+        "num_retries": gw.num_retries,
+        "timeout": gw.request_timeout_s,
+        "retry_after": 0,
+        "cooldown_time": gw.cooldown_s,
+        "allowed_fails": gw.allowed_fails,
+        # A request the engine refuses is refused again on any replica: answer it at once.
+        # Only an engine that cannot be reached (or fails with 5xx) is worth another replica.
+        "retry_policy": {
+            "BadRequestErrorRetries": 0,
+            "AuthenticationErrorRetries": 0,
+            "NotFoundErrorRetries": 0,
+            "ContentPolicyViolationErrorRetries": 0,
+            "RateLimitErrorRetries": 0,
+            # LiteLLM reports some failures to reach a dead engine as timeouts: try another replica
+            "TimeoutErrorRetries": gw.num_retries,
+            "InternalServerErrorRetries": gw.num_retries,
+            "ServiceUnavailableErrorRetries": gw.num_retries,
+            "DefaultRetries": gw.num_retries,
+        },
+        # No pre-call context checks: the engine knows its context window and refuses an
+        # overlong prompt itself (the gateway answers 400 context_length_exceeded with the
+        # engine's message), and LiteLLM's token counting logs an ERROR for every request.
+        "enable_pre_call_checks": False,
+    }
+    if gw.fallbacks:
+        router["fallbacks"] = [{name: list(targets)} for name, targets in gw.fallbacks.items()]
+    if any(r.rpm or r.tpm for r in plan.routes):
+        router["optional_pre_call_checks"] = ["enforce_model_rate_limits"]
+    replicas = Counter(r.model_name for r in plan.routes)
+    policies = GuardPolicies.from_settings(guard_settings(spec, plan)) if spec is not None else None
+    # A guard model served by the deployment answers the guard on its engine, never clients.
+    internal = set(policies.remote) if policies is not None else set()
+    config: dict[str, Any] = {
+        "model_list": [_deployment(r, gw.request_timeout_s, replicas[r.model_name] > 1)
+                       for r in plan.routes if r.model_name not in internal],
+        "router_settings": router,
+        "litellm_settings": {
+            "drop_params": True,
+            "request_timeout": gw.request_timeout_s,
+            "telemetry": False,
+            # The spend ledger: an instance (LiteLLM refuses a class), found on the import path.
+            "callbacks": ["twllm.accounting.hooks.spend_logger"],
+        },
+        "general_settings": {
+            "master_key": f"os.environ/{gw.master_key_env}",
+            # Master and tenant keys, models, rate limits and budgets (twllm.accounting.auth).
+            "custom_auth": "twllm.accounting.hooks.user_api_key_auth",
+            "background_health_checks": True,
+            "health_check_interval": gw.health_check_interval_s,
+            "enable_health_check_routing": True,
+            "disable_spend_logs": True,
+            "store_model_in_db": False,
+        },
+    }
+    if policies is not None and policies.active():
+        # One guardrail, on for every request; it reads its policies from gateway.json.
+        config["guardrails"] = [{
+            "guardrail_name": GUARDRAIL_NAME,
+            "litellm_params": {"guardrail": GUARDRAIL_CLASS, "mode": ["pre_call", "post_call"], "default_on": True},
+        }]
+    return config
+
+
+REPLICA_DOWN_POLICY = {
+    "InternalServerErrorAllowedFails": 0,
+    "ServiceUnavailableErrorAllowedFails": 0,
+    "BadGatewayErrorAllowedFails": 0,
+}
+"""A replica whose engine fails (5xx, or cannot be reached: LiteLLM reports a refused connection
+as a 500) is taken out of rotation at its first failure, for ``gateway.cooldown_s``, while
+another replica of the model serves. LiteLLM's default waits for several failures a minute, and
+a retry may pick the dead replica again; background health checks bring it back."""
+
+
+def _deployment(route: Route, timeout: float, has_siblings: bool = False) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "model": route.provider_model,
+        "api_base": route.api_base,
+        "timeout": timeout,
+        "input_cost_per_token": route.input_cost_per_token,
+        "output_cost_per_token": route.output_cost_per_token,
+    }
+    if route.api_key_env:
+        params["api_key"] = f"os.environ/{route.api_key_env}"
+    if route.rpm:
+        params["rpm"] = route.rpm
+    if route.tpm:
+        params["tpm"] = route.tpm
+    info: dict[str, Any] = {
+        "id": route.deployment_id,
+        "mode": "embedding" if route.task == "embed" else "chat",
+        "input_cost_per_token": route.input_cost_per_token,
+        "output_cost_per_token": route.output_cost_per_token,
+        # Prompt tokens served from vLLM's prefix cache cost tenants the same as any others.
+        "cache_read_input_token_cost": route.input_cost_per_token,
+        "cache_creation_input_token_cost": route.input_cost_per_token,
+        "twllm_engine": route.engine_id,
+        "twllm_currency": route.currency,
+    }
+    if route.max_input_tokens:
+        info["max_input_tokens"] = route.max_input_tokens
+    if has_siblings:
+        info["allowed_fails_policy"] = dict(REPLICA_DOWN_POLICY)
+    return {"model_name": route.model_name, "litellm_params": params, "model_info": info}
+
+
+def guard_settings(spec: Spec, plan: Plan | None = None) -> dict[str, Any]:
+    """gateway.json's ``guard`` section: the spec's layers (gateway-wide, each model's own, the
+    named policies) and where each guard model served by this deployment answers."""
+    remote: dict[str, Any] = {}
+    if plan is not None:
+        for name in sorted(served_guard_models(spec)):
+            routes = [r for r in plan.routes if r.model_name == name]
+            remote[name] = {"api_bases": [r.api_base for r in routes],
+                            "api_key_env": routes[0].api_key_env if routes else None}
+    return {**spec_layers(spec), "remote": remote}
+
+
+def gateway_settings(plan: Plan, spec: Spec) -> dict[str, Any]:
+    """What our hooks inside the gateway read (never prod.yaml itself)."""
+    models: dict[str, Any] = {}
+    for route in plan.routes:
+        entry = models.setdefault(route.model_name, {
+            "task": route.task,
+            "price": {
+                "input_per_token": route.input_cost_per_token,
+                "output_per_token": route.output_cost_per_token,
+                "currency": route.currency,
+            },
+            "deployments": [],
+        })
+        entry["deployments"].append(route.deployment_id)
+    return {
+        "name": plan.name,
+        "spec_file": plan.spec_file,
+        "master_key_env": plan.gateway.master_key_env,
+        "database": {
+            "embedded": plan.database.embedded,
+            "url_env": plan.database.url_env,
+            "url": plan.database.url,
+        },
+        "guard": guard_settings(spec, plan),
+        "http": {
+            "max_request_bytes": plan.gateway.max_request_bytes,
+            "cors_origins": list(plan.gateway.cors_origins),
+        },
+        "models": models,
+    }
+
+
+def render(plan: Plan, spec: Spec, out: Path) -> list[Path]:
+    """Write the LiteLLM config, gateway settings and plan into ``out``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        LITELLM_CONFIG: "# Rendered by twllm from the deployment spec; edit the spec, not this file.\n"
+        + yaml.safe_dump(litellm_config(plan, spec), sort_keys=False, allow_unicode=True),
+        GATEWAY_SETTINGS: json.dumps(gateway_settings(plan, spec), indent=2, ensure_ascii=False) + "\n",
+        PLAN_FILE: json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) + "\n",
+    }
+    written = []
+    for name, text in files.items():
+        path = out / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        written.append(path)
+    return written

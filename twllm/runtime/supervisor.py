@@ -1,0 +1,424 @@
+"""Supervisor: starts a plan's components in order, keeps them up, applies redeploys, stops them.
+
+It runs as its own background process (`python -m twllm.runtime.supervisor --state-dir D`) or
+inside `twllm deploy --foreground`. Signals become events on a queue handled by the main loop
+(SIGTERM/SIGINT: stop; SIGHUP: apply the plan staged by a redeploy). Children run in their own
+process groups with their output pumped into one rotated log each; state.json is rewritten
+whenever something changes.
+
+Everything it and its children create is private to the deploying user: the supervisor process
+runs with umask 077 and starts every child with umask 077 (see twllm.runtime.state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from twllm.runtime.components import KIND_ORDER, Component, build_components
+from twllm.runtime.engines.base import RuntimeContext
+from twllm.runtime.logs import RotatingLog
+from twllm.plan.build import ENGINE_KEY_ENV, Plan, plan_from_dict
+from twllm.runtime.state import ComponentState, DeploymentState, StateDir, write_atomic
+from twllm.errors import EXIT_NOT_READY, TwllmError
+
+UMASK = 0o077
+"""Of the supervisor and every process it starts: what they create is readable by this user only."""
+TICK_S = 0.25
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+MAINTENANCE_EVERY_S = 24 * 3600.0
+"""Ledger partitions ahead and retention: once after each deploy settles, then daily."""
+PROBE_EVERY_S = 1.0
+STABLE_AFTER_S = 60.0
+"""A component up this long gets its backoff reset."""
+
+
+@dataclass
+class _Run:
+    """A component and its live process."""
+
+    comp: Component
+    state: ComponentState
+    proc: subprocess.Popen | None = None
+    phase: str = "waiting"
+    """waiting | starting | provisioning | ready | backoff | failed | stopped."""
+    deadline: float = 0.0
+    restart_at: float = 0.0
+    failures_in_row: int = 0
+    ever_ready: bool = False
+    provision_thread: threading.Thread | None = None
+    provision_error: str | None = None
+    log: RotatingLog | None = None
+    next_probe: float = 0.0
+
+
+def runtime_context(sd: StateDir, plan: Plan, env: dict[str, str] | None = None) -> RuntimeContext:
+    """Secrets from the environment (master key, external database URL) and the state dir."""
+    env = dict(os.environ if env is None else env)
+    secrets = {ENGINE_KEY_ENV: sd.engine_key()}
+    for var in (plan.gateway.master_key_env, plan.database.url_env):
+        if var and var in env:
+            secrets[var] = env[var]
+    vllm_python = Path(plan.vllm_python) if plan.vllm_python else None
+    return RuntimeContext(state_dir=sd.root, secrets=secrets, vllm_python=vllm_python)
+
+
+class Supervisor:
+    """Runs one deployment until told to stop."""
+
+    def __init__(self, sd: StateDir, plan: Plan, ctx: RuntimeContext,
+                 components: Callable[[Plan, RuntimeContext, Path], list[Component]] = build_components) -> None:
+        self.build = components
+        self.sd = sd
+        self.plan = plan
+        self.ctx = ctx
+        self.events: queue.Queue[str] = queue.Queue()
+        self.runs: list[_Run] = []
+        self.state = DeploymentState(name=plan.name, supervisor_pid=os.getpid(), gateway_url=plan.gateway.url)
+        previous = sd.read_state()
+        if previous is not None:  # written by the deploy that started us
+            self.state.secret_digest = previous.secret_digest
+        self.initial = True
+        self.settling = True
+        self.next_maintenance = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.events.put("stop"))
+        signal.signal(signal.SIGINT, lambda *_: self.events.put("stop"))
+        signal.signal(signal.SIGHUP, lambda *_: self.events.put("reload"))
+
+    def run(self) -> int:
+        """Start everything, then supervise until a stop event; returns the exit code."""
+        self.sd.ensure()
+        write_atomic(self.sd.supervisor_pid, str(os.getpid()))
+        try:
+            self._adopt(self.build(self.plan, self.ctx, self.sd.rendered))
+            self._save()
+            while True:
+                try:
+                    event = self.events.get(timeout=TICK_S)
+                except queue.Empty:
+                    event = None
+                if event == "stop":
+                    self._stop_all()
+                    self.state.status = "stopped"
+                    self._save()
+                    return 0
+                if event == "reload":
+                    self._reload()
+                if not self._tick():
+                    self._stop_all()
+                    self.state.status = "failed"
+                    self._save()
+                    return EXIT_NOT_READY
+        finally:
+            self.sd.supervisor_pid.unlink(missing_ok=True)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _tick(self) -> bool:
+        """Advance every component one step; False when an initial deploy has failed."""
+        now = time.monotonic()
+        changed = False
+        for run in self.runs:
+            changed |= self._step(run, now)
+        if self.initial and any(r.phase == "failed" for r in self.runs):
+            failed = next(r for r in self.runs if r.phase == "failed")
+            self.state.status = "failed"
+            self.state.failed_component = failed.comp.name
+            self.state.error = f"{failed.comp.name}: {failed.state.detail}"
+            return False
+        if self.settling and all(r.phase in ("ready", "failed", "stopped") for r in self.runs):
+            self.settling = False
+            self.initial = False
+            failed = [r for r in self.runs if r.phase == "failed"]
+            self.state.status = "failed" if failed else "ready"
+            self.state.error = "; ".join(f"{r.comp.name}: {r.state.detail}" for r in failed) or None
+            self.state.failed_component = failed[0].comp.name if failed else None
+            self.state.generation += 1
+            changed = True
+        elif not self.settling:
+            if now >= self.next_maintenance:
+                self.next_maintenance = now + MAINTENANCE_EVERY_S
+                threading.Thread(target=self._maintain, daemon=True, name="maintenance").start()
+            status = "ready" if all(r.phase == "ready" for r in self.runs) else "degraded"
+            if status != self.state.status and not (self.state.status == "failed" and status == "degraded"):
+                self.state.status = status
+                changed = True
+        if changed:
+            self._save()
+        return True
+
+    def _maintain(self) -> None:
+        """Ledger partitions for the months ahead, and retention when the spec sets it."""
+        from twllm.accounting.migrate import maintain
+        from twllm.runtime.components import database_url_for
+
+        url = database_url_for(self.plan, self.ctx)
+        if not url:
+            return
+        try:
+            maintain(url, self.plan.database.retention_days)
+        except Exception as exc:  # noqa: BLE001 - retried tomorrow; visible in the supervisor log
+            print(f"twllm: ledger maintenance failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+    def _may_start(self, run: _Run) -> bool:
+        """Initial order: a component starts once every earlier kind is ready."""
+        mine = KIND_ORDER[run.comp.kind]
+        return all(r.phase == "ready" for r in self.runs if KIND_ORDER[r.comp.kind] < mine)
+
+    def _step(self, run: _Run, now: float) -> bool:
+        phase = run.phase
+        if phase == "waiting" and self._may_start(run):
+            self._launch(run, now)
+        elif phase in ("starting", "provisioning", "ready") and run.proc is not None and run.proc.poll() is not None:
+            self._exited(run, now)
+        elif phase == "provisioning":
+            if run.provision_thread is not None and not run.provision_thread.is_alive():
+                if run.provision_error:
+                    self._fail_start(run, now, run.provision_error)
+                else:
+                    self._set(run, "starting")
+            elif now > run.deadline:
+                self._fail_start(run, now, f"not provisioned within {run.comp.start_timeout_s:g} s")
+        elif phase == "starting" and now >= run.next_probe:
+            run.next_probe = now + PROBE_EVERY_S
+            if run.comp.ready():
+                try:
+                    run.comp.after_ready()
+                except TwllmError as exc:
+                    self._fail_start(run, now, exc.message)
+                    return True
+                run.ever_ready = True
+                run.state.ready_at = time.time()
+                self._set(run, "ready", "")
+            elif now > run.deadline:
+                self._fail_start(run, now, f"not ready within {run.comp.start_timeout_s:g} s")
+        elif phase == "ready" and run.failures_in_row and time.time() - (run.state.ready_at or 0) > STABLE_AFTER_S:
+            run.failures_in_row = 0
+        elif phase == "backoff" and now >= run.restart_at:
+            self._launch(run, now)
+        return phase != run.phase
+
+    def _launch(self, run: _Run, now: float) -> None:
+        comp = run.comp
+        try:
+            comp.prepare()
+            launch = comp.launch()
+        except TwllmError as exc:
+            self._fail_start(run, now, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""))
+            return
+        run.log = run.log or RotatingLog(self.sd.log_of(comp.log_name))
+        run.log.note(f"twllm: starting {comp.name}: {' '.join(launch.argv)}")
+        env = {**os.environ, **launch.env}
+        try:
+            run.proc = subprocess.Popen(
+                launch.argv, env=env, cwd=launch.cwd, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, umask=UMASK,
+            )
+        except OSError as exc:
+            self._fail_start(run, now, f"cannot run {launch.argv[0]}: {exc.strerror}")
+            return
+        run.log.pump(run.proc.stdout)
+        run.state.pid = run.proc.pid
+        run.state.started_at = time.time()
+        run.deadline = now + comp.start_timeout_s
+        run.provision_error = None
+
+        def provision() -> None:
+            try:
+                comp.provision(lambda line: self._detail(run, line))
+            except TwllmError as exc:
+                run.provision_error = exc.message
+            except Exception as exc:  # noqa: BLE001 - reported as the component's failure
+                run.provision_error = f"{type(exc).__name__}: {exc}"
+
+        run.provision_thread = threading.Thread(target=provision, daemon=True, name=f"provision-{comp.name}")
+        run.provision_thread.start()
+        self._set(run, "provisioning", "")
+
+    def _exited(self, run: _Run, now: float) -> None:
+        code = run.proc.returncode if run.proc else None
+        run.log and run.log.note(f"twllm: {run.comp.name} exited with status {code}")
+        run.state.pid = None
+        if not run.ever_ready and self.initial:
+            self._set(run, "failed", f"exited with status {code} before it was ready")
+            return
+        self._schedule_restart(run, now, f"exited with status {code}")
+
+    def _fail_start(self, run: _Run, now: float, why: str) -> None:
+        self._kill(run)
+        if self.initial or not run.ever_ready:
+            self._set(run, "failed", why)
+        else:
+            self._schedule_restart(run, now, why)
+
+    def _schedule_restart(self, run: _Run, now: float, why: str) -> None:
+        run.failures_in_row += 1
+        run.state.restarts += 1
+        delay = min(BACKOFF_BASE_S * 2 ** (run.failures_in_row - 1), BACKOFF_MAX_S)
+        run.restart_at = now + delay
+        self._set(run, "backoff", f"{why}; restart {run.state.restarts} in {delay:g} s")
+
+    # ---- redeploy --------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Apply the plan a redeploy staged: restart only components whose fingerprint changed."""
+        staged_plan = self.sd.root / "plan.next.json"
+        staged_rendered = self.sd.root / "rendered.next"
+        if not staged_plan.exists() or not staged_rendered.exists():
+            return
+        import json
+
+        plan = plan_from_dict(json.loads(staged_plan.read_text()))
+        old_rendered = self.sd.root / "rendered.old"
+        shutil.rmtree(old_rendered, ignore_errors=True)
+        self.sd.rendered.rename(old_rendered)
+        staged_rendered.rename(self.sd.rendered)
+        staged_plan.replace(self.sd.plan)
+        shutil.rmtree(old_rendered, ignore_errors=True)
+        self.plan = plan
+        self.ctx = runtime_context(self.sd, plan)
+        self.state.gateway_url = plan.gateway.url
+        new = self.build(plan, self.ctx, self.sd.rendered)
+        keep = {c.name for c in new if (r := self._run(c.name)) and r.comp.fingerprint == c.fingerprint
+                and r.phase == "ready"}
+        for run in [r for r in reversed(self.runs) if r.comp.name not in keep]:
+            self._stop(run)
+        self.runs = [r for r in self.runs if r.comp.name in keep]
+        self._adopt([c for c in new if c.name not in keep])
+        self.runs.sort(key=lambda r: KIND_ORDER[r.comp.kind])
+        self.state.status = "reloading"
+        self.initial = False
+        self.settling = True
+        self._save()
+
+    def _adopt(self, components: list[Component]) -> None:
+        for comp in components:
+            old = self.state.component(comp.name)
+            state = ComponentState(name=comp.name, kind=comp.kind, port=comp.port, fingerprint=comp.fingerprint,
+                                   restarts=old.restarts if old else 0)
+            self.runs.append(_Run(comp=comp, state=state))
+
+    def _run(self, name: str) -> _Run | None:
+        return next((r for r in self.runs if r.comp.name == name), None)
+
+    # ---- stopping --------------------------------------------------------------------------
+
+    def _stop_all(self) -> None:
+        """Gateway first, then engines, then the database."""
+        self.state.status = "stopping"
+        self._save()
+        for run in sorted(self.runs, key=lambda r: -KIND_ORDER[r.comp.kind]):
+            self._stop(run)
+        self._save()
+
+    def _stop(self, run: _Run) -> None:
+        had_process = run.proc is not None
+        self._kill(run)
+        if had_process:
+            run.comp.after_stop()
+        if run.phase != "failed":  # keep why it failed visible in status
+            self._set(run, "stopped", "")
+
+    def _kill(self, run: _Run) -> None:
+        proc = run.proc
+        if proc is None:
+            return
+        stop_group(proc.pid, run.comp.stop_timeout_s, proc, run.comp.stop_signal)
+        run.proc = None
+        run.state.pid = None
+        if run.log:
+            run.log.note(f"twllm: stopped {run.comp.name}")
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def _set(self, run: _Run, phase: str, detail: str | None = None) -> None:
+        run.phase = phase
+        run.state.status = {"backoff": "restarting"}.get(phase, phase)
+        if detail is not None:
+            run.state.detail = detail
+
+    def _detail(self, run: _Run, line: str) -> None:
+        run.state.detail = line
+        self._save()
+
+    def _save(self) -> None:
+        self.state.components = [r.state for r in self.runs]
+        self.sd.write_state(self.state)
+
+
+def stop_group(pgid: int, timeout: float, proc: subprocess.Popen | None = None,
+               sig: int = signal.SIGTERM) -> None:
+    """Signal a process group (SIGTERM unless told), SIGKILL it after ``timeout``; reap ``proc``."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            proc.poll()
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.1)
+    else:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc is not None:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies still count for killpg; look for a live member.
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m twllm.runtime.supervisor")
+    parser.add_argument("--state-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    os.umask(UMASK)
+    sd = StateDir(args.state_dir)
+    plan = plan_from_dict(__import__("json").loads(sd.plan.read_text()))
+    supervisor = Supervisor(sd, plan, runtime_context(sd, plan))
+    supervisor.install_signal_handlers()
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

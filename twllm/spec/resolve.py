@@ -1,0 +1,215 @@
+"""Load a spec file and resolve it against the model registry: `twllm validate` in one call.
+
+Loading is parse (source.py) → shape and bounds (spec.py) → rules across models and against the
+registry (here). Every problem becomes a SpecIssue with file, line and field path; all problems
+found in one pass are reported together.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from twllm.spec.located_errors import issues_from_validation
+from twllm.spec.source import Path_, SpecSource, format_path, load_source, parse_source
+from twllm.spec.guard_layers import effective_guards
+from twllm.spec.schema import ModelSpec, Spec
+from twllm.errors import RegistryError, SpecError, SpecIssue, did_you_mean
+from twllm.model_registry import ModelEntry, Registry, load_registry
+
+
+# vLLM flags twllm sets from typed fields; engine_args may not set them behind the plan's back.
+RESERVED_FLAGS = {
+    "model": "model / source", "served-model-name": "name", "host": "engines.host", "port": "port",
+    "tensor-parallel-size": "tensor_parallel", "pipeline-parallel-size": "pipeline_parallel",
+    "max-model-len": "max_model_len", "dtype": "dtype", "quantization": "quantization",
+    "gpu-memory-utilization": "gpu_memory_utilization", "api-key": "(managed by twllm)",
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A spec model with the registry's defaults filled in: everything the plan needs."""
+
+    spec: ModelSpec
+    entry: ModelEntry | None
+    engine: str
+    device: str
+    task: str
+    weights: str
+    """What the engine loads: HF repo id, local path, GGUF path or Ollama tag."""
+    weights_kind: str
+    """hf | path | gguf | ollama."""
+    dtype: str
+    context_length: int | None
+    engine_args: dict = field(default_factory=dict)
+    gpus_per_replica: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def weight_gib(self) -> float | None:
+        """Estimated weight memory, or None when the model is not in the registry."""
+        if self.entry is None:
+            return None
+        key = self.spec.quantization if self.spec.quantization in ("awq", "gptq", "fp8") else None
+        if key is None:
+            key = self.entry.default_dtype if self.dtype == "auto" else self.dtype
+        return self.entry.weight_gib("int4" if key in ("awq", "gptq") else key)
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec, where it came from, and its models resolved against the registry."""
+
+    spec: Spec
+    source: SpecSource
+    models: tuple[ResolvedModel, ...]
+    path: Path | None = None
+
+    def model(self, name: str) -> ResolvedModel:
+        return next(m for m in self.models if m.name == name)
+
+
+def load_spec(path: Path, env: Mapping[str, str] | None = None, registry: Registry | None = None) -> LoadedSpec:
+    """Read, validate and resolve the spec at ``path``; raise SpecError listing every problem."""
+    source = load_source(Path(path), os.environ if env is None else env)
+    loaded = _validate(source, registry)
+    return LoadedSpec(loaded.spec, loaded.source, loaded.models, Path(path))
+
+
+def parse_spec(text: str, name: str = "<spec>", env: Mapping[str, str] | None = None,
+               registry: Registry | None = None) -> LoadedSpec:
+    """Like load_spec, from text (for tests and stdin)."""
+    return _validate(parse_source(text, name, os.environ if env is None else env), registry)
+
+
+def _validate(source: SpecSource, registry: Registry | None) -> LoadedSpec:
+    try:
+        spec = Spec.model_validate(source.data)
+    except ValidationError as exc:
+        raise SpecError(issues_from_validation(exc, source, Spec)) from None
+    registry = registry or load_registry()
+    checker = _Checker(source)
+    models = tuple(checker.resolve(i, m, registry) for i, m in enumerate(spec.models))
+    checker.cross_model(spec, registry)
+    if checker.issues:
+        raise SpecError(sorted(checker.issues, key=lambda i: (i.line or 0, i.path)))
+    return LoadedSpec(spec, source, models)
+
+
+class _Checker:
+    """Collects located issues for the rules that span models or need the registry."""
+
+    def __init__(self, source: SpecSource) -> None:
+        self.source = source
+        self.base = Path(source.file).parent if not source.file.startswith("<") else Path.cwd()
+        self.issues: list[SpecIssue] = []
+
+    def add(self, path: Path_, message: str) -> None:
+        self.issues.append(SpecIssue(self.source.file, self.source.line_of(path), format_path(path), message))
+
+    def resolve(self, index: int, m: ModelSpec, registry: Registry) -> ResolvedModel:
+        at: Path_ = ("models", index)
+        entry = None
+        if m.model is not None:
+            try:
+                entry = registry.get(m.model)
+            except RegistryError as exc:
+                self.add((*at, "model"), exc.message)
+        task = m.task or (_default_task(entry) if entry else "chat")
+        if entry is not None:
+            self._check_entry(at, m, entry, task)
+        engine, device = m.resolved_engine, m.resolved_device
+        weights, kind = _weights(m, entry, engine, self.base)
+        if engine == "ollama" and weights is None and entry is not None:
+            self.add((*at, "model"), f"'{entry.id}' has no Ollama tag; give source.ollama or source.gguf, or use engine: vllm")
+        for flag in m.engine_args:
+            if engine == "ollama":
+                self.add((*at, "engine_args", flag), "engine_args are vLLM flags; ollama takes its settings from the ollama section")
+            elif flag.lstrip("-") in RESERVED_FLAGS:
+                self.add((*at, "engine_args", flag), f"set by twllm; use the field `{RESERVED_FLAGS[flag.lstrip('-')]}` instead")
+        args = dict(entry.engine_args) if entry is not None and engine == "vllm" else {}
+        args.update({k.lstrip("-"): v for k, v in m.engine_args.items()})
+        return ResolvedModel(
+            spec=m, entry=entry, engine=engine, device=device, task=task,
+            weights=weights or "", weights_kind=kind, dtype=m.dtype,
+            context_length=entry.context_length if entry else None,
+            engine_args=args, gpus_per_replica=m.gpus_per_replica,
+        )
+
+    def _check_entry(self, at: Path_, m: ModelSpec, entry: ModelEntry, task: str) -> None:
+        if task == "embed" and entry.task != "embed":
+            self.add((*at, "task"), f"'{entry.id}' is a {entry.task} model; it cannot serve embeddings")
+        if task == "chat" and entry.task == "embed":
+            self.add((*at, "task"), f"'{entry.id}' is an embedding model; set task: embed")
+        if entry.task == "classify":
+            self.add((*at, "model"), f"'{entry.id}' is a classifier run inside the gateway; "
+                                     "use it under guard.prompt_guard.model, not in models")
+        if m.max_model_len is not None and m.max_model_len > entry.context_length:
+            self.add((*at, "max_model_len"),
+                     f"{m.max_model_len} exceeds the context length of '{entry.id}' ({entry.context_length})")
+
+    def cross_model(self, spec: Spec, registry: Registry) -> None:
+        names: dict[str, int] = {}
+        for i, m in enumerate(spec.models):
+            if m.name in names:
+                self.add(("models", i, "name"), f"duplicate model name '{m.name}' (first at models[{names[m.name]}])")
+            names.setdefault(m.name, i)
+        for i, m in enumerate(spec.models):
+            for j, target in enumerate(m.fallbacks):
+                self._known(("models", i, "fallbacks", j), target, names)
+        for source, targets in spec.gateway.fallbacks.items():
+            self._known(("gateway", "fallbacks", source), source, names)
+            for j, target in enumerate(targets):
+                self._known(("gateway", "fallbacks", source, j), target, names)
+        layers: list[tuple[tuple, Any]] = [(("guard",), spec.guard)]
+        layers += [(("guard", "policies", name), p) for name, p in spec.guard.policies.items()]
+        layers += [(("models", i, "guard"), m.guard) for i, m in enumerate(spec.models) if m.guard is not None]
+        effective = effective_guards(spec)
+        used = {stage for g in effective for stage in (*g.input, *g.output)}
+        for at, layer in layers:
+            if "llama_guard" in used and (at == ("guard",) or layer.llama_guard is not None):
+                self._guard_model((*at, "llama_guard", "model"), layer.llama_guard.model, names, registry, "guard")
+            if "prompt_guard" in used and (at == ("guard",) or layer.prompt_guard is not None):
+                self._guard_model((*at, "prompt_guard", "model"), layer.prompt_guard.model, {}, registry, "classify")
+
+    def _known(self, path: Path_, name: str, names: dict[str, int]) -> None:
+        if name not in names:
+            self.add(path, f"no model named '{name}'{did_you_mean(name, names)}")
+
+    def _guard_model(self, path: Path_, ref: str, names: dict, registry: Registry, task: str) -> None:
+        if ref in names or Path(ref).expanduser().is_dir():  # served here, or a local folder
+            return
+        try:
+            entry = registry.get(ref)
+        except RegistryError:
+            self.add(path, f"'{ref}' is neither a model of this spec nor a registry id"
+                           f"{did_you_mean(ref, [*names, *registry.ids])}")
+            return
+        if entry.task != task:
+            self.add(path, f"'{ref}' is a {entry.task} model, not a {task} model")
+
+
+def _default_task(entry: ModelEntry) -> str:
+    return "embed" if entry.task == "embed" else "chat"
+
+
+def _weights(m: ModelSpec, entry: ModelEntry | None, engine: str, base: Path) -> tuple[str | None, str]:
+    if m.source is not None:
+        kind = m.source.kind
+        value = getattr(m.source, kind)
+        if kind in ("path", "gguf"):
+            # ~ expands; a relative path is relative to the spec file, as users read it.
+            value = (base / Path(value).expanduser()).resolve(strict=False)
+        return str(value), kind
+    if entry is None:
+        return None, "hf"
+    if engine == "ollama":
+        return entry.ollama_tag, "ollama"
+    return entry.hf_repo, "hf"
