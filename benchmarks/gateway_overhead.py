@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -77,18 +77,18 @@ from twllm.accounting.limits import BudgetTracker, RateLimiter
 from twllm.accounting.migrate import migrate
 from twllm.accounting.spool import Spool
 from twllm.demo.build import build_demo_models, default_models_dir
+from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
+from twllm.plan.placement import GpuInventory
+from twllm.render.gateway_config import GATEWAY_SETTINGS, LITELLM_CONFIG, litellm_config, render
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.envs import child_env, find_engine
 from twllm.runtime.engines.vllm import VllmDriver
-from twllm.plan.placement import GpuInventory
-from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
 from twllm.spec.resolve import parse_spec
 from twllm.spec.schema import Spec
-from twllm.render.gateway_config import GATEWAY_SETTINGS, LITELLM_CONFIG, litellm_config, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pgutil import Postgres  # noqa: E402  (the tests' embedded PostgreSQL, not a package)
-from proxyutil import ProxyHandle, start_proxy  # noqa: E402  (the tests' proxy starter, not a package)
+from pgutil import Postgres
+from proxyutil import ProxyHandle, start_proxy
 
 CHAT_MODEL = "demo-chat"
 PROMPT = "你好，請用一句話介紹台北。"
@@ -147,9 +147,15 @@ class Engine:
         launch = self.driver.launch(self.proc, self.ctx)
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with self.log.open("wb") as out:
-            self.child = subprocess.Popen(launch.argv, env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
-                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True, preexec_fn=pin)
+            self.child = subprocess.Popen(
+                launch.argv,
+                env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=pin,
+            )
 
     def wait_ready(self) -> None:
         assert self.child is not None
@@ -185,8 +191,11 @@ def write_configs(plan: Plan, spec: Spec, folder: Path) -> tuple[Path, Path]:
     bare_dir.mkdir(parents=True)
     (bare_dir / LITELLM_CONFIG).write_text(yaml.safe_dump(bare, sort_keys=False, allow_unicode=True))
     rendered = yaml.safe_load((twllm_dir / LITELLM_CONFIG).read_text())
-    assert rendered == {**bare, "general_settings": rendered["general_settings"],
-                        "litellm_settings": rendered["litellm_settings"]}
+    assert rendered == {
+        **bare,
+        "general_settings": rendered["general_settings"],
+        "litellm_settings": rendered["litellm_settings"],
+    }
     return twllm_dir / LITELLM_CONFIG, bare_dir / LITELLM_CONFIG
 
 
@@ -209,8 +218,12 @@ def first_chat(url: str, headers: dict[str, str], model: str) -> int:
 
 
 def chat_body(model: str, max_tokens: int) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": max_tokens, "temperature": 0}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
 
 
 # ---- CPU accounting ---------------------------------------------------------------------------
@@ -260,16 +273,19 @@ def cpu_use(before: tuple, after: tuple, roots: dict[str, int]) -> tuple[dict[st
         used[name] = sum(procs1[p][2] - (procs0[p][2] if p in procs0 else 0.0) for p in tree)
     used["client"] = own1 - own0
     used["other processes"] = max(0.0, busy1 - busy0 - sum(used.values()))
-    others = sorted(((procs1[p][1], procs1[p][2] - (procs0[p][2] if p in procs0 else 0.0))
-                     for p in procs1 if p not in ours), key=lambda item: -item[1])
+    others = sorted(
+        ((procs1[p][1], procs1[p][2] - (procs0[p][2] if p in procs0 else 0.0)) for p in procs1 if p not in ours),
+        key=lambda item: -item[1],
+    )
     return used, [(command, seconds) for command, seconds in others[:3] if seconds > 0.05]
 
 
 # ---- load -------------------------------------------------------------------------------------
 
 
-async def closed_loop(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict,
-                      count: int, concurrency: int) -> tuple[list[float], Counter, list[int], float]:
+async def closed_loop(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict, count: int, concurrency: int
+) -> tuple[list[float], Counter, list[int], float]:
     """``concurrency`` clients send ``count`` requests in all; (latencies s, statuses, tokens, wall s)."""
     latencies: list[float] = []
     statuses: Counter = Counter()
@@ -297,24 +313,30 @@ async def closed_loop(client: httpx.AsyncClient, url: str, headers: dict[str, st
     return latencies, statuses, tokens, time.perf_counter() - started
 
 
-def run_target(url: str, headers: dict[str, str], body: dict, args: argparse.Namespace,
-               pids: dict[str, int]) -> dict:
+def run_target(url: str, headers: dict[str, str], body: dict, args: argparse.Namespace, pids: dict[str, int]) -> dict:
     async def go() -> dict:
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
         async with httpx.AsyncClient(timeout=120, limits=limits, trust_env=False) as client:
             await closed_loop(client, url, headers, body, args.warmup, args.concurrency)
             before = cpu_snapshot()
             latencies, statuses, tokens, wall = await closed_loop(
-                client, url, headers, body, args.requests, args.concurrency)
+                client, url, headers, body, args.requests, args.concurrency
+            )
             after = cpu_snapshot()
         used, busiest_others = cpu_use(before, after, pids)
-        return {"latencies_s": latencies, "statuses": {str(k): v for k, v in statuses.items()},
-                "wall_s": wall, "rps": args.requests / wall, "p50_ms": pct(latencies, 50),
-                "p99_ms": pct(latencies, 99), "mean_completion_tokens": statistics.fmean(tokens) if tokens else 0.0,
-                "cpu_ms_per_request": {k: round(v * 1000 / args.requests, 2) for k, v in used.items()},
-                "cores_used": {k: round(v / wall, 3) for k, v in used.items()},
-                "busiest_others": [(command, round(seconds / wall, 3)) for command, seconds in busiest_others],
-                "machine_busy_share": (after[2] - before[2]) / (wall * (os.cpu_count() or 1))}
+        return {
+            "latencies_s": latencies,
+            "statuses": {str(k): v for k, v in statuses.items()},
+            "wall_s": wall,
+            "rps": args.requests / wall,
+            "p50_ms": pct(latencies, 50),
+            "p99_ms": pct(latencies, 99),
+            "mean_completion_tokens": statistics.fmean(tokens) if tokens else 0.0,
+            "cpu_ms_per_request": {k: round(v * 1000 / args.requests, 2) for k, v in used.items()},
+            "cores_used": {k: round(v / wall, 3) for k, v in used.items()},
+            "busiest_others": [(command, round(seconds / wall, 3)) for command, seconds in busiest_others],
+            "machine_busy_share": (after[2] - before[2]) / (wall * (os.cpu_count() or 1)),
+        }
 
     return asyncio.run(go())
 
@@ -330,12 +352,27 @@ def pct(samples: list[float], p: int) -> float:
 
 
 def ledger_rows_for(count: int, tag: str, tenant_id: int, key_id: int) -> list[ledger.LedgerRow]:
-    base = datetime.now(timezone.utc)
-    return [ledger.LedgerRow(
-        ts=base + timedelta(microseconds=i), request_id=f"bench-{tag}-{i}", tenant_id=tenant_id, key_id=key_id,
-        model=CHAT_MODEL, deployment="demo-chat-0", prompt_tokens=20 + i % 50, completion_tokens=8,
-        cost=Decimal("0.00018"), currency="TWD", latency_ms=40 + i % 100, ttft_ms=None, status_code=200,
-        error_class=None, stream=False) for i in range(count)]
+    base = datetime.now(UTC)
+    return [
+        ledger.LedgerRow(
+            ts=base + timedelta(microseconds=i),
+            request_id=f"bench-{tag}-{i}",
+            tenant_id=tenant_id,
+            key_id=key_id,
+            model=CHAT_MODEL,
+            deployment="demo-chat-0",
+            prompt_tokens=20 + i % 50,
+            completion_tokens=8,
+            cost=Decimal("0.00018"),
+            currency="TWD",
+            latency_ms=40 + i % 100,
+            ttft_ms=None,
+            status_code=200,
+            error_class=None,
+            stream=False,
+        )
+        for i in range(count)
+    ]
 
 
 def bench_insert(url: str, rows: list[ledger.LedgerRow]) -> dict:
@@ -344,7 +381,7 @@ def bench_insert(url: str, rows: list[ledger.LedgerRow]) -> dict:
     with psycopg.connect(url, autocommit=True) as conn:
         started = time.perf_counter()
         for start in range(0, len(rows), size):
-            conn.execute(ledger.INSERT_SQL, ledger.insert_params(rows[start:start + size]))
+            conn.execute(ledger.INSERT_SQL, ledger.insert_params(rows[start : start + size]))
         seconds = time.perf_counter() - started
     return {"rows": len(rows), "batch": size, "seconds": seconds, "rows_per_s": len(rows) / seconds}
 
@@ -354,8 +391,9 @@ def bench_writer(url: str, rows: list[ledger.LedgerRow], spool_dir: Path) -> dic
 
     async def go() -> dict:
         db = Database(url)
-        writer = ledger.LedgerWriter(db, Spool(spool_dir), on_insert=RateLimiter(db).add_tokens,
-                                     on_stored=BudgetTracker(db).note_stored)
+        writer = ledger.LedgerWriter(
+            db, Spool(spool_dir), on_insert=RateLimiter(db).add_tokens, on_stored=BudgetTracker(db).note_stored
+        )
         writer.spool.open()
         writer.start()
         await writer.flush()  # the pool opened and the (empty) backlog replayed before timing
@@ -365,7 +403,7 @@ def bench_writer(url: str, rows: list[ledger.LedgerRow], spool_dir: Path) -> dic
         started = time.perf_counter()
         for start in range(0, len(rows), burst):
             t0 = time.perf_counter()
-            for row in rows[start:start + burst]:
+            for row in rows[start : start + burst]:
                 writer.enqueue(row)
             enqueue_s += time.perf_counter() - t0
             await asyncio.sleep(0)  # the event loop runs other work (the writer) between bursts
@@ -375,8 +413,13 @@ def bench_writer(url: str, rows: list[ledger.LedgerRow], spool_dir: Path) -> dic
         left = sorted(p.name for p in spool_dir.glob("ledger-*.jsonl"))
         await db.close()
         writer.spool.close()
-        return {"rows": len(rows), "seconds": seconds, "rows_per_s": len(rows) / seconds,
-                "enqueue_us_per_row": enqueue_s / len(rows) * 1e6, "segments_left": left}
+        return {
+            "rows": len(rows),
+            "seconds": seconds,
+            "rows_per_s": len(rows) / seconds,
+            "enqueue_us_per_row": enqueue_s / len(rows) * 1e6,
+            "segments_left": left,
+        }
 
     return asyncio.run(go())
 
@@ -396,12 +439,20 @@ def bench_hooks(url: str, master_key: str, keys: dict[str, str], spool_dir: Path
         wall, cpu = time.perf_counter(), time.process_time()
         for i in range(count):
             await step(i)
-        return {"wall_us": (time.perf_counter() - wall) / count * 1e6,
-                "cpu_us": (time.process_time() - cpu) / count * 1e6}
+        return {
+            "wall_us": (time.perf_counter() - wall) / count * 1e6,
+            "cpu_us": (time.process_time() - cpu) / count * 1e6,
+        }
 
     async def go() -> dict:
-        rt = Runtime(GatewayConfig(database_url=url, master_key=master_key, spool_dir=spool_dir,
-                                   prices={CHAT_MODEL: Price(Decimal("0.000005"), Decimal("0.00001"))}))
+        rt = Runtime(
+            GatewayConfig(
+                database_url=url,
+                master_key=master_key,
+                spool_dir=spool_dir,
+                prices={CHAT_MODEL: Price(Decimal("0.000005"), Decimal("0.00001"))},
+            )
+        )
         atexit.unregister(rt.at_exit)
         rt.start()
         out: dict = {}
@@ -418,9 +469,22 @@ def bench_hooks(url: str, master_key: str, keys: dict[str, str], spool_dir: Path
         metadata = {"user_api_key_auth_metadata": identity.metadata()}
 
         async def record(i: int) -> None:
-            rt.record({"litellm_call_id": f"hooks-{i}", "standard_logging_object": {
-                "startTime": now, "endTime": now + 0.3, "model_group": CHAT_MODEL, "model_id": "demo-chat-0",
-                "prompt_tokens": 20, "completion_tokens": 8, "stream": False, "metadata": metadata}}, success=True)
+            rt.record(
+                {
+                    "litellm_call_id": f"hooks-{i}",
+                    "standard_logging_object": {
+                        "startTime": now,
+                        "endTime": now + 0.3,
+                        "model_group": CHAT_MODEL,
+                        "model_id": "demo-chat-0",
+                        "prompt_tokens": 20,
+                        "completion_tokens": 8,
+                        "stream": False,
+                        "metadata": metadata,
+                    },
+                },
+                success=True,
+            )
 
         out["record (ledger row made, journaled, queued)"] = await timed(record)
         while rt.writer.stored < count:
@@ -442,11 +506,15 @@ def summarize(runs: dict[str, list[dict]], requests: int) -> dict:
         wall = sum(r["wall_s"] for r in results)
         cpu_names = results[0]["cpu_ms_per_request"].keys()
         out[target] = {
-            "p50_ms": pct(pooled, 50), "p99_ms": pct(pooled, 99), "rps": requests * len(results) / wall,
-            "p50_ms_rounds": [r["p50_ms"] for r in results], "p99_ms_rounds": [r["p99_ms"] for r in results],
+            "p50_ms": pct(pooled, 50),
+            "p99_ms": pct(pooled, 99),
+            "rps": requests * len(results) / wall,
+            "p50_ms_rounds": [r["p50_ms"] for r in results],
+            "p99_ms_rounds": [r["p99_ms"] for r in results],
             "rps_rounds": [r["rps"] for r in results],
-            "cpu_ms_per_request": {n: statistics.median(r["cpu_ms_per_request"][n] for r in results)
-                                   for n in cpu_names},
+            "cpu_ms_per_request": {
+                n: statistics.median(r["cpu_ms_per_request"][n] for r in results) for n in cpu_names
+            },
             "cores_used": {n: statistics.median(r["cores_used"][n] for r in results) for n in cpu_names},
             "statuses": dict(sum((Counter(r["statuses"]) for r in results), Counter())),
             "mean_completion_tokens": statistics.fmean(r["mean_completion_tokens"] for r in results),
@@ -471,15 +539,21 @@ def print_report(report: dict) -> None:
     print(f"load: {report['settings']}")
     print("\nper round (p50 ms / p99 ms / req/s):")
     for number, entry in enumerate(report["rounds"], 1):
-        cells = "  ".join(f"{t}: {entry[t]['p50_ms']:.1f}/{entry[t]['p99_ms']:.1f}/{entry[t]['rps']:.1f}"
-                          for t in entry["order"])
+        cells = "  ".join(
+            f"{t}: {entry[t]['p50_ms']:.1f}/{entry[t]['p99_ms']:.1f}/{entry[t]['rps']:.1f}" for t in entry["order"]
+        )
         print(f"  round {number}: {cells}")
-    print(f"\n{'target':<14}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}{'p50 ×bare':>11}{'p99 ×bare':>11}"
-          f"{'req/s ×bare':>13}  statuses")
+    print(
+        f"\n{'target':<14}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}{'p50 ×bare':>11}{'p99 ×bare':>11}"
+        f"{'req/s ×bare':>13}  statuses"
+    )
     for target in TARGETS:
         t = s[target]
-        ratios = (f"{t['p50_ratio']:>11.3f}{t['p99_ratio']:>11.3f}{t['rps_ratio']:>13.3f}" if "p50_ratio" in t
-                  else f"{'':>35}")
+        ratios = (
+            f"{t['p50_ratio']:>11.3f}{t['p99_ratio']:>11.3f}{t['rps_ratio']:>13.3f}"
+            if "p50_ratio" in t
+            else f"{'':>35}"
+        )
         print(f"{target:<14}{t['p50_ms']:>9.1f}{t['p99_ms']:>9.1f}{t['rps']:>8.1f}{ratios}  {t['statuses']}")
     print("\nCPU ms per request (median of rounds):")
     names = list(s["bare"]["cpu_ms_per_request"])
@@ -492,26 +566,40 @@ def print_report(report: dict) -> None:
         print(f"{target:<14}" + "".join(f"{s[target]['cores_used'][n]:>17.2f}" for n in names))
     for target in ("twllm", "twllm+limits"):
         t = s[target]
-        print(f"{target}: p50 ×bare per round {[round(x, 3) for x in t['p50_ratio_rounds']]}, "
-              f"req/s ×bare per round {[round(x, 3) for x in t['rps_ratio_rounds']]}; "
-              f"p50 ≤ {TARGET_P50}× bare: {'met' if t['meets_p50'] else 'MISSED'}, "
-              f"req/s ≥ {TARGET_RPS}× bare: {'met' if t['meets_rps'] else 'MISSED'}")
+        print(
+            f"{target}: p50 ×bare per round {[round(x, 3) for x in t['p50_ratio_rounds']]}, "
+            f"req/s ×bare per round {[round(x, 3) for x in t['rps_ratio_rounds']]}; "
+            f"p50 ≤ {TARGET_P50}× bare: {'met' if t['meets_p50'] else 'MISSED'}, "
+            f"req/s ≥ {TARGET_RPS}× bare: {'met' if t['meets_rps'] else 'MISSED'}"
+        )
     print(f"\nledger rows written for tenant-key requests: {report['ledger_check']}")
     for name, r in report["ledger"].items():
         verdict = "met" if r["rows_per_s"] >= TARGET_LEDGER_ROWS_S else "MISSED"
-        print(f"ledger {name}: {r['rows']} rows in {r['seconds']:.2f} s = {r['rows_per_s']:,.0f} rows/s "
-              f"(≥ {TARGET_LEDGER_ROWS_S:,.0f}: {verdict})"
-              + (f", enqueue {r['enqueue_us_per_row']:.1f} µs/row" if "enqueue_us_per_row" in r else ""))
+        print(
+            f"ledger {name}: {r['rows']} rows in {r['seconds']:.2f} s = {r['rows_per_s']:,.0f} rows/s "
+            f"(≥ {TARGET_LEDGER_ROWS_S:,.0f}: {verdict})"
+            + (f", enqueue {r['enqueue_us_per_row']:.1f} µs/row" if "enqueue_us_per_row" in r else "")
+        )
     for name, r in report["hooks"].items():
         print(f"hooks {name}: {r['wall_us']:.0f} µs wall, {r['cpu_us']:.0f} µs CPU per call")
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -525,8 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds; even ones run the targets in reverse order")
     parser.add_argument("--max-tokens", type=int, default=8, help="max_tokens of every chat completion")
     parser.add_argument("--ledger-rows", type=int, default=50_000, help="rows for each ledger throughput test")
-    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2,
-                        help="engine on CPU 0, everything else (proxies, PostgreSQL, this client) on the other CPUs")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=(os.cpu_count() or 1) >= 2,
+        help="engine on CPU 0, everything else (proxies, PostgreSQL, this client) on the other CPUs",
+    )
     parser.add_argument("--json", action="store_true", help="write one JSON document to stdout")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
     args = parser.parse_args(argv)
@@ -563,39 +655,59 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(postgres.url, autocommit=True) as conn:
             tenant = store.create_tenant(conn, "bench")
             plain, plain_secret = store.create_key(conn, "bench")
-            limited, limited_secret = store.create_key(conn, "bench", store.KeySettings(
-                rpm=1_000_000, tpm=1_000_000_000, budget=Decimal("1000000"), budget_period="monthly"))
+            limited, limited_secret = store.create_key(
+                conn,
+                "bench",
+                store.KeySettings(rpm=1_000_000, tpm=1_000_000_000, budget=Decimal("1000000"), budget_period="monthly"),
+            )
         say(f"PostgreSQL ready at {postgres.url}; tenant {tenant.name}, keys {plain.prefix}…, {limited.prefix}…")
 
         engine.start(engine_cpus)
         say(f"vLLM starting on port {engine_proc.port}; proxies starting meanwhile")
         common = {"TWLLM_MASTER_KEY": master_key, ENGINE_KEY_ENV: engine_key, "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true"}
-        twllm_env = {**common, "TWLLM_GATEWAY_SETTINGS": str(twllm_config.parent / GATEWAY_SETTINGS),
-                     "TWLLM_DATABASE_URL": postgres.url, "TWLLM_SPOOL_DIR": str(work / "spool")}
+        twllm_env = {
+            **common,
+            "TWLLM_GATEWAY_SETTINGS": str(twllm_config.parent / GATEWAY_SETTINGS),
+            "TWLLM_DATABASE_URL": postgres.url,
+            "TWLLM_SPOOL_DIR": str(work / "spool"),
+        }
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            started = {name: pool.submit(start_proxy, config, env=env, workers=1, timeout=PROXY_READY_TIMEOUT_S)
-                       for name, config, env in (("bare", bare_config, common), ("twllm", twllm_config, twllm_env))}
+            started = {
+                name: pool.submit(start_proxy, config, env=env, workers=1, timeout=PROXY_READY_TIMEOUT_S)
+                for name, config, env in (("bare", bare_config, common), ("twllm", twllm_config, twllm_env))
+            }
             for name, future in started.items():
                 proxies[name] = future.result()
         engine.wait_ready()
         say(f"vLLM ready after {time.monotonic() - t_start:.0f} s")
 
         master = {"Authorization": f"Bearer {master_key}"}
-        served = httpx.get(f"{engine.base}/v1/models", headers={"Authorization": f"Bearer {engine_key}"},
-                           trust_env=False).json()["data"][0]["id"]
+        served = httpx.get(
+            f"{engine.base}/v1/models", headers={"Authorization": f"Bearer {engine_key}"}, trust_env=False
+        ).json()["data"][0]["id"]
         targets = {
             "direct": (f"{engine.base}/v1/chat/completions", {"Authorization": f"Bearer {engine_key}"}, served),
             "bare": (f"{proxies['bare'].base_url}/v1/chat/completions", master, CHAT_MODEL),
-            "twllm": (f"{proxies['twllm'].base_url}/v1/chat/completions",
-                      {"Authorization": f"Bearer {plain_secret}"}, CHAT_MODEL),
-            "twllm+limits": (f"{proxies['twllm'].base_url}/v1/chat/completions",
-                             {"Authorization": f"Bearer {limited_secret}"}, CHAT_MODEL),
+            "twllm": (
+                f"{proxies['twllm'].base_url}/v1/chat/completions",
+                {"Authorization": f"Bearer {plain_secret}"},
+                CHAT_MODEL,
+            ),
+            "twllm+limits": (
+                f"{proxies['twllm'].base_url}/v1/chat/completions",
+                {"Authorization": f"Bearer {limited_secret}"},
+                CHAT_MODEL,
+            ),
         }
         attempts = {name: first_chat(url, headers, model) for name, (url, headers, model) in targets.items()}
         say(f"every target answers; {time.monotonic() - t_start:.0f} s since start")
 
-        pids = {"engine": engine.child.pid, "bare proxy": proxies["bare"].pid,  # type: ignore[union-attr]
-                "twllm proxy": proxies["twllm"].pid, "postgres": postgres.proc.pid}  # type: ignore[union-attr]
+        pids = {
+            "engine": engine.child.pid,
+            "bare proxy": proxies["bare"].pid,  # type: ignore[union-attr]
+            "twllm proxy": proxies["twllm"].pid,
+            "postgres": postgres.proc.pid,
+        }  # type: ignore[union-attr]
         runs: dict[str, list[dict]] = {t: [] for t in TARGETS}
         rounds = []
         for number in range(1, args.rounds + 1):
@@ -606,18 +718,25 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_target(url, headers, chat_body(model, args.max_tokens), args, pids)
                 runs[target].append(result)
                 entry[target] = {k: v for k, v in result.items() if k != "latencies_s"}
-                say(f"round {number} {target:<13} p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  "
+                say(
+                    f"round {number} {target:<13} p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  "
                     f"{result['rps']:5.1f} req/s  {result['statuses']}  other processes "
-                    f"{result['cores_used']['other processes']:.2f} cores {result['busiest_others']}")
+                    f"{result['cores_used']['other processes']:.2f} cores {result['busiest_others']}"
+                )
             rounds.append(entry)
 
         # One ledger row per request sent with a tenant key (warmups and first chats included).
-        sent = {plain.id: args.rounds * (args.requests + args.warmup) + attempts["twllm"],
-                limited.id: args.rounds * (args.requests + args.warmup) + attempts["twllm+limits"]}
+        sent = {
+            plain.id: args.rounds * (args.requests + args.warmup) + attempts["twllm"],
+            limited.id: args.rounds * (args.requests + args.warmup) + attempts["twllm+limits"],
+        }
         time.sleep(1.0)
         with psycopg.connect(postgres.url, autocommit=True) as conn:
-            stored = dict(conn.execute("SELECT key_id, count(*) FROM spend_ledger WHERE key_id = ANY(%s) "
-                                       "GROUP BY key_id", (list(sent),)).fetchall())
+            stored = dict(
+                conn.execute(
+                    "SELECT key_id, count(*) FROM spend_ledger WHERE key_id = ANY(%s) GROUP BY key_id", (list(sent),)
+                ).fetchall()
+            )
         ledger_check = {"sent": sum(sent.values()), "rows": sum(stored.values())}
         say(f"ledger rows for tenant keys: {ledger_check}")
     finally:
@@ -629,14 +748,21 @@ def main(argv: list[str] | None = None) -> int:
         say("gateway and engine stopped; ledger throughput ...")
         ledger_results = {
             "insert (INSERT_SQL, 1000-row batches)": bench_insert(
-                postgres.url, ledger_rows_for(args.ledger_rows, "insert", tenant.id, plain.id)),
+                postgres.url, ledger_rows_for(args.ledger_rows, "insert", tenant.id, plain.id)
+            ),
             "writer (LedgerWriter: journal + batches + rate windows)": bench_writer(
-                postgres.url, ledger_rows_for(args.ledger_rows, "writer", tenant.id, limited.id), work / "spool-bench"),
+                postgres.url, ledger_rows_for(args.ledger_rows, "writer", tenant.id, limited.id), work / "spool-bench"
+            ),
         }
         for name, r in ledger_results.items():
             say(f"ledger {name}: {r['rows_per_s']:,.0f} rows/s")
-        hook_costs = bench_hooks(postgres.url, master_key, {"plain": plain_secret, "limited": limited_secret},
-                                 work / "spool-hooks", count=2000)
+        hook_costs = bench_hooks(
+            postgres.url,
+            master_key,
+            {"plain": plain_secret, "limited": limited_secret},
+            work / "spool-hooks",
+            count=2000,
+        )
         for name, r in hook_costs.items():
             say(f"hooks {name}: {r['wall_us']:.0f} µs wall, {r['cpu_us']:.0f} µs CPU")
     finally:
@@ -647,13 +773,26 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": machine(),
         "command": " ".join([".venv/bin/python", "benchmarks/gateway_overhead.py", *sys.argv[1:]]),
-        "settings": {"requests": args.requests, "warmup": args.warmup, "concurrency": args.concurrency,
-                     "rounds": args.rounds, "max_tokens": args.max_tokens, "gateway_workers": 1,
-                     "cpus": ({"engine": sorted(engine_cpus or ()), "rest": sorted(os.sched_getaffinity(0))}
-                              if args.pin else "unpinned"),
-                     "engine": f"{engine_env.name} {engine_env.version}"},
-        "rounds": rounds, "summary": summarize(runs, args.requests), "ledger_check": ledger_check,
-        "ledger": ledger_results, "hooks": hook_costs, "total_s": time.monotonic() - t_start,
+        "settings": {
+            "requests": args.requests,
+            "warmup": args.warmup,
+            "concurrency": args.concurrency,
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "gateway_workers": 1,
+            "cpus": (
+                {"engine": sorted(engine_cpus or ()), "rest": sorted(os.sched_getaffinity(0))}
+                if args.pin
+                else "unpinned"
+            ),
+            "engine": f"{engine_env.name} {engine_env.version}",
+        },
+        "rounds": rounds,
+        "summary": summarize(runs, args.requests),
+        "ledger_check": ledger_check,
+        "ledger": ledger_results,
+        "hooks": hook_costs,
+        "total_s": time.monotonic() - t_start,
     }
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False, default=str))

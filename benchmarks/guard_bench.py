@@ -22,24 +22,29 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-QUESTION = [{"role": "system", "content": "你是一個樂於助人的助理。"},
-            {"role": "user", "content": "請問臺北今天的天氣如何？下午需要帶傘嗎？"}]
+QUESTION = [
+    {"role": "system", "content": "你是一個樂於助人的助理。"},
+    {"role": "user", "content": "請問臺北今天的天氣如何？下午需要帶傘嗎？"},
+]
 TRIGGER = "炸彈"
-ANSWER = ("今天臺北多雲時晴，午後山區可能有短暫雷陣雨，氣溫攝氏 24 到 31 度。"
-          "如果下午要出門，建議帶一把折疊傘，並多補充水分，注意防曬。") * 2
+ANSWER = (
+    "今天臺北多雲時晴，午後山區可能有短暫雷陣雨，氣溫攝氏 24 到 31 度。"
+    "如果下午要出門，建議帶一把折疊傘，並多補充水分，注意防曬。"
+) * 2
 SENTENCE = "Please summarise the attached meeting notes and list the decisions by Friday."
-LONG = ("The meeting is on Friday and the weather in Taipei is sunny. "
-        "今天天氣晴朗，記得帶傘，並把會議紀錄寄給大家。") * 80
+LONG = (
+    "The meeting is on Friday and the weather in Taipei is sunny. 今天天氣晴朗，記得帶傘，並把會議紀錄寄給大家。"
+) * 80
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -66,10 +71,10 @@ def main() -> int:
 
     import torch
     import transformers
+    from tiny_guard_models import build_tiny_llama_guard, build_tiny_prompt_guard
 
     from twllm.guard.llama_guard import LlamaGuard, build_prompt
     from twllm.guard.prompt_guard import PromptGuard
-    from tiny_guard_models import build_tiny_llama_guard, build_tiny_prompt_guard
 
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
@@ -85,50 +90,77 @@ def main() -> int:
 
         unsafe = [QUESTION[0], {"role": "user", "content": QUESTION[1]["content"] + TRIGGER}]
         assert llama_guard.check_input(QUESTION).safe and not llama_guard.check_input(unsafe).safe
+
         def tokens(messages: list[dict[str, str]], role: str) -> int:
             prompt = build_prompt(messages, role, (), llama_guard.tokenizer)  # type: ignore[arg-type]
             return len(llama_guard.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
         answered = QUESTION + [{"role": "assistant", "content": ANSWER}]
         cases: list[tuple[str, str, Callable[[], float], int]] = [
-            ("llama_guard", "input safe", lambda: llama_guard.check_input(QUESTION).latency_ms,
-             tokens(QUESTION, "user")),
-            ("llama_guard", "input unsafe", lambda: llama_guard.check_input(unsafe).latency_ms,
-             tokens(unsafe, "user")),
-            ("llama_guard", "output safe", lambda: llama_guard.check_output(QUESTION, ANSWER).latency_ms,
-             tokens(answered, "assistant")),
-            ("prompt_guard", "short", lambda: prompt_guard.screen(SENTENCE).latency_ms,
-             prompt_guard.screen(SENTENCE).windows),
-            ("prompt_guard", "long", lambda: prompt_guard.screen(LONG).latency_ms,
-             prompt_guard.screen(LONG).windows),
+            (
+                "llama_guard",
+                "input safe",
+                lambda: llama_guard.check_input(QUESTION).latency_ms,
+                tokens(QUESTION, "user"),
+            ),
+            ("llama_guard", "input unsafe", lambda: llama_guard.check_input(unsafe).latency_ms, tokens(unsafe, "user")),
+            (
+                "llama_guard",
+                "output safe",
+                lambda: llama_guard.check_output(QUESTION, ANSWER).latency_ms,
+                tokens(answered, "assistant"),
+            ),
+            (
+                "prompt_guard",
+                "short",
+                lambda: prompt_guard.screen(SENTENCE).latency_ms,
+                prompt_guard.screen(SENTENCE).windows,
+            ),
+            ("prompt_guard", "long", lambda: prompt_guard.screen(LONG).latency_ms, prompt_guard.screen(LONG).windows),
         ]
         rows = []
         for model, case, fn, size in cases:
             ms = timed(fn, args.checks, args.warmup)
-            rows.append({
-                "model": model, "case": case, "checks": len(ms), "size": size,
-                "p50_ms": round(statistics.median(ms), 2), "p95_ms": round(percentile(ms, 95), 2),
-                "mean_ms": round(statistics.fmean(ms), 2), "max_ms": round(max(ms), 2),
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "case": case,
+                    "checks": len(ms),
+                    "size": size,
+                    "p50_ms": round(statistics.median(ms), 2),
+                    "p95_ms": round(percentile(ms, 95), 2),
+                    "mean_ms": round(statistics.fmean(ms), 2),
+                    "max_ms": round(max(ms), 2),
+                }
+            )
 
     meta = {
-        "python": sys.version.split()[0], "machine": platform.machine(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "device": llama_guard.device,
-        "threads": torch.get_num_threads(), "build_s": round(build_s, 2), "load_s": round(load_s, 2),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": llama_guard.device,
+        "threads": torch.get_num_threads(),
+        "build_s": round(build_s, 2),
+        "load_s": round(load_s, 2),
     }
     if args.json:
         json.dump({**meta, "rows": rows}, sys.stdout, indent=2)
         print()
         return 0
-    print(f"python {meta['python']} on {meta['machine']}, torch {meta['torch']}, transformers "
-          f"{meta['transformers']}, device {meta['device']}, {meta['threads']} thread(s); "
-          f"build {build_s:.2f} s, load {load_s:.2f} s; {args.checks} checks per row")
+    print(
+        f"python {meta['python']} on {meta['machine']}, torch {meta['torch']}, transformers "
+        f"{meta['transformers']}, device {meta['device']}, {meta['threads']} thread(s); "
+        f"build {build_s:.2f} s, load {load_s:.2f} s; {args.checks} checks per row"
+    )
     print("size: prompt tokens (llama_guard), 512-token windows (prompt_guard)")
     header = ("model", "case", "size", "p50 ms", "p95 ms", "mean ms", "max ms")
     print("{:<13} {:<13} {:>5} {:>8} {:>8} {:>8} {:>8}".format(*header))
     for r in rows:
-        print(f"{r['model']:<13} {r['case']:<13} {r['size']:>5} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
-              f"{r['mean_ms']:>8.2f} {r['max_ms']:>8.2f}")
+        print(
+            f"{r['model']:<13} {r['case']:<13} {r['size']:>5} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
+            f"{r['mean_ms']:>8.2f} {r['max_ms']:>8.2f}"
+        )
     return 0
 
 

@@ -19,7 +19,7 @@ import json
 import platform
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from twllm.guard.pii import PiiPolicy, StreamMasker, detect
 
@@ -66,7 +66,7 @@ def best_ms(fn: Callable[[], object], rounds: int) -> float:
 
 def stream(policy: PiiPolicy, text: str) -> str:
     masker = StreamMasker(policy)
-    parts = [masker.feed(text[i:i + 4]) for i in range(0, len(text), 4)]
+    parts = [masker.feed(text[i : i + 4]) for i in range(0, len(text), 4)]
     parts.append(masker.flush())
     return "".join(parts)
 
@@ -84,29 +84,35 @@ def main() -> int:
             text = text_of(paragraph, size)
             findings = len(detect(text))
             for op, fn in (
-                ("detect", lambda: detect(text)),
-                ("apply", lambda: policy.apply(text)),
-                ("stream", lambda: stream(policy, text)),
+                ("detect", lambda text=text: detect(text)),
+                ("apply", lambda text=text: policy.apply(text)),
+                ("stream", lambda text=text: stream(policy, text)),
             ):
                 if op == "stream" and size > 1_000:
                     continue
                 ms = best_ms(fn, args.rounds)
-                rows.append({
-                    "text": name, "chars": size, "findings": findings, "op": op,
-                    "ms_per_1k_chars": round(ms * 1_000 / size, 4),
-                    "chars_per_s": round(size / ms * 1_000),
-                })
+                rows.append(
+                    {
+                        "text": name,
+                        "chars": size,
+                        "findings": findings,
+                        "op": op,
+                        "ms_per_1k_chars": round(ms * 1_000 / size, 4),
+                        "chars_per_s": round(size / ms * 1_000),
+                    }
+                )
     if args.json:
-        json.dump({"python": sys.version.split()[0], "machine": platform.machine(), "rows": rows},
-                  sys.stdout, indent=2)
+        json.dump({"python": sys.version.split()[0], "machine": platform.machine(), "rows": rows}, sys.stdout, indent=2)
         print()
         return 0
     print(f"python {sys.version.split()[0]} on {platform.machine()}, best of {args.rounds} rounds")
     header = ("text", "chars", "findings", "op", "ms/1k chars", "chars/s")
     print("{:<10} {:>7} {:>8} {:<7} {:>11} {:>12}".format(*header))
     for r in rows:
-        print(f"{r['text']:<10} {r['chars']:>7} {r['findings']:>8} {r['op']:<7} "
-              f"{r['ms_per_1k_chars']:>11.4f} {r['chars_per_s']:>12,}")
+        print(
+            f"{r['text']:<10} {r['chars']:>7} {r['findings']:>8} {r['op']:<7} "
+            f"{r['ms_per_1k_chars']:>11.4f} {r['chars_per_s']:>12,}"
+        )
     return 0
 
 

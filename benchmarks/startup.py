@@ -41,13 +41,13 @@ from typing import IO
 import httpx
 
 from twllm.cli.commands import build_plan
-from twllm.runtime.components import Component, build_components
 from twllm.demo.build import build_demo_models, default_models_dir
-from twllm.runtime.engines.envs import find_engine
 from twllm.plan.build import ENGINE_KEY_ENV, Plan
+from twllm.render.gateway_config import render
+from twllm.runtime.components import Component, build_components
+from twllm.runtime.engines.envs import find_engine
 from twllm.runtime.state import StateDir
 from twllm.runtime.supervisor import runtime_context, stop_group
-from twllm.render.gateway_config import render
 
 MANUAL_POLL_S = 0.1
 """How often the manual run probes readiness (the supervisor probes each component once a second)."""
@@ -139,8 +139,7 @@ def wait_ports_free(ports: list[int]) -> None:
 
 def user_request(url: str) -> None:
     """One chat completion through the gateway, as a client would send it after startup."""
-    body = {"model": CHAT_MODEL, "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": "你好"}]}
+    body = {"model": CHAT_MODEL, "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "你好"}]}
     headers = {"Authorization": f"Bearer {os.environ['TWLLM_MASTER_KEY']}"}
     reply = httpx.post(f"{url}/chat/completions", json=body, headers=headers, timeout=60, trust_env=False)
     if reply.status_code != 200:
@@ -166,8 +165,7 @@ def run_twllm(spec: Path, state_dir: Path, url: str) -> dict:
         user_request(url)
         t_end = time.time()
         state = StateDir(state_dir).read_state()
-        marks = {c.name: {"kind": c.kind, "started_at": c.started_at, "ready_at": c.ready_at}
-                 for c in state.components}
+        marks = {c.name: {"kind": c.kind, "started_at": c.started_at, "ready_at": c.ready_at} for c in state.components}
     finally:
         stopped = twllm_cli("stop", "--state-dir", str(state_dir), timeout=300)
         if stopped.returncode != 0:
@@ -189,8 +187,13 @@ class Started:
         self.log_path = sd.log_of(comp.log_name)
         self.log: IO[bytes] = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            launch.argv, env={**os.environ, **extra_env, **launch.env}, cwd=launch.cwd,
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            launch.argv,
+            env={**os.environ, **extra_env, **launch.env},
+            cwd=launch.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.started_at = time.time()
         self.ready_at: float | None = None
@@ -268,16 +271,27 @@ def summarize(t0: float, t_end: float, marks: dict[str, dict]) -> dict:
     eng_started = min(m["started_at"] for m in engines)
     eng_ready = max(m["ready_at"] for m in engines)
     phases = {
-        "before_database": db_started - t0, "database": db_ready - db_started,
-        "database_to_engines": eng_started - db_ready, "engines": eng_ready - eng_started,
-        "engines_to_gateway": gw["started_at"] - eng_ready, "gateway": gw["ready_at"] - gw["started_at"],
+        "before_database": db_started - t0,
+        "database": db_ready - db_started,
+        "database_to_engines": eng_started - db_ready,
+        "engines": eng_ready - eng_started,
+        "engines_to_gateway": gw["started_at"] - eng_ready,
+        "gateway": gw["ready_at"] - gw["started_at"],
         "after_gateway": t_end - gw["ready_at"],
     }
-    components = {name: {"kind": m["kind"], "seconds": round(m["ready_at"] - m["started_at"], 2),
-                         "share": round((m["ready_at"] - m["started_at"]) / total, 3)}
-                  for name, m in marks.items()}
-    return {"total_s": round(total, 2), "phases_s": {k: round(v, 2) for k, v in phases.items()},
-            "components": components}
+    components = {
+        name: {
+            "kind": m["kind"],
+            "seconds": round(m["ready_at"] - m["started_at"], 2),
+            "share": round((m["ready_at"] - m["started_at"]) / total, 3),
+        }
+        for name, m in marks.items()
+    }
+    return {
+        "total_s": round(total, 2),
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
+        "components": components,
+    }
 
 
 def median_of(rounds: list[dict]) -> dict:
@@ -286,20 +300,36 @@ def median_of(rounds: list[dict]) -> dict:
 
     out: dict = {"ratio": med([r["ratio"] for r in rounds])}
     for side in ("twllm", "manual"):
-        out[side] = {"total_s": med([r[side]["total_s"] for r in rounds]),
-                     "phases_s": {p: med([r[side]["phases_s"][p] for r in rounds]) for p, _ in PHASES}}
+        out[side] = {
+            "total_s": med([r[side]["total_s"] for r in rounds]),
+            "phases_s": {p: med([r[side]["phases_s"][p] for r in rounds]) for p, _ in PHASES},
+        }
     names = rounds[0]["twllm"]["components"]
-    out["twllm"]["components"] = {n: {"seconds": med([r["twllm"]["components"][n]["seconds"] for r in rounds]),
-                                      "share": med([r["twllm"]["components"][n]["share"] for r in rounds])}
-                                  for n in names}
+    out["twllm"]["components"] = {
+        n: {
+            "seconds": med([r["twllm"]["components"][n]["seconds"] for r in rounds]),
+            "share": med([r["twllm"]["components"][n]["share"] for r in rounds]),
+        }
+        for n in names
+    }
     return out
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def print_report(report: dict) -> None:
@@ -307,8 +337,10 @@ def print_report(report: dict) -> None:
     print(f"machine: {m['nproc']} CPUs, {m['cpu']}; {m['date']}")
     print(f"{'round':<7}{'order':<16}{'twllm s':>9}{'manual s':>10}{'ratio':>8}")
     for r in report["rounds"]:
-        print(f"{r['round']:<7}{','.join(r['order']):<16}{r['twllm']['total_s']:>9.1f}"
-              f"{r['manual']['total_s']:>10.1f}{r['ratio']:>8.2f}")
+        print(
+            f"{r['round']:<7}{','.join(r['order']):<16}{r['twllm']['total_s']:>9.1f}"
+            f"{r['manual']['total_s']:>10.1f}{r['ratio']:>8.2f}"
+        )
     med = report["median"]
     print(f"{'median':<23}{med['twllm']['total_s']:>9.1f}{med['manual']['total_s']:>10.1f}{med['ratio']:>8.2f}")
     print("\nphases (median s)                                                           twllm  manual")
@@ -324,7 +356,9 @@ def print_report(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds; odd ones run twllm first, even ones manual first")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds; odd ones run twllm first, even ones manual first"
+    )
     parser.add_argument("--json", action="store_true", help="write one JSON document to stdout")
     parser.add_argument("--keep", action="store_true", help="keep the state directories (logs) afterwards")
     parser.add_argument("--models-dir", type=Path, default=None, help="where the demo models are (built if missing)")
@@ -368,9 +402,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    report = {"machine": machine(), "command": " ".join([".venv/bin/python", "benchmarks/startup.py", *sys.argv[1:]]),
-              "spec": SPEC.format(models="MODELS", chat=CHAT_MODEL, timeout=START_TIMEOUT_S, **ports),
-              "manual_poll_s": MANUAL_POLL_S, "rounds": rounds, "median": median_of(rounds)}
+    report = {
+        "machine": machine(),
+        "command": " ".join([".venv/bin/python", "benchmarks/startup.py", *sys.argv[1:]]),
+        "spec": SPEC.format(models="MODELS", chat=CHAT_MODEL, timeout=START_TIMEOUT_S, **ports),
+        "manual_poll_s": MANUAL_POLL_S,
+        "rounds": rounds,
+        "median": median_of(rounds),
+    }
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:

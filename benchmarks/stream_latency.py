@@ -51,8 +51,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,13 +188,16 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         return out
     ttft = [s["ttft_ms"] for s in ok]
-    out.update({
-        "ttft_p50_ms": percentile(ttft, 50), "ttft_p90_ms": percentile(ttft, 90),
-        "chunks_p50": percentile([s["content_chunks"] for s in ok], 50),
-        "total_p50_ms": percentile([s["total_ms"] for s in ok], 50),
-        "total_p90_ms": percentile([s["total_ms"] for s in ok], 90),
-        "chars_p50": percentile([s["chars"] for s in ok], 50),
-    })
+    out.update(
+        {
+            "ttft_p50_ms": percentile(ttft, 50),
+            "ttft_p90_ms": percentile(ttft, 90),
+            "chunks_p50": percentile([s["content_chunks"] for s in ok], 50),
+            "total_p50_ms": percentile([s["total_ms"] for s in ok], 50),
+            "total_p90_ms": percentile([s["total_ms"] for s in ok], 90),
+            "chars_p50": percentile([s["chars"] for s in ok], 50),
+        }
+    )
     tokens = [s["completion_tokens"] for s in ok if s.get("completion_tokens") is not None]
     if tokens:
         out["completion_tokens_p50"] = percentile(tokens, 50)
@@ -243,13 +247,28 @@ def answer_check(lang: str, text: str) -> str:
 class Child:
     """A process in its own session, its output in a log file; stopped with SIGTERM then SIGKILL."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None,
-                 cpus: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log: Path,
+        cwd: Path | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.name, self.log = name, log
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with log.open("wb") as out:
-            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin)
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=pin,
+            )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -285,8 +304,13 @@ def wait_chat(name: str, url: str, key: str, model: str, child: Child, timeout: 
             raise RuntimeError(f"{name} exited ({child.proc.returncode}):\n{child.tail()}")
         attempts += 1
         try:
-            reply = httpx.post(f"{url}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                               timeout=60, trust_env=False)
+            reply = httpx.post(
+                f"{url}/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=60,
+                trust_env=False,
+            )
             if reply.status_code == 200:
                 return attempts
             last = f"HTTP {reply.status_code} {reply.text[:200]}"
@@ -299,30 +323,46 @@ def wait_chat(name: str, url: str, key: str, model: str, child: Child, timeout: 
 # ---- one streamed request ---------------------------------------------------------------------
 
 
-def stream_once(client: Any, url: str, key: str, model: str, lang: str, max_tokens: int,
-                keep_pieces: bool = False) -> dict[str, Any]:
+def stream_once(
+    client: Any, url: str, key: str, model: str, lang: str, max_tokens: int, keep_pieces: bool = False
+) -> dict[str, Any]:
     prompt, regex = PROMPTS[lang]
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-            "structured_outputs": {"regex": regex}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "structured_outputs": {"regex": regex},
+    }
     stats = StreamStats(keep_pieces=keep_pieces)
     started = time.perf_counter()
     try:
-        with client.stream("POST", f"{url}/chat/completions", json=body,
-                           headers={"Authorization": f"Bearer {key}"}) as reply:
+        with client.stream(
+            "POST", f"{url}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as reply:
             if reply.status_code != 200:
                 stats.error = f"HTTP {reply.status_code} {reply.read().decode(errors='replace')[:300]}"
             else:
                 for event in sse_events(reply.iter_lines()):
                     stats.add(event, time.perf_counter() - started)
-    except Exception as exc:  # noqa: BLE001 - a failed request is a sample with an error
+    except Exception as exc:
         stats.error = repr(exc)[:300]
     total = time.perf_counter() - started
-    return {"ttft_ms": None if stats.ttft_s is None else stats.ttft_s * 1000, "total_ms": total * 1000,
-            "content_chunks": stats.content_chunks, "chunks": stats.chunks, "chars": len(stats.text),
-            "completion_tokens": stats.completion_tokens, "finish_reason": stats.finish_reason,
-            "error": stats.error, "check": answer_check(lang, stats.text) if stats.text else "empty",
-            "text_head": stats.text[:24], **({"text": stats.text, "pieces": stats.pieces} if keep_pieces else {})}
+    return {
+        "ttft_ms": None if stats.ttft_s is None else stats.ttft_s * 1000,
+        "total_ms": total * 1000,
+        "content_chunks": stats.content_chunks,
+        "chunks": stats.chunks,
+        "chars": len(stats.text),
+        "completion_tokens": stats.completion_tokens,
+        "finish_reason": stats.finish_reason,
+        "error": stats.error,
+        "check": answer_check(lang, stats.text) if stats.text else "empty",
+        "text_head": stats.text[:24],
+        **({"text": stats.text, "pieces": stats.pieces} if keep_pieces else {}),
+    }
 
 
 # ---- CPU of other processes -------------------------------------------------------------------
@@ -356,22 +396,37 @@ def machine_busy() -> float:
 def machine() -> dict[str, Any]:
     import psutil
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }
 
 
 def versions(engine_python: Path) -> dict[str, str]:
     from importlib.metadata import version
 
     out = {name: version(name) for name in ("litellm", "openai", "httpx")}
-    out["vllm"] = subprocess.run([str(engine_python), "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
-                                 capture_output=True, text=True).stdout.strip()
-    out["twllm_head"] = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True,
-                                       text=True).stdout.strip()[:100]
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--short", "--", "twllm"], capture_output=True,
-                           text=True).stdout.split("\n")
+    out["vllm"] = subprocess.run(
+        [str(engine_python), "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    out["twllm_head"] = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True
+    ).stdout.strip()[:100]
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--short", "--", "twllm"], capture_output=True, text=True
+    ).stdout.split("\n")
     out["twllm_uncommitted"] = ", ".join(line[3:] for line in dirty if line.strip())
     return out
 
@@ -380,17 +435,21 @@ def versions(engine_python: Path) -> dict[str, str]:
 
 
 def table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    head = (f"{'lang':<5}{'target':<14}{'n':>4}{'err':>4}{'TTFT p50':>10}{'TTFT p90':>10}{'chunks':>8}"
-            f"{'total p50':>11}{'tokens':>8}{'chars':>7}")
+    head = (
+        f"{'lang':<5}{'target':<14}{'n':>4}{'err':>4}{'TTFT p50':>10}{'TTFT p90':>10}{'chunks':>8}"
+        f"{'total p50':>11}{'tokens':>8}{'chars':>7}"
+    )
     rows = [head, "-" * len(head)]
     for lang, by_target in summary.items():
         for target, s in by_target.items():
             if "ttft_p50_ms" not in s:
                 rows.append(f"{lang:<5}{target:<14}{s['requests']:>4}{s['errors']:>4}  (no answer)")
                 continue
-            rows.append(f"{lang:<5}{target:<14}{s['requests']:>4}{s['errors']:>4}{s['ttft_p50_ms']:>10.1f}"
-                        f"{s['ttft_p90_ms']:>10.1f}{s['chunks_p50']:>8.0f}{s['total_p50_ms']:>11.1f}"
-                        f"{s.get('completion_tokens_p50', float('nan')):>8.0f}{s['chars_p50']:>7.0f}")
+            rows.append(
+                f"{lang:<5}{target:<14}{s['requests']:>4}{s['errors']:>4}{s['ttft_p50_ms']:>10.1f}"
+                f"{s['ttft_p90_ms']:>10.1f}{s['chunks_p50']:>8.0f}{s['total_p50_ms']:>11.1f}"
+                f"{s.get('completion_tokens_p50', float('nan')):>8.0f}{s['chars_p50']:>7.0f}"
+            )
     return "\n".join(rows)
 
 
@@ -398,11 +457,13 @@ def ratio_lines(r: dict[str, dict[str, dict[str, float]]]) -> str:
     rows = []
     for lang, by_target in r.items():
         for target, e in by_target.items():
-            rows.append(f"{lang} {target:<13} TTFT p50 − litellm {e['ttft_p50_minus_litellm_ms']:+7.1f} ms "
-                        f"(≤ {TTFT_WITHIN_MS:.0f}: {'met' if e['meets_ttft'] else 'MISSED'}, "
-                        f"×{e['ttft_p50_over_litellm']:.3f})  chunks × engine {e['chunks_over_engine']:.3f} "
-                        f"(≥ {CHUNKS_AT_LEAST}: {'met' if e['meets_chunks'] else 'MISSED'})  "
-                        f"total × litellm {e['total_p50_over_litellm']:.3f}")
+            rows.append(
+                f"{lang} {target:<13} TTFT p50 − litellm {e['ttft_p50_minus_litellm_ms']:+7.1f} ms "
+                f"(≤ {TTFT_WITHIN_MS:.0f}: {'met' if e['meets_ttft'] else 'MISSED'}, "
+                f"×{e['ttft_p50_over_litellm']:.3f})  chunks × engine {e['chunks_over_engine']:.3f} "
+                f"(≥ {CHUNKS_AT_LEAST}: {'met' if e['meets_chunks'] else 'MISSED'})  "
+                f"total × litellm {e['total_p50_over_litellm']:.3f}"
+            )
     return "\n".join(rows)
 
 
@@ -415,10 +476,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10, help="measured requests per target, language and round")
     parser.add_argument("--warmup", type=int, default=2, help="uncounted requests per target and language first")
     parser.add_argument("--max-tokens", type=int, default=200)
-    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2,
-                        help="engine on CPU 0, everything else on the other CPUs")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "stream_latency.json",
-                        help="where the figures go (JSON); '-' for none")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=(os.cpu_count() or 1) >= 2,
+        help="engine on CPU 0, everything else on the other CPUs",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "stream_latency.json",
+        help="where the figures go (JSON); '-' for none",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
     args = parser.parse_args(argv)
 
@@ -433,14 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     from twllm.accounting.migrate import migrate
     from twllm.bench.compare import bare_litellm_config, proxy_env
     from twllm.demo.build import build_demo_models, default_models_dir
+    from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+    from twllm.plan.placement import GpuInventory
+    from twllm.render.gateway_config import LITELLM_CONFIG, render
     from twllm.runtime.engines.base import RuntimeContext
     from twllm.runtime.engines.envs import child_env, find_engine
     from twllm.runtime.engines.vllm import VllmDriver
     from twllm.runtime.gateway import gateway_launch
-    from twllm.plan.placement import GpuInventory
-    from twllm.plan.build import ENGINE_KEY_ENV, make_plan
     from twllm.spec.resolve import parse_spec
-    from twllm.render.gateway_config import LITELLM_CONFIG, render
 
     sys.path.insert(0, str(ROOT / "tests"))
     from pgutil import Postgres, free_port  # the tests' embedded PostgreSQL (not a package)
@@ -461,8 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     engine_key = "sk-bench-engine-" + secrets.token_hex(12)
     secret_env = {"TWLLM_MASTER_KEY": master_key, ENGINE_KEY_ENV: engine_key}
     work = Path(tempfile.mkdtemp(prefix="twllm-bench-stream-"))
-    loaded = parse_spec(SPEC.format(chat=CHAT_MODEL, model=models / "twllm-demo-chat", engine_port=free_port()),
-                        str(work / "spec.yaml"), {"TWLLM_MASTER_KEY": master_key})
+    loaded = parse_spec(
+        SPEC.format(chat=CHAT_MODEL, model=models / "twllm-demo-chat", engine_port=free_port()),
+        str(work / "spec.yaml"),
+        {"TWLLM_MASTER_KEY": master_key},
+    )
     plan = make_plan(loaded, GpuInventory(0), work / "state")
     (engine_proc,) = plan.engines
     spec = loaded.spec
@@ -474,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     (work / "litellm" / LITELLM_CONFIG).write_text(
-        yaml.safe_dump(bare_litellm_config(plan, CHAT_MODEL), sort_keys=False, allow_unicode=True))
+        yaml.safe_dump(bare_litellm_config(plan, CHAT_MODEL), sort_keys=False, allow_unicode=True)
+    )
 
     postgres = Postgres(work)
     children: dict[str, Child] = {}
@@ -489,25 +562,52 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = RuntimeContext(state_dir=work, secrets=secret_env, vllm_python=engine_python)
         launch = VllmDriver().launch(engine_proc, ctx)
-        children["engine"] = Child("engine", launch.argv, {**child_env(launch.env), "OMP_NUM_THREADS": "1"},
-                                   work / "engine.log", cpus=engine_cpus)
-        say(f"vLLM starting on port {engine_proc.port}{' (CPU %s)' % sorted(engine_cpus) if engine_cpus else ''}; "
-            "proxies starting meanwhile")
+        children["engine"] = Child(
+            "engine",
+            launch.argv,
+            {**child_env(launch.env), "OMP_NUM_THREADS": "1"},
+            work / "engine.log",
+            cpus=engine_cpus,
+        )
+        say(
+            f"vLLM starting on port {engine_proc.port}{' (CPU %s)' % sorted(engine_cpus) if engine_cpus else ''}; "
+            "proxies starting meanwhile"
+        )
         urls = {"engine": f"http://127.0.0.1:{engine_proc.port}/v1"}
         for target, folder in (("twllm", "gw-plain"), ("twllm+stages", "gw-stages")):
             port = free_port()
             gw = dataclasses.replace(plan.gateway, host="127.0.0.1", port=port, url=f"http://127.0.0.1:{port}/v1")
-            launch = gateway_launch(gw, work / folder, secret_env, database_url=postgres.url,
-                                    spool_dir=work / f"spool-{folder}")
-            children[target] = Child(target, launch.argv, {**proxy_env(launch.env), "OMP_NUM_THREADS": "1"},
-                                     work / f"{folder}.log", cwd=launch.cwd)
+            launch = gateway_launch(
+                gw, work / folder, secret_env, database_url=postgres.url, spool_dir=work / f"spool-{folder}"
+            )
+            children[target] = Child(
+                target,
+                launch.argv,
+                {**proxy_env(launch.env), "OMP_NUM_THREADS": "1"},
+                work / f"{folder}.log",
+                cwd=launch.cwd,
+            )
             urls[target] = gw.url
         port = free_port()
         children["litellm"] = Child(
-            "litellm", [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config",
-                        str(work / "litellm" / LITELLM_CONFIG), "--host", "127.0.0.1", "--port", str(port),
-                        "--num_workers", "1"],
-            {**proxy_env(secret_env), "OMP_NUM_THREADS": "1"}, work / "litellm.log", cwd=work / "litellm")
+            "litellm",
+            [
+                sys.executable,
+                "-m",
+                "litellm.proxy.proxy_cli",
+                "--config",
+                str(work / "litellm" / LITELLM_CONFIG),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num_workers",
+                "1",
+            ],
+            {**proxy_env(secret_env), "OMP_NUM_THREADS": "1"},
+            work / "litellm.log",
+            cwd=work / "litellm",
+        )
         urls["litellm"] = f"http://127.0.0.1:{port}/v1"
 
         driver = VllmDriver()
@@ -516,12 +616,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"vLLM did not become ready:\n{children['engine'].tail()}")
             time.sleep(0.5)
         say(f"vLLM ready after {time.monotonic() - t0:.0f} s")
-        served = httpx.get(f"{urls['engine']}/models", headers={"Authorization": f"Bearer {engine_key}"},
-                           trust_env=False).json()["data"][0]["id"]
+        served = httpx.get(
+            f"{urls['engine']}/models", headers={"Authorization": f"Bearer {engine_key}"}, trust_env=False
+        ).json()["data"][0]["id"]
         keys = {"engine": engine_key, "litellm": master_key, "twllm": tenant_key, "twllm+stages": tenant_key}
         model_of = {t: (served if t == "engine" else CHAT_MODEL) for t in TARGETS}
-        probes = {target: wait_chat(target, urls[target], keys[target], model_of[target], children[target],
-                                    PROXY_READY_TIMEOUT_S) for target in TARGETS}
+        probes = {
+            target: wait_chat(
+                target, urls[target], keys[target], model_of[target], children[target], PROXY_READY_TIMEOUT_S
+            )
+            for target in TARGETS
+        }
         say(f"every target answers; {time.monotonic() - t0:.0f} s since start")
 
         samples: list[dict[str, Any]] = []
@@ -533,12 +638,13 @@ def main(argv: list[str] | None = None) -> int:
             for target in TARGETS:  # grammars compiled, connections and proxies warm
                 for _ in range(args.warmup):
                     for lang in LANGS:
-                        warm = stream_once(client, urls[target], keys[target], model_of[target], lang,
-                                           args.max_tokens)
+                        warm = stream_once(client, urls[target], keys[target], model_of[target], lang, args.max_tokens)
                         if warm["error"]:
                             raise RuntimeError(f"warm-up through {target} failed: {warm['error']}")
-                        say(f"warm-up {target} {lang}: {warm['content_chunks']} chunks, "
-                            f"{warm['completion_tokens']} tokens, {warm['check']}, {warm['text_head']!r}")
+                        say(
+                            f"warm-up {target} {lang}: {warm['content_chunks']} chunks, "
+                            f"{warm['completion_tokens']} tokens, {warm['check']}, {warm['text_head']!r}"
+                        )
             for number in range(args.rounds):
                 order = rotated(TARGETS, number)
                 entry: dict[str, Any] = {"order": order, "loadavg_start": os.getloadavg()}
@@ -550,11 +656,20 @@ def main(argv: list[str] | None = None) -> int:
                         langs = LANGS if i % 2 == 0 else tuple(reversed(LANGS))
                         for lang in langs:
                             first = number == 0 and i == 0
-                            sample = stream_once(client, urls[target], keys[target], model_of[target], lang,
-                                                 args.max_tokens, keep_pieces=first)
+                            sample = stream_once(
+                                client,
+                                urls[target],
+                                keys[target],
+                                model_of[target],
+                                lang,
+                                args.max_tokens,
+                                keep_pieces=first,
+                            )
                             if first:  # one answer per target and language, whole, for the record
                                 examples.setdefault(lang, {})[target] = {
-                                    "text": sample.pop("text"), "pieces": sample.pop("pieces")}
+                                    "text": sample.pop("text"),
+                                    "pieces": sample.pop("pieces"),
+                                }
                             sample.update({"round": number + 1, "target": target, "lang": lang})
                             got.append(sample)
                     wall = time.monotonic() - wall0
@@ -564,26 +679,37 @@ def main(argv: list[str] | None = None) -> int:
                     samples += got
                     entry[target] = {lang: summarize([s for s in got if s["lang"] == lang]) for lang in LANGS}
                     entry[target]["other_processes_cores"] = round(others / wall, 2)
-                    entry[target]["cpu_ms_per_answer"] = {name: round(v * 1000 / len(got), 1)
-                                                          for name, v in used.items()}
-                    say(f"round {number + 1} {target:<13} " + "  ".join(
-                        f"{lang}: TTFT {entry[target][lang].get('ttft_p50_ms', float('nan')):6.1f} ms, "
-                        f"{entry[target][lang].get('chunks_p50', float('nan')):.0f} chunks, "
-                        f"total {entry[target][lang].get('total_p50_ms', float('nan')):6.0f} ms, "
-                        f"{entry[target][lang]['errors']} err" for lang in LANGS)
+                    entry[target]["cpu_ms_per_answer"] = {
+                        name: round(v * 1000 / len(got), 1) for name, v in used.items()
+                    }
+                    say(
+                        f"round {number + 1} {target:<13} "
+                        + "  ".join(
+                            f"{lang}: TTFT {entry[target][lang].get('ttft_p50_ms', float('nan')):6.1f} ms, "
+                            f"{entry[target][lang].get('chunks_p50', float('nan')):.0f} chunks, "
+                            f"total {entry[target][lang].get('total_p50_ms', float('nan')):6.0f} ms, "
+                            f"{entry[target][lang]['errors']} err"
+                            for lang in LANGS
+                        )
                         + f"  (CPU ms/answer: {used.get(target, used['engine']) * 1000 / len(got):.0f} "
                         f"{'engine' if target == 'engine' else 'proxy'}, {used['engine'] * 1000 / len(got):.0f} "
-                        f"engine; other processes {others / wall:.2f} cores)")
+                        f"engine; other processes {others / wall:.2f} cores)"
+                    )
                 rounds.append(entry)
 
-        summary = {lang: {t: summarize([s for s in samples if s["target"] == t and s["lang"] == lang])
-                          for t in TARGETS} for lang in LANGS}
-        checks = {lang: {t: sorted({s["check"] for s in samples if s["target"] == t and s["lang"] == lang})
-                         for t in TARGETS} for lang in LANGS}
+        summary = {
+            lang: {t: summarize([s for s in samples if s["target"] == t and s["lang"] == lang]) for t in TARGETS}
+            for lang in LANGS
+        }
+        checks = {
+            lang: {t: sorted({s["check"] for s in samples if s["target"] == t and s["lang"] == lang}) for t in TARGETS}
+            for lang in LANGS
+        }
         with psycopg.connect(postgres.url, autocommit=True) as conn:
             time.sleep(1.0)
-            ledger_rows = conn.execute("SELECT count(*) FROM spend_ledger WHERE key_id = %s",
-                                       (key_record.id,)).fetchone()[0]
+            ledger_rows = conn.execute(
+                "SELECT count(*) FROM spend_ledger WHERE key_id = %s", (key_record.id,)
+            ).fetchone()[0]
     finally:
         for child in children.values():
             child.stop()
@@ -594,8 +720,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     result = ratios(summary)
-    cpu = {t: {name: statistics.median(r[t]["cpu_ms_per_answer"][name] for r in rounds)
-               for name in rounds[0][t]["cpu_ms_per_answer"]} for t in TARGETS}
+    cpu = {
+        t: {
+            name: statistics.median(r[t]["cpu_ms_per_answer"][name] for r in rounds)
+            for name in rounds[0][t]["cpu_ms_per_answer"]
+        }
+        for t in TARGETS
+    }
     for t in TARGETS:
         cpu[t]["other_processes_cores"] = statistics.median(r[t]["other_processes_cores"] for r in rounds)
     report = {
@@ -604,16 +735,35 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["OMP_NUM_THREADS=1", ".venv/bin/python", "benchmarks/stream_latency.py", *sys.argv[1:]]),
         "machine": machine(),
         "versions": versions(engine_python),
-        "settings": {"rounds": args.rounds, "requests_per_round": args.requests, "warmup": args.warmup,
-                     "max_tokens": args.max_tokens, "temperature": 0, "concurrency": 1, "gateway_workers": 1,
-                     "stages": STAGES, "regex": {"zh": CHINESE_REGEX, "en": ENGLISH_REGEX},
-                     "prompts": {lang: p for lang, (p, _) in PROMPTS.items()},
-                     "cpus": ({"engine": sorted(engine_cpus or ()), "rest": sorted(os.sched_getaffinity(0))}
-                              if args.pin else "unpinned")},
-        "summary": summary, "ratios": result, "cpu_ms_per_answer": cpu, "answers": checks, "examples": examples,
+        "settings": {
+            "rounds": args.rounds,
+            "requests_per_round": args.requests,
+            "warmup": args.warmup,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "concurrency": 1,
+            "gateway_workers": 1,
+            "stages": STAGES,
+            "regex": {"zh": CHINESE_REGEX, "en": ENGLISH_REGEX},
+            "prompts": {lang: p for lang, (p, _) in PROMPTS.items()},
+            "cpus": (
+                {"engine": sorted(engine_cpus or ()), "rest": sorted(os.sched_getaffinity(0))}
+                if args.pin
+                else "unpinned"
+            ),
+        },
+        "summary": summary,
+        "ratios": result,
+        "cpu_ms_per_answer": cpu,
+        "answers": checks,
+        "examples": examples,
         "rounds": rounds,
-        "ledger": {"tenant_key_requests": 2 * (args.warmup + args.rounds * args.requests) * len(LANGS)
-                   + probes["twllm"] + probes["twllm+stages"], "rows": ledger_rows},
+        "ledger": {
+            "tenant_key_requests": 2 * (args.warmup + args.rounds * args.requests) * len(LANGS)
+            + probes["twllm"]
+            + probes["twllm+stages"],
+            "rows": ledger_rows,
+        },
         "total_s": round(time.monotonic() - t0, 1),
         "samples": samples,
     }
@@ -624,8 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     for t in TARGETS:
         print(f"  {t:<13} " + ", ".join(f"{name} {v:.1f}" for name, v in cpu[t].items()))
     print(f"\nanswers: {json.dumps(checks, ensure_ascii=False)}")
-    print(f"ledger rows for the tenant key: {ledger_rows} (requests sent with it: "
-          f"{report['ledger']['tenant_key_requests']})")
+    print(
+        f"ledger rows for the tenant key: {ledger_rows} (requests sent with it: "
+        f"{report['ledger']['tenant_key_requests']})"
+    )
     if str(args.out) != "-":
         args.out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         say(f"figures written to {args.out}")

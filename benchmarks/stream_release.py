@@ -30,9 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from twllm.spec.schema import GuardSpec
 from twllm.guard.pipeline import GuardPipeline
 from twllm.guard.streaming import OutputStream
+from twllm.spec.schema import GuardSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "abd87a5"
@@ -67,8 +67,8 @@ def english_pieces(text: str) -> list[str]:
     for word in re.findall(r" ?[A-Za-z]+| ?[0-9]+| ?[^ A-Za-z0-9]| +", text):
         while len(word.strip()) > 6:  # BPE-like: long words in parts
             cut = 4 if word[0] == " " else 3
-            pieces.append(word[:cut + 1])
-            word = word[cut + 1:]
+            pieces.append(word[: cut + 1])
+            word = word[cut + 1 :]
         pieces.append(word)
     return pieces
 
@@ -83,14 +83,15 @@ def chinese_pieces(text: str, rng: random.Random, most: int = 2) -> list[str]:
             n = j - i
         else:
             n = rng.randint(1, most)
-        pieces.append(text[i:i + n])
+        pieces.append(text[i : i + n])
         i += n
     return pieces
 
 
 def _load(ref: str, path: str, name: str):
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{path}"], check=True, capture_output=True,
-                            text=True).stdout
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{ref}:{path}"], check=True, capture_output=True, text=True
+    ).stdout
     folder = Path(tempfile.mkdtemp())
     (folder / f"{name}.py").write_text(source, encoding="utf-8")
     spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
@@ -129,9 +130,13 @@ def measure(make, pieces: list[str]) -> dict:
     first = next((i for i, r in enumerate(released) if r), len(released))
     times.sort()
     row = {
-        "pieces": len(pieces), "releases": nonempty, "ratio": nonempty / len(pieces),
-        "pieces_before_first_release": first, "left_for_flush": len(tail),
-        "feed_us_mean": statistics.fmean(times) * 1e6, "feed_us_p99": times[int(0.99 * (len(times) - 1))] * 1e6,
+        "pieces": len(pieces),
+        "releases": nonempty,
+        "ratio": nonempty / len(pieces),
+        "pieces_before_first_release": first,
+        "left_for_flush": len(tail),
+        "feed_us_mean": statistics.fmean(times) * 1e6,
+        "feed_us_p99": times[int(0.99 * (len(times) - 1))] * 1e6,
         "text": "".join(released) + tail,
     }
     if held[0] is not None:
@@ -163,8 +168,10 @@ def main() -> None:
     }
     if args.baseline != "none":
         try:
-            old = (_load(args.baseline, "twllm/guard/pii.py", "baseline_pii"),
-                   _load(args.baseline, "twllm/zh_tw/normalize.py", "baseline_normalize"))
+            old = (
+                _load(args.baseline, "twllm/guard/pii.py", "baseline_pii"),
+                _load(args.baseline, "twllm/zh_tw/normalize.py", "baseline_normalize"),
+            )
             makers["pii+zh_tw@" + args.baseline] = lambda: _Baseline(*old)
         except (subprocess.CalledProcessError, OSError) as error:
             print(f"(no baseline: {error})", file=sys.stderr)
@@ -177,14 +184,18 @@ def main() -> None:
         print(json.dumps(results, indent=2, ensure_ascii=False))
         return
     print(f"OutputStream, no gate; {platform()}")
-    print(f"{'answer, pieces':<24}{'stages':<19}{'pieces':>7}{'releases':>9}{'ratio':>7}{'1st at':>7}"
-          f"{'flush':>6}{'held mean':>10}{'held max':>9}{'feed µs':>8}{'p99 µs':>8}")
+    print(
+        f"{'answer, pieces':<24}{'stages':<19}{'pieces':>7}{'releases':>9}{'ratio':>7}{'1st at':>7}"
+        f"{'flush':>6}{'held mean':>10}{'held max':>9}{'feed µs':>8}{'p99 µs':>8}"
+    )
     for case, rows in results.items():
         for who, r in rows.items():
             held = f"{r['held_mean']:>10.1f}{r['held_max']:>9d}" if "held_mean" in r else f"{'-':>10}{'-':>9}"
-            print(f"{case:<24}{who:<19}{r['pieces']:>7d}{r['releases']:>9d}{r['ratio']:>7.2f}"
-                  f"{r['pieces_before_first_release']:>7d}{r['left_for_flush']:>6d}{held}"
-                  f"{r['feed_us_mean']:>8.1f}{r['feed_us_p99']:>8.1f}")
+            print(
+                f"{case:<24}{who:<19}{r['pieces']:>7d}{r['releases']:>9d}{r['ratio']:>7.2f}"
+                f"{r['pieces_before_first_release']:>7d}{r['left_for_flush']:>6d}{held}"
+                f"{r['feed_us_mean']:>8.1f}{r['feed_us_p99']:>8.1f}"
+            )
 
 
 def platform() -> str:

@@ -25,13 +25,19 @@ import opencc
 
 from twllm.zh_tw import StreamNormalizer, normalize
 
-SIMPLIFIED = ("这个软件的信息存储在服务器上，用户可以通过视频会议讨论项目进度。"
-              "如果硬盘坏了，请先备份数据库，然后联系客服。我每天坐公交车上班，产品质量很好！\n")
-TRADITIONAL = ("這個軟體的資訊存放在伺服器上，使用者可以透過視訊會議討論專案進度。"
-               "干擾訊號排除後，後面的頭髮造型也完成了，台灣的朋友發現這裡很好用！\n")
-MIXED = (TRADITIONAL + SIMPLIFIED + "The gateway routes each request to a vLLM engine; see "
-         "https://example.com/docs?id=42 for details. 用 `print('软件')` 测试。\n"
-         "```python\n# 这是注释\nx = load('服务器')\n```\n")
+SIMPLIFIED = (
+    "这个软件的信息存储在服务器上，用户可以通过视频会议讨论项目进度。"
+    "如果硬盘坏了，请先备份数据库，然后联系客服。我每天坐公交车上班，产品质量很好！\n"
+)
+TRADITIONAL = (
+    "這個軟體的資訊存放在伺服器上，使用者可以透過視訊會議討論專案進度。"
+    "干擾訊號排除後，後面的頭髮造型也完成了，台灣的朋友發現這裡很好用！\n"
+)
+MIXED = (
+    TRADITIONAL + SIMPLIFIED + "The gateway routes each request to a vLLM engine; see "
+    "https://example.com/docs?id=42 for details. 用 `print('软件')` 测试。\n"
+    "```python\n# 这是注释\nx = load('服务器')\n```\n"
+)
 SIZE = 100_000
 
 
@@ -54,7 +60,7 @@ def stream_latency(text: str, chunk: int) -> tuple[float, float]:
     """(mean, p99) microseconds per feed() call, chunks of ``chunk`` characters."""
     stream, times = StreamNormalizer(), []
     for i in range(0, len(text), chunk):
-        piece = text[i:i + chunk]
+        piece = text[i : i + chunk]
         started = time.perf_counter()
         stream.feed(piece)
         times.append(time.perf_counter() - started)
@@ -72,14 +78,25 @@ def main() -> None:
     args = parser.parse_args()
     normalize(SIMPLIFIED)  # load the OpenCC dictionaries outside the timings
     s2twp = opencc.OpenCC("s2twp").convert
-    rows = {name: throughput(normalize, _text(p), args.rounds)
-            for name, p in (("simplified", SIMPLIFIED), ("traditional", TRADITIONAL), ("mixed", MIXED))}
+    rows = {
+        name: throughput(normalize, _text(p), args.rounds)
+        for name, p in (("simplified", SIMPLIFIED), ("traditional", TRADITIONAL), ("mixed", MIXED))
+    }
     rows["opencc s2twp"] = throughput(s2twp, _text(SIMPLIFIED), args.rounds)
     mixed = _text(MIXED)[:20_000]
     streams = {chunk: stream_latency(mixed, chunk) for chunk in (1, 2, 4)}
     if args.json:
-        print(json.dumps({"chars_per_s": rows, "feed_us": {str(k): {"mean": m, "p99": p} for k, (m, p) in streams.items()},
-                          "python": platform.python_version(), "opencc": opencc.__version__}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "chars_per_s": rows,
+                    "feed_us": {str(k): {"mean": m, "p99": p} for k, (m, p) in streams.items()},
+                    "python": platform.python_version(),
+                    "opencc": opencc.__version__,
+                },
+                indent=2,
+            )
+        )
         return
     print(f"python {platform.python_version()}, opencc {opencc.__version__}, {SIZE:,} characters per text")
     print(f"{'text':<14}{'M chars/s':>12}")

@@ -7,8 +7,8 @@ the developer's shell leaks in, and numeric libraries use one thread.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

@@ -34,9 +34,9 @@ def answer_for(messages: list[dict[str, Any]]) -> str:
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
     text = text or ""
     if text.startswith("SAY64: "):
-        return base64.b64decode(text[len("SAY64: "):]).decode("utf-8")
+        return base64.b64decode(text[len("SAY64: ") :]).decode("utf-8")
     if text.startswith("SAY: "):
-        return text[len("SAY: "):]
+        return text[len("SAY: ") :]
     if "DUMP" in text:
         return json.dumps(messages, ensure_ascii=False)
     if "ECHO" in text:
@@ -63,40 +63,81 @@ class EchoUpstream:
                 upstream.received.append(body)
                 if self.path.endswith("/embeddings"):
                     texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
-                    self._json({"object": "list", "model": "echo", "usage": {"prompt_tokens": 3, "total_tokens": 3},
-                                "data": [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0]}
-                                         for i, t in enumerate(texts)]})
+                    self._json(
+                        {
+                            "object": "list",
+                            "model": "echo",
+                            "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                            "data": [
+                                {"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0]}
+                                for i, t in enumerate(texts)
+                            ],
+                        }
+                    )
                     return
                 messages = body.get("messages") or [{"role": "user", "content": body.get("prompt") or ""}]
                 text = answer_for(messages)
                 created = int(time.time())
                 if not self.path.endswith("/chat/completions") and not body.get("stream"):
-                    self._json({
-                        "id": "cmpl-echo", "object": "text_completion", "created": created, "model": "echo",
-                        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
-                        "usage": {"prompt_tokens": 5, "completion_tokens": len(text), "total_tokens": 5 + len(text)},
-                    })
+                    self._json(
+                        {
+                            "id": "cmpl-echo",
+                            "object": "text_completion",
+                            "created": created,
+                            "model": "echo",
+                            "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                            "usage": {
+                                "prompt_tokens": 5,
+                                "completion_tokens": len(text),
+                                "total_tokens": 5 + len(text),
+                            },
+                        }
+                    )
                     return
                 if not body.get("stream"):
-                    self._json({
-                        "id": "chatcmpl-echo", "object": "chat.completion", "created": created, "model": "echo",
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 5, "completion_tokens": len(text), "total_tokens": 5 + len(text)},
-                    })
+                    self._json(
+                        {
+                            "id": "chatcmpl-echo",
+                            "object": "chat.completion",
+                            "created": created,
+                            "model": "echo",
+                            "choices": [
+                                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                            ],
+                            "usage": {
+                                "prompt_tokens": 5,
+                                "completion_tokens": len(text),
+                                "total_tokens": 5 + len(text),
+                            },
+                        }
+                    )
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                pieces = [text[i:i + CHUNK] for i in range(0, len(text), CHUNK)]
+                pieces = [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)]
                 events = [{"role": "assistant", "content": ""}] + [{"content": p} for p in pieces]
-                for i, delta in enumerate(events):
-                    self._event({"id": "chatcmpl-echo", "object": "chat.completion.chunk", "created": created,
-                                 "model": "echo", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
-                self._event({"id": "chatcmpl-echo", "object": "chat.completion.chunk", "created": created,
-                             "model": "echo", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                             "usage": {"prompt_tokens": 5, "completion_tokens": len(text), "total_tokens": 5 + len(text)}})
+                for delta in events:
+                    self._event(
+                        {
+                            "id": "chatcmpl-echo",
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": "echo",
+                            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                        }
+                    )
+                self._event(
+                    {
+                        "id": "chatcmpl-echo",
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": "echo",
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": len(text), "total_tokens": 5 + len(text)},
+                    }
+                )
                 self._write(b"data: [DONE]\n\n")
                 self._write(b"")
 

@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -67,7 +67,7 @@ def canned_reply(model: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 class Store:
@@ -86,9 +86,19 @@ class Store:
         digest = hashlib.sha256(f"{display}:{size}".encode()).hexdigest()
         with self.lock:
             self.models[display] = {
-                "name": display, "model": display, "modified_at": _now(), "size": size, "digest": digest,
-                "details": {"parent_model": "", "format": fmt, "family": "contract", "families": ["contract"],
-                            "parameter_size": "0B", "quantization_level": "Q4_0"},
+                "name": display,
+                "model": display,
+                "modified_at": _now(),
+                "size": size,
+                "digest": digest,
+                "details": {
+                    "parent_model": "",
+                    "format": fmt,
+                    "family": "contract",
+                    "families": ["contract"],
+                    "parameter_size": "0B",
+                    "quantization_level": "Q4_0",
+                },
             }
 
     def has_model(self, name: str) -> bool:
@@ -97,7 +107,7 @@ class Store:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_HTTPServer"
+    server: _HTTPServer
     protocol_version = "HTTP/1.0"  # one response per connection; a stream ends when it closes
     server_version = "ollama-contract"
 
@@ -207,8 +217,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._record()
         routes = {
-            "/api/pull": self._pull, "/api/create": self._create, "/api/chat": self._chat,
-            "/v1/chat/completions": self._openai_chat, "/v1/embeddings": self._openai_embeddings,
+            "/api/pull": self._pull,
+            "/api/create": self._create,
+            "/api/chat": self._chat,
+            "/v1/chat/completions": self._openai_chat,
+            "/v1/embeddings": self._openai_embeddings,
         }
         if self.path.startswith("/api/blobs/"):
             return self._post_blob(self.path.removeprefix("/api/blobs/"))
@@ -316,9 +329,19 @@ class _Handler(BaseHTTPRequestHandler):
         model = str(body.get("model") or "")
         if not self.server.store.has_model(model):
             return self._error(404, f"model {json.dumps(model)} not found, try pulling it first")
-        done = {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                "done": True, "done_reason": "stop", "total_duration": 1000, "load_duration": 10,
-                "prompt_eval_count": 1, "prompt_eval_duration": 100, "eval_count": 4, "eval_duration": 400}
+        done = {
+            "model": model,
+            "created_at": _now(),
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "stop",
+            "total_duration": 1000,
+            "load_duration": 10,
+            "prompt_eval_count": 1,
+            "prompt_eval_duration": 100,
+            "eval_count": 4,
+            "eval_duration": 400,
+        }
         if not body.get("messages"):
             return self._json(200, done | {"done_reason": "load"})
         reply = {"role": "assistant", "content": canned_reply(model)}
@@ -335,8 +358,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._openai_error(404, f"model {json.dumps(model)} not found, try pulling it first")
         content = canned_reply(model)
         usage = {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
-        head = {"id": f"chatcmpl-{int(time.time() * 1000) % 1000}", "created": int(time.time()),
-                "model": model, "system_fingerprint": "fp_ollama"}
+        head = {
+            "id": f"chatcmpl-{int(time.time() * 1000) % 1000}",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "fp_ollama",
+        }
         if not body.get("stream"):
             choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
             return self._json(200, head | {"object": "chat.completion", "choices": [choice], "usage": usage})
@@ -363,8 +390,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._openai_error(400, "invalid input type")
         data = [{"object": "embedding", "embedding": _vector(t), "index": i} for i, t in enumerate(texts)]
         tokens = sum(len(t.split()) for t in texts)
-        self._json(200, {"object": "list", "data": data, "model": model,
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        self._json(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
 
 
 def _vector(text: str) -> list[float]:
@@ -386,8 +420,9 @@ class _HTTPServer(ThreadingHTTPServer):
 class ContractServer:
     """The contract server on a background thread (port 0: a free one). A context manager."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, library: Iterable[str] = DEFAULT_LIBRARY,
-                 verbose: bool = False) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, library: Iterable[str] = DEFAULT_LIBRARY, verbose: bool = False
+    ) -> None:
         self.store = Store(library)
         self._httpd = _HTTPServer((host, port), self.store, verbose)
         self.host, self.port = self._httpd.server_address[:2]
@@ -397,7 +432,7 @@ class ContractServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "ContractServer":
+    def start(self) -> ContractServer:
         self._thread.start()
         return self
 
@@ -406,7 +441,7 @@ class ContractServer:
         self._httpd.server_close()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> "ContractServer":
+    def __enter__(self) -> ContractServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -441,8 +476,11 @@ def serve(argv: list[str]) -> int:
         print(f"Error: listen tcp {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f'msg="Listening on {host}:{port} (version {VERSION})" (Ollama contract server, not Ollama)',
-          file=sys.stderr, flush=True)
+    print(
+        f'msg="Listening on {host}:{port} (version {VERSION})" (Ollama contract server, not Ollama)',
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

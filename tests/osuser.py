@@ -11,8 +11,9 @@ import pwd
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -27,8 +28,22 @@ def other_user() -> tuple[int, int]:
     except KeyError:
         if shutil.which("useradd") is None:
             pytest.fail(f"no user {OTHER_USER!r} and no useradd to create it (install Debian's passwd package)")
-        subprocess.run(["useradd", "--system", "--no-create-home", "--user-group", "--home-dir", "/nonexistent",
-                        "--shell", "/usr/sbin/nologin", OTHER_USER], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                OTHER_USER,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         entry = pwd.getpwnam(OTHER_USER)
     return entry.pw_uid, entry.pw_gid
 
@@ -47,11 +62,11 @@ def as_user(uid: int, gid: int, probe: Callable[..., Any], *args: Any) -> Any:
             os.setgid(gid)
             os.setuid(uid)
             data = json.dumps({"result": probe(*args)}).encode()
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             data = json.dumps({"crash": repr(exc)}).encode()
         try:
             while data:
-                data = data[os.write(write_end, data):]
+                data = data[os.write(write_end, data) :]
         finally:
             os._exit(0)
     os.close(write_end)

@@ -37,8 +37,14 @@ class Postgres:
         self.pg.initialize()
         launch = self.pg.launch()
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                launch.argv,
+                env={**os.environ, **launch.env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while not self.pg.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:

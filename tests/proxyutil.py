@@ -168,8 +168,19 @@ def start_proxy(
     if entry == "twllm":  # what the supervisor runs: the proxy app behind twllm's shield
         if server != "uvicorn" or extra_args:
             raise ValueError("twllm's gateway entry point takes no server choice or extra LiteLLM flags")
-        argv = [sys.executable, "-m", "twllm.gateway.serve", "--config", str(config_path), "--host", host,
-                "--port", str(port), "--workers", str(workers)]
+        argv = [
+            sys.executable,
+            "-m",
+            "twllm.gateway.serve",
+            "--config",
+            str(config_path),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ]
         return _launch(argv, config_path, host, port, env, workers, timeout, log_path)
     argv = [
         sys.executable,
@@ -192,8 +203,16 @@ def start_proxy(
     return _launch(argv, config_path, host, port, env, workers, timeout, log_path)
 
 
-def _launch(argv: list[str], config_path: Path, host: str, port: int, env: Mapping[str, str], workers: int,
-            timeout: float, log_path: Path) -> ProxyHandle:
+def _launch(
+    argv: list[str],
+    config_path: Path,
+    host: str,
+    port: int,
+    env: Mapping[str, str],
+    workers: int,
+    timeout: float,
+    log_path: Path,
+) -> ProxyHandle:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             argv,

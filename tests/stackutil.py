@@ -17,17 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-
 from pgutil import free_port
 
+from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
+from twllm.plan.placement import GpuInventory
+from twllm.render.gateway_config import render
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.envs import child_env
 from twllm.runtime.engines.vllm import VllmDriver
 from twllm.runtime.gateway import gateway_launch
-from twllm.plan.placement import GpuInventory
-from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
 from twllm.spec.resolve import parse_spec
-from twllm.render.gateway_config import render
 
 ENGINE_KEY = "sk-engine-stack-0123456789abcdef"
 READY_TIMEOUT_S = 240.0
@@ -57,15 +56,29 @@ class Stack:
     gateway: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def start(cls, spec_text: str, folder: Path, *, master_key: str, vllm_python: Path, database_url: str,
-              env: dict[str, str] | None = None) -> Stack:
+    def start(
+        cls,
+        spec_text: str,
+        folder: Path,
+        *,
+        master_key: str,
+        vllm_python: Path,
+        database_url: str,
+        env: dict[str, str] | None = None,
+    ) -> Stack:
         folder.mkdir(parents=True, exist_ok=True)
         spec_env = {"TWLLM_MASTER_KEY": master_key, **(env or {})}
-        loaded = parse_spec(spec_text.replace("@ENGINE_PORT@", str(free_port())).replace(
-            "@GATEWAY_PORT@", str(free_port())), str(folder / "spec.yaml"), spec_env)
+        loaded = parse_spec(
+            spec_text.replace("@ENGINE_PORT@", str(free_port())).replace("@GATEWAY_PORT@", str(free_port())),
+            str(folder / "spec.yaml"),
+            spec_env,
+        )
         plan = make_plan(loaded, GpuInventory(0), folder / "state")
-        ctx = RuntimeContext(state_dir=folder, secrets={ENGINE_KEY_ENV: ENGINE_KEY, "TWLLM_MASTER_KEY": master_key},
-                             vllm_python=vllm_python)
+        ctx = RuntimeContext(
+            state_dir=folder,
+            secrets={ENGINE_KEY_ENV: ENGINE_KEY, "TWLLM_MASTER_KEY": master_key},
+            vllm_python=vllm_python,
+        )
         stack = cls(plan, folder, master_key, ctx)
         try:
             for proc in plan.engines:
@@ -74,12 +87,18 @@ class Stack:
                 stack.wait_engine(proc)
             rendered = folder / "rendered"
             render(plan, loaded.spec, rendered)
-            launch = gateway_launch(plan.gateway, rendered, ctx.secrets, database_url=database_url,
-                                    spool_dir=folder / "spool")
+            launch = gateway_launch(
+                plan.gateway, rendered, ctx.secrets, database_url=database_url, spool_dir=folder / "spool"
+            )
             with (folder / "gateway.log").open("wb") as out:
-                stack.gateway = subprocess.Popen(launch.argv, env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
-                                                 cwd=launch.cwd, stdout=out, stderr=subprocess.STDOUT,
-                                                 start_new_session=True)
+                stack.gateway = subprocess.Popen(
+                    launch.argv,
+                    env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
+                    cwd=launch.cwd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             stack.wait_gateway()
         except BaseException:
             stack.stop()
@@ -91,8 +110,12 @@ class Stack:
         launch = VllmDriver().launch(proc, self.ctx)
         with (self.folder / f"{proc.id}.log").open("ab") as out:
             self.engines[proc.id] = subprocess.Popen(
-                launch.argv, env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                launch.argv,
+                env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def wait_engine(self, proc: EngineProcess) -> None:
         began = time.monotonic()

@@ -13,8 +13,8 @@ Only the CLI entry point turns these into text for people; library code raises t
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 VARIABLES: dict[str, str] = {
     "TWLLM_STATE_DIR": "State directory when neither --state-dir nor the spec's state_dir is given.",
@@ -36,7 +36,7 @@ class Settings:
     ollama_bin: str
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         gpus = env.get("TWLLM_GPUS")
         home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")

@@ -24,18 +24,44 @@ import time
 from pathlib import Path
 
 LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "initializer_range": 0.02,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "initializer_range": 0.02,
 }
 """meta-llama/Llama-3.1-8B's config.json (shape fields), token ids set from our tokenizer."""
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 2048, "max_position_embeddings": 4096,
-        "rope_scaling": None}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "vocab_size": 2048,
+    "max_position_embeddings": 4096,
+    "rope_scaling": None,
+}
 LLAMA31_8B_PARAMS = 8_030_261_248
 
 
@@ -46,11 +72,19 @@ def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c["vocab_size"], h)}
     for n in range(c["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     shapes["model.norm.weight"] = (h,)
     if not c["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (c["vocab_size"], h)
@@ -93,8 +127,9 @@ def build(out: Path, tiny: bool, seed: int = 0, say=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}) + "\n"
+    )
     shapes = tensor_shapes(config)
     groups: dict[str, list[str]] = {}
     for name in shapes:  # one shard per layer; embeddings, norm and head in their own
@@ -114,19 +149,23 @@ def build(out: Path, tiny: bool, seed: int = 0, say=print) -> dict:
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         say(f"[{time.monotonic() - started:6.1f} s] {shard}: {key}")
     params = parameter_count(config)
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": params * 2}, "weight_map": weight_map}, indent=2) + "\n")
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": params * 2}, "weight_map": weight_map}, indent=2) + "\n"
+    )
     (out / "README.md").write_text(
         f"# Random-weights model with {'a tiny' if tiny else 'the Llama-3.1-8B'} shape\n\n"
         f"Built by benchmarks/gpu/build_random_llama.py (seed {seed}); {params:,} parameters; a benchmark "
-        "fixture that answers gibberish, not a model.\n")
+        "fixture that answers gibberish, not a model.\n"
+    )
     return {"params": params, "vocab": len(tokenizer), "shards": len(groups)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the model into")
-    parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 64: the same code path in seconds on a CPU")
+    parser.add_argument(
+        "--tiny", action="store_true", help="2 layers, hidden 64: the same code path in seconds on a CPU"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     info = build(args.out, args.tiny, args.seed)

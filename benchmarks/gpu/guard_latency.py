@@ -28,11 +28,24 @@ import time
 from pathlib import Path
 
 LLAMA_GUARD_3_1B = {
-    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "rope_parameters": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 }
 QUESTION = "請問臺北今天的天氣如何？下午需要帶傘嗎？"
 FILLER = "我想再補充一些背景說明，讓你更清楚我的情況。"
@@ -41,7 +54,6 @@ FILLER = "我想再補充一些背景說明，讓你更清楚我的情況。"
 def build(out: Path, layers: int | None, dtype: str) -> Path:
     import torch
     import transformers
-
     from tiny_guard_models import BOS, EOS, EOT, PAD, _byte_level_tokenizer
 
     tokenizer = _byte_level_tokenizer("炸彈")
@@ -49,8 +61,9 @@ def build(out: Path, layers: int | None, dtype: str) -> Path:
     if layers is not None:
         shape["num_hidden_layers"] = layers
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (BOS, EOS, EOT, PAD)}
-    config = transformers.LlamaConfig(**shape, bos_token_id=ids[BOS], eos_token_id=[ids[EOT], ids[EOS]],
-                                      pad_token_id=ids[PAD])
+    config = transformers.LlamaConfig(
+        **shape, bos_token_id=ids[BOS], eos_token_id=[ids[EOT], ids[EOS]], pad_token_id=ids[PAD]
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
@@ -89,29 +102,39 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.warmup):
             guard.check_input(messages)
         rows = {}
-        for name, check in (("input", lambda: guard.check_input(messages)),
-                            ("output", lambda: guard.check_output(messages, answer))):
+        for name, check in (
+            ("input", lambda: guard.check_input(messages)),
+            ("output", lambda: guard.check_output(messages, answer)),
+        ):
             latencies = []
             for _ in range(args.checks):
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 latencies.append(check().latency_ms)
             ordered = sorted(latencies)
-            rows[name] = {"p50_ms": statistics.median(latencies),
-                          "p90_ms": ordered[max(0, round(0.9 * len(ordered)) - 1)],
-                          "mean_ms": statistics.fmean(latencies)}
+            rows[name] = {
+                "p50_ms": statistics.median(latencies),
+                "p90_ms": ordered[max(0, round(0.9 * len(ordered)) - 1)],
+                "mean_ms": statistics.fmean(latencies),
+            }
     report = {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-        "dtype": dtype, "layers": args.layers or LLAMA_GUARD_3_1B["num_hidden_layers"],
-        "prompt_tokens": int(length), "new_tokens": guard.max_new_tokens, "checks": args.checks,
-        "build_and_load_s": round(load_s, 1), "checks_ms": rows,
+        "dtype": dtype,
+        "layers": args.layers or LLAMA_GUARD_3_1B["num_hidden_layers"],
+        "prompt_tokens": int(length),
+        "new_tokens": guard.max_new_tokens,
+        "checks": args.checks,
+        "build_and_load_s": round(load_s, 1),
+        "checks_ms": rows,
         "command": " ".join(["python", "benchmarks/gpu/guard_latency.py", *sys.argv[1:]]),
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{report['device']} {dtype}, {report['layers']} layers, prompt {length} tokens, "
-              f"{guard.max_new_tokens} new tokens, {args.checks} checks each")
+        print(
+            f"{report['device']} {dtype}, {report['layers']} layers, prompt {length} tokens, "
+            f"{guard.max_new_tokens} new tokens, {args.checks} checks each"
+        )
         for name, r in rows.items():
             print(f"  {name:<6} p50 {r['p50_ms']:7.1f} ms   p90 {r['p90_ms']:7.1f} ms   mean {r['mean_ms']:7.1f} ms")
     return 0

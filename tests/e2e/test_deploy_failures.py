@@ -7,7 +7,6 @@ import json
 import socket
 
 import pytest
-
 from test_local_deploy import MASTER, free_block, listening, twllm
 
 pytestmark = pytest.mark.e2e

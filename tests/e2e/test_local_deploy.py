@@ -52,8 +52,13 @@ def listening(port: int) -> bool:
 
 
 def twllm(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "twllm", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "TWLLM_MASTER_KEY": MASTER, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "twllm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TWLLM_MASTER_KEY": MASTER, **(env or {})},
+    )
 
 
 SPEC = """
@@ -90,8 +95,14 @@ def stack(tmp_path_factory, vllm_cpu_env, demo_models):
     started = time.monotonic()
     result = twllm("deploy", "--config", str(spec), "--state-dir", str(state), timeout=900)
     deploy_s = time.monotonic() - started
-    info = {"spec": spec, "state": state, "ports": ports, "deploy": result, "deploy_s": deploy_s,
-            "url": f"http://127.0.0.1:{ports['gateway']}/v1"}
+    info = {
+        "spec": spec,
+        "state": state,
+        "ports": ports,
+        "deploy": result,
+        "deploy_s": deploy_s,
+        "url": f"http://127.0.0.1:{ports['gateway']}/v1",
+    }
     try:
         yield info
     finally:
@@ -126,12 +137,16 @@ def test_deploy_reports_ready_with_endpoint_and_curl(stack):
 
 def test_chat_plain_streaming_and_completions(stack):
     c = client(stack)
-    reply = c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "你好"}],
-                                      max_tokens=8, temperature=0)
+    reply = c.chat.completions.create(
+        model="demo-chat", messages=[{"role": "user", "content": "你好"}], max_tokens=8, temperature=0
+    )
     assert reply.choices[0].message.content is not None
     assert reply.usage.completion_tokens > 0
-    chunks = list(c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hello"}],
-                                            max_tokens=8, temperature=0, stream=True))
+    chunks = list(
+        c.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert len(chunks) >= 2
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert isinstance(text, str)
@@ -146,14 +161,26 @@ def test_embeddings_equal_the_engines_own_answer(stack):
     assert len(through) == 384
     key = (stack["state"] / "secrets" / "engine_key").read_text().strip()
     port = next(x["port"] for x in status(stack)["components"] if x["name"] == "vllm-minilm-0")
-    direct = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "minilm", "input": text},
-                        headers={"Authorization": f"Bearer {key}"}, timeout=30, trust_env=False)
+    direct = httpx.post(
+        f"http://127.0.0.1:{port}/v1/embeddings",
+        json={"model": "minilm", "input": text},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+        trust_env=False,
+    )
     assert direct.status_code == 200
     direct_vec = direct.json()["data"][0]["embedding"]
     assert max(abs(a - b) for a, b in zip(through, direct_vec)) < 1e-5
     # The engine itself is not open without the key.
-    assert httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "minilm", "input": text},
-                      timeout=30, trust_env=False).status_code == 401
+    assert (
+        httpx.post(
+            f"http://127.0.0.1:{port}/v1/embeddings",
+            json={"model": "minilm", "input": text},
+            timeout=30,
+            trust_env=False,
+        ).status_code
+        == 401
+    )
 
 
 def _served(port: int) -> float:
@@ -194,7 +221,9 @@ def test_operator_rents_the_service_to_a_tenant(stack):
     assert [m.id for m in tenant.models.list().data] == ["demo-chat"]
     answered = 0
     for _ in range(3):
-        tenant.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "台北天氣"}], max_tokens=4)
+        tenant.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "台北天氣"}], max_tokens=4
+        )
         answered += 1
     with pytest.raises(PermissionDeniedError):
         tenant.embeddings.create(model="minilm", input="不允許")
@@ -215,13 +244,18 @@ def test_operator_rents_the_service_to_a_tenant(stack):
     assert chat["cost"] == pytest.approx(expected) and chat["currency"] == "TWD"
 
     # A key with a budget of 0.000001 TWD: its first request spends it, later ones are refused.
-    capped = json.loads(twllm("keys", "create", "--tenant", "ntu-hospital", "--budget", "0.000001",
-                              "--period", "monthly", "--json", *sd).stdout)
+    capped = json.loads(
+        twllm(
+            "keys", "create", "--tenant", "ntu-hospital", "--budget", "0.000001", "--period", "monthly", "--json", *sd
+        ).stdout
+    )
     spender = OpenAI(base_url=stack["url"], api_key=capped["secret"], timeout=60, max_retries=0)
     spender.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "花錢"}], max_tokens=4)
     time.sleep(3)  # the spend reaches the ledger (~0.2 s) and the budget cache (2 s)
     with pytest.raises(RateLimitError) as refused:
-        spender.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "再一次"}], max_tokens=4)
+        spender.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "再一次"}], max_tokens=4
+        )
     assert "budget" in str(refused.value).lower() or "quota" in str(refused.value).lower()
 
     # Revocation cuts a key off within the documented cache time (5 s).
@@ -244,7 +278,9 @@ def test_broken_spec_leaves_the_running_stack_untouched(stack, tmp_path):
     assert "Traceback" not in result.stderr
     after = {c["name"]: c["pid"] for c in status(stack)["components"]}
     assert after == before
-    reply = client(stack).chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    reply = client(stack).chat.completions.create(
+        model="demo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
     assert reply.choices
 
 
@@ -282,8 +318,11 @@ def test_logs_show_each_component_and_no_secret_anywhere(stack):
     assert len(logs) >= 5
     db_password = (stack["state"] / "secrets" / "db_password").read_text().strip()
     assert db_password
-    for path in logs + [stack["state"] / "plan.json", stack["state"] / "state.json",
-                        *(stack["state"] / "rendered").iterdir()]:
+    for path in logs + [
+        stack["state"] / "plan.json",
+        stack["state"] / "state.json",
+        *(stack["state"] / "rendered").iterdir(),
+    ]:
         text = path.read_text(errors="replace")
         assert MASTER not in text and engine_key not in text and db_password not in text, path
     missing = twllm("logs", "nope", "--state-dir", str(stack["state"]))
@@ -295,13 +334,22 @@ def test_the_state_dir_is_private_and_the_database_wants_its_password(stack):
     import stat
 
     from osuser import not_private, try_connect
+
     from twllm.runtime.state import ROOT_RUN_AS
 
     state = stack["state"]
     wrong, seen = not_private(state)
     assert not wrong, wrong  # every folder 0700, every file 0600 (the database's own files too)
-    assert {"plan.json", "state.json", "supervisor.log", "logs/gateway.log", "logs/database.log",
-            "rendered/litellm_config.yaml", "secrets/engine_key", "secrets/db_password"} <= seen
+    assert {
+        "plan.json",
+        "state.json",
+        "supervisor.log",
+        "logs/gateway.log",
+        "logs/database.log",
+        "rendered/litellm_config.yaml",
+        "secrets/engine_key",
+        "secrets/db_password",
+    } <= seen
     root = state.stat()
     if os.geteuid() == 0:  # postgres runs as twllm-postgres: search only, for its own group
         assert (stat.S_IMODE(root.st_mode), root.st_gid) == (0o710, pwd.getpwnam(ROOT_RUN_AS).pw_gid)
@@ -316,6 +364,7 @@ def test_the_state_dir_is_private_and_the_database_wants_its_password(stack):
 @pytest.mark.root
 def test_another_os_user_gets_nothing_of_the_deployment(stack):
     from osuser import as_user, other_user, probe_paths, try_connect
+
     from twllm.runtime import database
 
     uid, gid = other_user()
@@ -325,9 +374,19 @@ def test_another_os_user_gets_nothing_of_the_deployment(stack):
     for folder in state.parents:
         if folder.is_relative_to("/tmp") and folder != Path("/tmp"):
             database._acl_grant_search(folder, uid)
-    paths = [state, state / "state.json", state / "plan.json", state / "supervisor.log", state / "logs",
-             state / "logs" / "gateway.log", state / "rendered", state / "rendered" / "litellm_config.yaml",
-             state / "secrets", state / "secrets" / "db_password", state / "postgres"]
+    paths = [
+        state,
+        state / "state.json",
+        state / "plan.json",
+        state / "supervisor.log",
+        state / "logs",
+        state / "logs" / "gateway.log",
+        state / "rendered",
+        state / "rendered" / "litellm_config.yaml",
+        state / "secrets",
+        state / "secrets" / "db_password",
+        state / "postgres",
+    ]
     outcome = as_user(uid, gid, probe_paths(paths))
     assert set(outcome.values()) == {"PermissionError"}, outcome
     tcp = {"host": "127.0.0.1", "port": stack["ports"]["database"], "user": "twllm", "dbname": "twllm"}

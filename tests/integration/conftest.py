@@ -14,8 +14,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from pgutil import Postgres, free_port
+
 from twllm.runtime.database import STOP_SIGNAL, EmbeddedPostgres
 
 
@@ -48,8 +48,14 @@ def server() -> Iterator[EmbeddedPostgres]:
     pg.initialize()
     launch = pg.launch()
     with (root / "postgres.log").open("ab") as log:
-        proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            launch.argv,
+            env={**os.environ, **launch.env},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     began = time.monotonic()
     while not pg.ready():
         if proc.poll() is not None or time.monotonic() - began > 30:

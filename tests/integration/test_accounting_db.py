@@ -12,11 +12,12 @@ from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
 import pytest
+from pgutil import free_port
 
 from twllm.accounting import migrate as mig
 from twllm.accounting import store
@@ -25,11 +26,10 @@ from twllm.accounting.keys import hash_key
 from twllm.accounting.migrate import Migration
 from twllm.accounting.store import AccountsError, KeySettings
 from twllm.accounting.usage import GROUPS, MASTER_KEY_LABEL, totals, usage
-from pgutil import free_port
 from twllm.errors import RuntimeFailure
 
 pytestmark = pytest.mark.integration
-UTC = timezone.utc
+UTC = UTC
 
 
 @pytest.fixture
@@ -110,7 +110,10 @@ def test_a_failing_migration_leaves_nothing_behind(url: str) -> None:
 
 
 def test_admin_commands_see_an_unmigrated_database(url: str) -> None:
-    with connect(url) as c, pytest.raises(RuntimeFailure, match="0001_accounts, 0002_guard_policy not applied") as caught:
+    with (
+        connect(url) as c,
+        pytest.raises(RuntimeFailure, match="0001_accounts, 0002_guard_policy not applied") as caught,
+    ):
         mig.check_current(c)
     assert "twllm db migrate" in (caught.value.hint or "")
 
@@ -126,9 +129,13 @@ def test_connection_errors_never_show_the_password() -> None:
 
 def insert(c: psycopg.Connection, rows: list[tuple]) -> None:
     """Ledger rows: (ts, request_id, tenant_id, key_id, model, prompt, completion, cost, currency, status)."""
-    with c.cursor() as cur, cur.copy(
+    with (
+        c.cursor() as cur,
+        cur.copy(
             "COPY spend_ledger (ts, request_id, tenant_id, key_id, model, prompt_tokens, completion_tokens, "
-            "cost, currency, status_code) FROM STDIN") as copy:
+            "cost, currency, status_code) FROM STDIN"
+        ) as copy,
+    ):
         for row in rows:
             copy.write_row(row)
 
@@ -152,16 +159,22 @@ def test_migrate_creates_this_months_partition_and_the_next_two(conn: psycopg.Co
 
 def test_rows_waiting_in_the_default_partition_move_into_new_partitions(conn: psycopg.Connection) -> None:
     later, earlier = month_of(-5), month_of(4)  # beyond the partitions made ahead; before any
-    insert(conn, [(later, f"l{i}", None, None, "m", 1, 1, 0, "TWD", 200) for i in range(3)]
-           + [(earlier, f"e{i}", None, None, "m", 1, 1, 0, "TWD", 200) for i in range(2)])
+    insert(
+        conn,
+        [(later, f"l{i}", None, None, "m", 1, 1, 0, "TWD", 200) for i in range(3)]
+        + [(earlier, f"e{i}", None, None, "m", 1, 1, 0, "TWD", 200) for i in range(2)],
+    )
     assert where_rows_are(conn) == {"spend_ledger_default": 5}
     created = mig.ensure_partitions(conn)
     assert created == [mig.partition_name(earlier.date()), mig.partition_name(later.date())]
     assert where_rows_are(conn) == {mig.partition_name(later.date()): 3, mig.partition_name(earlier.date()): 2}
     assert conn.execute("SELECT count(*) FROM spend_ledger_default").fetchone() == (0,)
     # The moved rows keep their primary key: a replayed (spooled) row is still a no-op.
-    conn.execute("INSERT INTO spend_ledger (ts, request_id, model, status_code) VALUES (%s, 'l0', 'm', 200) "
-                 "ON CONFLICT DO NOTHING", (later,))
+    conn.execute(
+        "INSERT INTO spend_ledger (ts, request_id, model, status_code) VALUES (%s, 'l0', 'm', 200) "
+        "ON CONFLICT DO NOTHING",
+        (later,),
+    )
     assert conn.execute("SELECT count(*) FROM spend_ledger").fetchone() == (5,)
 
 
@@ -179,8 +192,10 @@ def test_no_row_is_lost_while_partitions_are_made_and_months_retired(url: str) -
         with connect(url) as c:
             i = 0
             while not stop.is_set() or i < 300:
-                c.execute("INSERT INTO spend_ledger (ts, request_id, model, status_code) VALUES (%s, %s, 'm', 200)",
-                          (when + timedelta(seconds=i), f"{tag}-{i}"))
+                c.execute(
+                    "INSERT INTO spend_ledger (ts, request_id, model, status_code) VALUES (%s, %s, 'm', 200)",
+                    (when + timedelta(seconds=i), f"{tag}-{i}"),
+                )
                 i += 1
             written[tag] = i
 
@@ -199,8 +214,9 @@ def test_no_row_is_lost_while_partitions_are_made_and_months_retired(url: str) -
     assert mig.partition_name(ahead.date()) in created and mig.partition_name(old.date()) in created
     assert mig.partition_name(old.date()) in retired.dropped
     with connect(url) as c:
-        counted = c.execute("SELECT (SELECT count(*) FROM spend_ledger) + "
-                            "(SELECT coalesce(sum(requests), 0) FROM spend_daily)").fetchone()[0]
+        counted = c.execute(
+            "SELECT (SELECT count(*) FROM spend_ledger) + (SELECT coalesce(sum(requests), 0) FROM spend_daily)"
+        ).fetchone()[0]
         assert counted == written["ahead"] + written["old"] > 600
         assert c.execute("SELECT count(*) FROM " + mig.partition_name(ahead.date())).fetchone() == (written["ahead"],)
 
@@ -226,10 +242,20 @@ def random_rows(accounts: dict, count: int, start: datetime, end: datetime, seed
     rows = []
     for i in range(count):
         tenant_id, key_id = rng.choice(owners)
-        rows.append((start + timedelta(seconds=rng.random() * span), f"req-{seed}-{i}", tenant_id, key_id,
-                     rng.choice(["chat", "embed", "guard"]), rng.randint(0, 500), rng.randint(0, 300),
-                     Decimal(rng.randint(0, 10_000_000)) / 10**6, rng.choice(["TWD", "TWD", "USD"]),
-                     rng.choice([200, 200, 200, 429, 500])))
+        rows.append(
+            (
+                start + timedelta(seconds=rng.random() * span),
+                f"req-{seed}-{i}",
+                tenant_id,
+                key_id,
+                rng.choice(["chat", "embed", "guard"]),
+                rng.randint(0, 500),
+                rng.randint(0, 300),
+                Decimal(rng.randint(0, 10_000_000)) / 10**6,
+                rng.choice(["TWD", "TWD", "USD"]),
+                rng.choice([200, 200, 200, 429, 500]),
+            )
+        )
     return rows
 
 
@@ -251,8 +277,10 @@ def expected(rows: list[tuple], by: str, accounts: dict) -> dict[tuple[str, str]
 
 
 def report(c: psycopg.Connection, by: str, **kwargs) -> dict[tuple[str, str], tuple]:
-    return {(r.group, r.currency): (r.requests, r.errors, r.prompt_tokens, r.completion_tokens, r.cost)
-            for r in usage(c, by=by, **kwargs)}
+    return {
+        (r.group, r.currency): (r.requests, r.errors, r.prompt_tokens, r.completion_tokens, r.cost)
+        for r in usage(c, by=by, **kwargs)
+    }
 
 
 def test_usage_totals_equal_the_inserted_rows_grouped_each_way(conn: psycopg.Connection, accounts: dict) -> None:
@@ -277,8 +305,9 @@ def test_usage_totals_equal_the_inserted_rows_grouped_each_way(conn: psycopg.Con
     assert days == sorted(days)
     costs = [r.cost for r in usage(conn, by="model", since=None)]
     assert costs == sorted(costs, reverse=True)
-    assert {t.currency: t.requests for t in totals(usage(conn, by="key", since=None))} == \
-        {cur: sum(1 for r in rows if r[8] == cur) for cur in ("TWD", "USD")}
+    assert {t.currency: t.requests for t in totals(usage(conn, by="key", since=None))} == {
+        cur: sum(1 for r in rows if r[8] == cur) for cur in ("TWD", "USD")
+    }
 
 
 def test_usage_rejects_unknown_names(conn: psycopg.Connection, accounts: dict) -> None:
@@ -293,8 +322,7 @@ def test_usage_rejects_unknown_names(conn: psycopg.Connection, accounts: dict) -
     assert conn.execute("SELECT count(*) FROM tenants").fetchone() == (2,)
 
 
-def test_retention_rolls_up_drops_old_months_and_keeps_usage_totals(conn: psycopg.Connection,
-                                                                   accounts: dict) -> None:
+def test_retention_rolls_up_drops_old_months_and_keeps_usage_totals(conn: psycopg.Connection, accounts: dict) -> None:
     today = datetime.now(UTC).date()
     midnight = datetime(today.year, today.month, today.day, tzinfo=UTC)
     start = datetime.combine(mig.add_months(today.replace(day=1), -6), datetime.min.time(), UTC)
@@ -323,11 +351,14 @@ def test_retention_rolls_up_drops_old_months_and_keeps_usage_totals(conn: psycop
     done = mig.apply_retention(conn, keep, today)
     print(f"\nretention: {done.rolled_up_rows} rows rolled up in {(time.perf_counter() - began) * 1000:.0f} ms")
     assert done.horizon == horizon and horizon <= today - timedelta(days=keep)
-    assert done.rolled_up_rows == sum(1 for r in everything if r[0] < datetime.combine(horizon, datetime.min.time(), UTC))
+    assert done.rolled_up_rows == sum(
+        1 for r in everything if r[0] < datetime.combine(horizon, datetime.min.time(), UTC)
+    )
     assert done.dropped and all(mig.add_months(m, 1) <= horizon for m in map(_month, done.dropped))
     assert not set(done.dropped) & set(mig.partitions(conn).values())
-    assert conn.execute("SELECT count(*) FROM spend_ledger WHERE ts < %s",
-                        (datetime.combine(horizon, datetime.min.time(), UTC),)).fetchone() == (0,)
+    assert conn.execute(
+        "SELECT count(*) FROM spend_ledger WHERE ts < %s", (datetime.combine(horizon, datetime.min.time(), UTC),)
+    ).fetchone() == (0,)
     assert conn.execute("SELECT count(*) FROM spend_daily").fetchone()[0] > 0
     assert reports() == before
 
@@ -339,8 +370,18 @@ def test_retention_rolls_up_drops_old_months_and_keeps_usage_totals(conn: psycop
 
     # A late row for a month already rolled up lands in the default partition, is counted from
     # there, and the next run adds it to its day: counted once all along.
-    late = (start + timedelta(days=3), "late-1", accounts["acme"], accounts["keys"][0].id, "chat", 7, 3,
-            Decimal("1.25"), "TWD", 200)
+    late = (
+        start + timedelta(days=3),
+        "late-1",
+        accounts["acme"],
+        accounts["keys"][0].id,
+        "chat",
+        7,
+        3,
+        Decimal("1.25"),
+        "TWD",
+        200,
+    )
     insert(conn, [late])
     after_late = report(conn, "tenant", since=None)
     assert after_late == expected(everything + [late], "tenant", accounts)
@@ -369,8 +410,10 @@ def test_usage_of_100k_ledger_rows_is_fast(conn: psycopg.Connection, accounts: d
     began = time.perf_counter()
     usage(conn, by="day", tenant="acme", since=timedelta(days=7), now=now)
     timings["day, one tenant, 7d"] = time.perf_counter() - began
-    print(f"\n100k rows: COPY {copied * 1000:.0f} ms; usage "
-          + ", ".join(f"by {k} {v * 1000:.0f} ms" for k, v in timings.items()))
+    print(
+        f"\n100k rows: COPY {copied * 1000:.0f} ms; usage "
+        + ", ".join(f"by {k} {v * 1000:.0f} ms" for k, v in timings.items())
+    )
     assert max(timings.values()) < 5
 
 
@@ -394,12 +437,24 @@ def test_tenants_are_unique_and_named_sensibly(conn: psycopg.Connection) -> None
 
 def test_a_key_stores_only_its_hash_and_keeps_its_settings(conn: psycopg.Connection) -> None:
     store.create_tenant(conn, "acme")
-    settings = KeySettings(name="acme-prod", models=("chat", "embed"), rpm=60, tpm=10_000,
-                           budget=Decimal("500"), expires_in=timedelta(days=30))
+    settings = KeySettings(
+        name="acme-prod",
+        models=("chat", "embed"),
+        rpm=60,
+        tpm=10_000,
+        budget=Decimal("500"),
+        expires_in=timedelta(days=30),
+    )
     key, secret = store.create_key(conn, "acme", settings)
     assert secret.startswith("sk-tw-") and key.prefix == secret[:12]
-    assert (key.name, key.models, key.rpm, key.tpm, key.budget, key.budget_period) == \
-        ("acme-prod", ("chat", "embed"), 60, 10_000, Decimal("500"), "monthly")
+    assert (key.name, key.models, key.rpm, key.tpm, key.budget, key.budget_period) == (
+        "acme-prod",
+        ("chat", "embed"),
+        60,
+        10_000,
+        Decimal("500"),
+        "monthly",
+    )
     assert timedelta(days=29, hours=23) < key.expires_at - key.created_at <= timedelta(days=30)
     assert key.status() == "active" and key.spend == 0
     stored = conn.execute("SELECT key_hash, api_keys::text FROM api_keys").fetchall()
@@ -413,21 +468,37 @@ def test_a_key_stores_only_its_hash_and_keeps_its_settings(conn: psycopg.Connect
 
 def test_revoke_and_rotate(conn: psycopg.Connection) -> None:
     store.create_tenant(conn, "acme")
-    old, old_secret = store.create_key(conn, "acme", KeySettings(models=("chat",), rpm=5, budget=Decimal("10"),
-                                                                  budget_period="daily", expires_in=timedelta(hours=12)))
+    old, old_secret = store.create_key(
+        conn,
+        "acme",
+        KeySettings(
+            models=("chat",), rpm=5, budget=Decimal("10"), budget_period="daily", expires_in=timedelta(hours=12)
+        ),
+    )
     new, secret, before = store.rotate_key(conn, old.prefix)
     assert secret != old_secret and new.prefix == secret[:12]
     assert before.status() == "revoked" and new.status() == "active"
     assert new.rotated_from == old.id
-    assert (new.tenant, new.models, new.rpm, new.budget, new.budget_period, new.expires_at) == \
-        (old.tenant, old.models, old.rpm, old.budget, old.budget_period, old.expires_at)
+    assert (new.tenant, new.models, new.rpm, new.budget, new.budget_period, new.expires_at) == (
+        old.tenant,
+        old.models,
+        old.rpm,
+        old.budget,
+        old.budget_period,
+        old.expires_at,
+    )
     with pytest.raises(AccountsError, match="is revoked; only active keys are rotated"):
         store.rotate_key(conn, str(old.id))
 
     # Spend this period counts the key it was rotated from: rotation never resets a budget.
-    insert(conn, [(datetime.now(UTC), "a", old.tenant_id, old.id, "chat", 1, 1, Decimal("2.5"), "TWD", 200),
-                  (datetime.now(UTC), "b", new.tenant_id, new.id, "chat", 1, 1, Decimal("1"), "TWD", 200),
-                  (datetime.now(UTC) - timedelta(days=2), "c", new.tenant_id, new.id, "chat", 1, 1, Decimal("9"), "TWD", 200)])
+    insert(
+        conn,
+        [
+            (datetime.now(UTC), "a", old.tenant_id, old.id, "chat", 1, 1, Decimal("2.5"), "TWD", 200),
+            (datetime.now(UTC), "b", new.tenant_id, new.id, "chat", 1, 1, Decimal("1"), "TWD", 200),
+            (datetime.now(UTC) - timedelta(days=2), "c", new.tenant_id, new.id, "chat", 1, 1, Decimal("9"), "TWD", 200),
+        ],
+    )
     spend = {k.id: k.spend for k in store.list_keys(conn, "acme")}
     assert spend == {new.id: Decimal("3.5"), old.id: Decimal("2.5")}  # daily: yesterday's 9 not counted
 

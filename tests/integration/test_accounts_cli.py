@@ -11,19 +11,19 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-
 from pgutil import free_port
+
 from twllm.runtime.database import EmbeddedPostgres
 
 pytestmark = pytest.mark.integration
-UTC = timezone.utc
+UTC = UTC
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -31,9 +31,11 @@ def state_dir(tmp_path: Path, database: dict) -> Path:
     """A state directory as deploy leaves it, as far as these commands look: plan.json."""
     folder = tmp_path / "state"
     folder.mkdir(exist_ok=True)
-    plan = {"name": "accounts-test", "database": {"embedded": False, "data_dir": None, "port": None,
-                                                  "url_env": None, "url": None, **database},
-            "routes": [{"model_name": "chat"}, {"model_name": "embed"}]}
+    plan = {
+        "name": "accounts-test",
+        "database": {"embedded": False, "data_dir": None, "port": None, "url_env": None, "url": None, **database},
+        "routes": [{"model_name": "chat"}, {"model_name": "embed"}],
+    }
     (folder / "plan.json").write_text(json.dumps(plan))
     return folder
 
@@ -77,8 +79,26 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     assert [t["name"] for t in cli.json("tenants", "list")] == ["acme", "beta"]
 
     # A key: the secret alone on stdout, once, with a warning on stderr.
-    done = cli.ok("keys", "create", "--tenant", "acme", "--models", "chat,embed", "--rpm", "60", "--tpm", "5000",
-                  "--budget", "100", "--period", "monthly", "--expires", "30d", "--name", "acme-prod")
+    done = cli.ok(
+        "keys",
+        "create",
+        "--tenant",
+        "acme",
+        "--models",
+        "chat,embed",
+        "--rpm",
+        "60",
+        "--tpm",
+        "5000",
+        "--budget",
+        "100",
+        "--period",
+        "monthly",
+        "--expires",
+        "30d",
+        "--name",
+        "acme-prod",
+    )
     secret = done.stdout.strip()
     assert secret.startswith("sk-tw-") and len(secret.splitlines()) == 1
     assert "only time the key is shown" in done.stderr and secret not in done.stderr
@@ -86,23 +106,43 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     keys = cli.json("keys", "list")
     assert len(keys) == 1 and keys[0]["prefix"] == secret[:12] and secret not in json.dumps(keys)
     key = keys[0]
-    assert (key["tenant"], key["name"], key["models"], key["rpm"], key["tpm"], key["budget"],
-            key["budget_period"], key["status"]) == ("acme", "acme-prod", ["chat", "embed"], 60, 5000, 100.0,
-                                                     "monthly", "active")
+    assert (
+        key["tenant"],
+        key["name"],
+        key["models"],
+        key["rpm"],
+        key["tpm"],
+        key["budget"],
+        key["budget_period"],
+        key["status"],
+    ) == ("acme", "acme-prod", ["chat", "embed"], 60, 5000, 100.0, "monthly", "active")
     beta = json.loads(cli.ok("keys", "create", "--tenant", "beta", "--json").stdout)
     assert beta["secret"].startswith("sk-tw-") and beta["key"]["models"] is None
 
     # Requests recorded by the gateway (written here as the spend logger writes them).
     now = datetime.now(UTC)
-    rows = [(now - timedelta(minutes=i), f"r{i}", key["id"] if i % 3 else beta["key"]["id"],
-             "chat" if i % 2 else "embed", 100, 20, Decimal("0.5"), 500 if i == 4 else 200) for i in range(1, 31)]
+    rows = [
+        (
+            now - timedelta(minutes=i),
+            f"r{i}",
+            key["id"] if i % 3 else beta["key"]["id"],
+            "chat" if i % 2 else "embed",
+            100,
+            20,
+            Decimal("0.5"),
+            500 if i == 4 else 200,
+        )
+        for i in range(1, 31)
+    ]
     tenant_ids = {t["name"]: t["id"] for t in cli.json("tenants", "list")}
     tenant_of = {key["id"]: tenant_ids["acme"], beta["key"]["id"]: tenant_ids["beta"]}
     with psycopg.connect(url, autocommit=True) as c:
         for ts, rid, key_id, model, pt, ct, cost, status in rows:
-            c.execute("INSERT INTO spend_ledger (ts, request_id, tenant_id, key_id, model, prompt_tokens, "
-                      "completion_tokens, cost, status_code) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                      (ts, rid, tenant_of[key_id], key_id, model, pt, ct, cost, status))
+            c.execute(
+                "INSERT INTO spend_ledger (ts, request_id, tenant_id, key_id, model, prompt_tokens, "
+                "completion_tokens, cost, status_code) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (ts, rid, tenant_of[key_id], key_id, model, pt, ct, cost, status),
+            )
 
     report = cli.json("usage", "--by", "tenant")
     by_tenant = {r["tenant"]: r for r in report["rows"]}
@@ -112,8 +152,10 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     assert report["totals"][0]["requests"] == 30 and report["totals"][0]["errors"] == 1
     assert report["totals"][0]["prompt_tokens"] == 3000 and report["totals"][0]["currency"] == "TWD"
     by_model = {r["model"]: r["requests"] for r in cli.json("usage", "--by", "model", "--tenant", "acme")["rows"]}
-    assert by_model == {"chat": sum(1 for r in acme_rows if r[3] == "chat"),
-                        "embed": sum(1 for r in acme_rows if r[3] == "embed")}
+    assert by_model == {
+        "chat": sum(1 for r in acme_rows if r[3] == "chat"),
+        "embed": sum(1 for r in acme_rows if r[3] == "embed"),
+    }
     by_key = cli.json("usage", "--by", "key", "--key", key["prefix"], "--since", "all")["rows"]
     assert [(r["key"], r["requests"]) for r in by_key] == [(key["prefix"], len(acme_rows))]
     csv_lines = cli.ok("usage", "--by", "day", "--model", "chat", "--csv").stdout.splitlines()
@@ -131,8 +173,13 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     keys = {k["prefix"]: k for k in cli.json("keys", "list", "--tenant", "acme")}
     assert keys[key["prefix"]]["status"] == "revoked"
     new = keys[rotated[:12]]
-    assert (new["status"], new["rotated_from"], new["models"], new["rpm"], new["expires_at"]) == \
-        ("active", key["id"], ["chat", "embed"], 60, key["expires_at"])
+    assert (new["status"], new["rotated_from"], new["models"], new["rpm"], new["expires_at"]) == (
+        "active",
+        key["id"],
+        ["chat", "embed"],
+        60,
+        key["expires_at"],
+    )
     assert new["spend"] == pytest.approx(0.5 * len(acme_rows))
     done = cli("keys", "rotate", str(key["id"]))
     assert done.returncode == 2 and "is revoked" in done.stderr
@@ -215,17 +262,23 @@ def test_embedded_database_found_through_twllm_state_dir(server: EmbeddedPostgre
 def test_guard_policies_for_tenants_and_keys(url: str, tmp_path: Path) -> None:
     state = state_dir(tmp_path, {"url": url})
     (state / "rendered").mkdir()
-    (state / "rendered" / "gateway.json").write_text(json.dumps({"guard": {"policies": {"strict": {}, "hospital": {}}}}))
+    (state / "rendered" / "gateway.json").write_text(
+        json.dumps({"guard": {"policies": {"strict": {}, "hospital": {}}}})
+    )
     cli = Cli(state)
     cli.ok("db", "migrate")
     assert cli.json("tenants", "create", "clinic", "--guard-policy", "hospital")["guard_policy"] == "hospital"
     done = cli("tenants", "create", "other", "--guard-policy", "strickt")
-    assert done.returncode == 2 and "no guard policy 'strickt'" in done.stderr and "did you mean 'strict'" in done.stderr
+    assert (
+        done.returncode == 2 and "no guard policy 'strickt'" in done.stderr and "did you mean 'strict'" in done.stderr
+    )
     key = cli.json("keys", "create", "--tenant", "clinic", "--guard-policy", "strict")["key"]
     assert key["guard_policy"] == "strict"
     assert cli.json("tenants", "set-policy", "clinic")["guard_policy"] is None
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT k.guard_policy, t.guard_policy FROM api_keys k JOIN tenants t ON t.id = k.tenant_id").fetchall()
+        rows = conn.execute(
+            "SELECT k.guard_policy, t.guard_policy FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+        ).fetchall()
     assert rows == [("strict", None)]
     rotated = cli.json("keys", "rotate", str(key["id"]))
     assert rotated["key"]["guard_policy"] == "strict", rotated

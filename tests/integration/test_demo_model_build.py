@@ -29,7 +29,7 @@ ENGINE_PYTHON = os.environ.get("TWLLM_TEST_ENGINE_PYTHON")
 BUILD_BUDGET_S = 240.0
 ZH_TW = "臺灣的捷運系統四通八達，週末很多人去夜市吃小吃。"
 
-CHECK = r'''
+CHECK = r"""
 import json, sys
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +63,7 @@ print(json.dumps({
     "params": sum(p.numel() for p in model.parameters()),
     "embedding_dims": list(hidden.shape),
 }, ensure_ascii=False))
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,14 @@ def built(engine_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Buil
 def loaded(built: Built) -> dict:
     """What the engine's transformers makes of the built folders (one process: imports are slow)."""
     chat, minilm = built.folders
-    done = subprocess.run([str(built.python), "-c", CHECK, str(chat), str(minilm), ZH_TW],
-                          env=script_env(), cwd=built.models_dir, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(built.python), "-c", CHECK, str(chat), str(minilm), ZH_TW],
+        env=script_env(),
+        cwd=built.models_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -138,7 +144,8 @@ def test_chat_template_and_generation(loaded: dict) -> None:
     assert loaded["prompt"] == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n你是助理。<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n今天天氣如何？<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert loaded["bos_first"]
     assert loaded["new_tokens"] == 5
     assert loaded["head_dim"] == 32

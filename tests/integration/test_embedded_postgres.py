@@ -24,11 +24,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from osuser import as_user, other_user, probe_paths, try_connect
+
+from twllm.errors import RuntimeFailure
 from twllm.runtime import database
 from twllm.runtime.database import STOP_SIGNAL, EmbeddedPostgres, check_external, short_socket_dir
-from twllm.errors import RuntimeFailure
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +58,14 @@ class Server:
         launch = self.pg.launch()
         began = time.monotonic()
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env},
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                launch.argv,
+                env={**os.environ, **launch.env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         while not self.pg.ready():
             if self.proc.poll() is not None or time.monotonic() - began > timeout:
                 self.kill()
@@ -148,8 +153,15 @@ def test_another_os_user_can_neither_connect_nor_reach_the_files(server: Server)
     server.start()
     assert pg.socket_dir is not None
     tcp = {"host": "127.0.0.1", "port": pg.port, "user": "twllm", "dbname": "twllm"}
-    outcome = as_user(uid, gid, lambda: [try_connect(**tcp), try_connect(**tcp, password="guess"),
-                                         try_connect(**{**tcp, "host": str(pg.socket_dir)})])
+    outcome = as_user(
+        uid,
+        gid,
+        lambda: [
+            try_connect(**tcp),
+            try_connect(**tcp, password="guess"),
+            try_connect(**{**tcp, "host": str(pg.socket_dir)}),
+        ],
+    )
     assert "no password supplied" in outcome[0], outcome
     assert "password authentication failed" in outcome[1], outcome
     assert "Permission denied" in outcome[2] or "no password supplied" in outcome[2], outcome
@@ -158,8 +170,7 @@ def test_another_os_user_can_neither_connect_nor_reach_the_files(server: Server)
     for folder in state.parents:
         if folder.is_relative_to(Path("/tmp")) and folder != Path("/tmp"):
             database._acl_grant_search(folder, uid)
-    paths = [state, pg.password_file.parent, pg.password_file, pg.data_dir, pg.data_dir / "pg_hba.conf",
-             pg.socket_dir]
+    paths = [state, pg.password_file.parent, pg.password_file, pg.data_dir, pg.data_dir / "pg_hba.conf", pg.socket_dir]
     assert set(as_user(uid, gid, probe_paths(paths)).values()) == {"PermissionError"}
     info = state.stat()
     assert stat.S_IMODE(info.st_mode) == 0o710  # search only, for postgres's own group
@@ -178,8 +189,11 @@ def test_a_cluster_an_older_twllm_made_with_trust_is_converted_and_keeps_its_dat
     hba = pg.data_dir / "pg_hba.conf"
     hba.write_text("local   all   all                  trust\nhost    all   all   127.0.0.1/32   trust\n")
     bin_dir = database.postgres_bin_dir()
-    database._run([str(bin_dir / "postgres"), "--single", "-D", str(pg.data_dir), "template1"], user,
-                  stdin="ALTER ROLE twllm PASSWORD NULL\n")
+    database._run(
+        [str(bin_dir / "postgres"), "--single", "-D", str(pg.data_dir), "template1"],
+        user,
+        stdin="ALTER ROLE twllm PASSWORD NULL\n",
+    )
     pg.password_file.unlink()
     assert pg.url == f"postgresql://twllm@127.0.0.1:{pg.port}/twllm"
 
@@ -198,8 +212,9 @@ def test_a_cluster_an_older_twllm_made_with_trust_is_converted_and_keeps_its_dat
     assert pg.password() not in (None, old)
     with psycopg.connect(pg.url) as conn:
         assert conn.execute("SELECT id FROM spend").fetchall() == [(7,)]
-    assert "password authentication failed" in try_connect(host="127.0.0.1", port=pg.port, user="twllm",
-                                                           dbname="twllm", password=old)
+    assert "password authentication failed" in try_connect(
+        host="127.0.0.1", port=pg.port, user="twllm", dbname="twllm", password=old
+    )
 
 
 def test_serves_stops_on_sigterm_and_keeps_its_data(server: Server) -> None:
@@ -213,8 +228,9 @@ def test_serves_stops_on_sigterm_and_keeps_its_data(server: Server) -> None:
         assert conn.execute("SELECT usd FROM spend").fetchone() == (pytest.approx(0.25),)
     check_external(pg.url)
     assert pg.socket_dir is not None
-    with psycopg.connect(host=str(pg.socket_dir), port=pg.port, user="twllm", dbname="twllm",
-                         password=pg.password()) as conn:
+    with psycopg.connect(
+        host=str(pg.socket_dir), port=pg.port, user="twllm", dbname="twllm", password=pg.password()
+    ) as conn:
         assert conn.execute("SELECT count(*) FROM spend").fetchone() == (1,)
 
     began = time.monotonic()

@@ -12,9 +12,9 @@ import socket
 
 import pytest
 import typer
+from test_vllm_engine import ENGINE_KEY, engine_of, serving, tiny_chat_yaml
 from typer.testing import CliRunner
 
-from test_vllm_engine import ENGINE_KEY, engine_of, serving, tiny_chat_yaml
 from twllm.cli.app import main
 from twllm.cli.eval_cmds import eval_app
 from twllm.zh_tw.evaluate import EndpointUnreachable
@@ -25,15 +25,34 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 PROMPTS = 20
 
 
-def test_eval_against_the_tiny_model_writes_csvs_and_a_chart(vllm_cpu_env, tiny_chat_model, tmp_path,
-                                                              monkeypatch, capsys):
+def test_eval_against_the_tiny_model_writes_csvs_and_a_chart(
+    vllm_cpu_env, tiny_chat_model, tmp_path, monkeypatch, capsys
+):
     proc = engine_of(tiny_chat_yaml(tiny_chat_model), tmp_path)
     monkeypatch.setenv("TINY_ENGINE_KEY", ENGINE_KEY)
     out = tmp_path / "eval"
     with serving(proc, vllm_cpu_env, tmp_path / "vllm.log") as running:
-        code = main(["eval", "zh-tw", "--endpoint", running.base, "--model", "tiny-chat", "--limit", str(PROMPTS),
-                     "--max-tokens", "16", "--concurrency", "4", "--api-key-env", "TINY_ENGINE_KEY",
-                     "--out", str(out), "--json"])
+        code = main(
+            [
+                "eval",
+                "zh-tw",
+                "--endpoint",
+                running.base,
+                "--model",
+                "tiny-chat",
+                "--limit",
+                str(PROMPTS),
+                "--max-tokens",
+                "16",
+                "--concurrency",
+                "4",
+                "--api-key-env",
+                "TINY_ENGINE_KEY",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     (figures,) = json.loads(captured.out)["models"]

@@ -22,16 +22,16 @@ import httpx
 import psycopg
 import pytest
 import yaml
-
 from pgutil import Postgres, sql
 from proxyutil import ProxyHandle, start_proxy
+
 from twllm.accounting import store
 from twllm.accounting.auth import KEY_CACHE_TTL_S
 from twllm.accounting.ledger import replay_folder
-from twllm.plan.placement import GpuInventory
 from twllm.plan.build import ENGINE_KEY_ENV, make_plan
-from twllm.spec.resolve import parse_spec
+from twllm.plan.placement import GpuInventory
 from twllm.render.gateway_config import render
+from twllm.spec.resolve import parse_spec
 
 pytestmark = pytest.mark.integration
 
@@ -66,11 +66,17 @@ def gateway_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert config["litellm_settings"]["callbacks"] == ["twllm.accounting.hooks.spend_logger"]
     for deployment in config["model_list"]:
         deployment["litellm_params"]["mock_response"] = MOCK_TEXT
-    config["model_list"].append({  # a model whose every call fails (not in the spec: no price)
-        "model_name": "chat-broken",
-        "litellm_params": {"model": "openai/broken", "api_key": "unused", "mock_response": "litellm.InternalServerError"},
-        "model_info": {"id": "broken-0"},
-    })
+    config["model_list"].append(
+        {  # a model whose every call fails (not in the spec: no price)
+            "model_name": "chat-broken",
+            "litellm_params": {
+                "model": "openai/broken",
+                "api_key": "unused",
+                "mock_response": "litellm.InternalServerError",
+            },
+            "model_info": {"id": "broken-0"},
+        }
+    )
     config["general_settings"]["background_health_checks"] = False  # nothing to check: no engines
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return out
@@ -84,8 +90,7 @@ def gateway(gateway_dir: Path, postgres: Postgres) -> Iterator[ProxyHandle]:
         "TWLLM_GATEWAY_SETTINGS": str(gateway_dir / "gateway.json"),
         "TWLLM_DATABASE_URL": postgres.url,
     }
-    with start_proxy(gateway_dir / "litellm_config.yaml", env=env, workers=2, server="uvicorn",
-                     timeout=300) as handle:
+    with start_proxy(gateway_dir / "litellm_config.yaml", env=env, workers=2, server="uvicorn", timeout=300) as handle:
         yield handle
 
 
@@ -193,16 +198,29 @@ def test_rpm_is_shared_by_both_workers_and_answers_429_with_retry_after(client, 
     key_id, secret = make_key(postgres.url, rpm=5)
     not_near_minute_end()
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        replies = list(pool.map(lambda _: httpx.post(  # one connection each: spread over the workers
-            f"{client.base_url}/v1/chat/completions", headers=auth(secret),
-            json={"model": "chat-a", **CHAT}, timeout=30, trust_env=False), range(10)))
+        replies = list(
+            pool.map(
+                lambda _: httpx.post(  # one connection each: spread over the workers
+                    f"{client.base_url}/v1/chat/completions",
+                    headers=auth(secret),
+                    json={"model": "chat-a", **CHAT},
+                    timeout=30,
+                    trust_env=False,
+                ),
+                range(10),
+            )
+        )
     statuses = sorted(r.status_code for r in replies)
     assert statuses == [200] * 5 + [429] * 5, statuses
     limited = next(r for r in replies if r.status_code == 429)
     assert 1 <= int(limited.headers["retry-after"]) <= 60
     assert limited.headers["x-ratelimit-limit-requests"] == "5"
-    assert error(limited) | {"message": ""} == {"message": "", "type": "requests", "param": None,
-                                                "code": "rate_limit_exceeded"}
+    assert error(limited) | {"message": ""} == {
+        "message": "",
+        "type": "requests",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
     # Both workers have served by now (each locks its spool file on its first request).
     assert len(list((gateway_dir / "spool").glob("ledger-*.lock"))) == 2
     rows = wait_rows(postgres.url, key_id, 10)
@@ -258,13 +276,13 @@ def test_revocation_takes_effect_within_the_cache_ttl(client, postgres):
 def test_one_row_per_answered_request_streams_and_failures_included(client, postgres):
     key_id, secret = make_key(postgres.url)
     answered = [chat(client, secret) for _ in range(3)]
-    answered.append(client.post("/v1/chat/completions", headers=auth(secret),
-                                json={"model": "no-such-model", **CHAT}))
+    answered.append(client.post("/v1/chat/completions", headers=auth(secret), json={"model": "no-such-model", **CHAT}))
     answered.append(chat(client, secret, model="chat-broken"))
     streamed = 0
     for _ in range(2):
-        with client.stream("POST", "/v1/chat/completions", headers=auth(secret),
-                           json={"model": "chat-a", "stream": True, **CHAT}) as reply:
+        with client.stream(
+            "POST", "/v1/chat/completions", headers=auth(secret), json={"model": "chat-a", "stream": True, **CHAT}
+        ) as reply:
             assert reply.status_code == 200
             assert "[DONE]" in reply.read().decode()
             streamed += 1
@@ -314,9 +332,18 @@ def test_no_row_is_lost_while_postgres_is_down(client, postgres, gateway_dir):
     key_id, secret = make_key(postgres.url)
     # Every worker reads the key before the database goes away (cached keys keep working).
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        warm = list(pool.map(lambda _: httpx.post(f"{client.base_url}/v1/chat/completions", headers=auth(secret),
-                                                  json={"model": "chat-a", **CHAT}, timeout=30, trust_env=False),
-                             range(16)))
+        warm = list(
+            pool.map(
+                lambda _: httpx.post(
+                    f"{client.base_url}/v1/chat/completions",
+                    headers=auth(secret),
+                    json={"model": "chat-a", **CHAT},
+                    timeout=30,
+                    trust_env=False,
+                ),
+                range(16),
+            )
+        )
     statuses = [r.status_code for r in warm]
 
     def send_for(seconds: float) -> list[int]:
@@ -354,8 +381,9 @@ def test_a_running_worker_adopts_rows_a_dead_process_left(client, postgres, gate
     assert chat(client, secret).status_code == 200
     [row] = wait_rows(postgres.url, key_id, 1)
     dead_pid = 4_000_000  # above any pid_max: no process holds its lock
-    copies = [dict(row, ts=row["ts"].isoformat(), cost=str(row["cost"]), request_id=f"left-behind-{i}")
-              for i in range(5)]
+    copies = [
+        dict(row, ts=row["ts"].isoformat(), cost=str(row["cost"]), request_id=f"left-behind-{i}") for i in range(5)
+    ]
     segment = gateway_dir / "spool" / f"ledger-{dead_pid}-1.jsonl"
     segment.write_text("".join(json.dumps(c) + "\n" for c in copies) + '{"torn": ')  # a crash mid-line
     assert len(wait_rows(postgres.url, key_id, 6)) == 6
@@ -381,15 +409,31 @@ def test_rows_a_stopped_gateway_still_held_are_journaled_and_replayed(gateway_di
     (tmp_path / "litellm_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     (tmp_path / "holding_hooks.py").write_text(HOLDING_HOOKS)
     spool = tmp_path / "spool"
-    env = {"TWLLM_MASTER_KEY": MASTER, ENGINE_KEY_ENV: "sk-engine-test", "TWLLM_DATABASE_URL": postgres.url,
-           "TWLLM_GATEWAY_SETTINGS": str(gateway_dir / "gateway.json"), "TWLLM_SPOOL_DIR": str(spool),
-           "PYTHONPATH": str(tmp_path)}
+    env = {
+        "TWLLM_MASTER_KEY": MASTER,
+        ENGINE_KEY_ENV: "sk-engine-test",
+        "TWLLM_DATABASE_URL": postgres.url,
+        "TWLLM_GATEWAY_SETTINGS": str(gateway_dir / "gateway.json"),
+        "TWLLM_SPOOL_DIR": str(spool),
+        "PYTHONPATH": str(tmp_path),
+    }
     key_id, secret = make_key(postgres.url)
     with start_proxy(tmp_path / "litellm_config.yaml", env=env, workers=2, server="uvicorn", timeout=300) as proxy:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            statuses = list(pool.map(lambda _: httpx.post(
-                f"{proxy.base_url}/v1/chat/completions", headers=auth(secret), json={"model": "chat-a", **CHAT},
-                timeout=30, trust_env=False).status_code, range(20)))
+            statuses = list(
+                pool.map(
+                    lambda _: (
+                        httpx.post(
+                            f"{proxy.base_url}/v1/chat/completions",
+                            headers=auth(secret),
+                            json={"model": "chat-a", **CHAT},
+                            timeout=30,
+                            trust_env=False,
+                        ).status_code
+                    ),
+                    range(20),
+                )
+            )
         assert statuses == [200] * 20
         time.sleep(1)
         assert ledger_rows(postgres.url, key_id) == []  # not written yet, as the hooks above want

@@ -30,9 +30,9 @@ import httpx
 import openai
 import psycopg
 import pytest
-
 from pgutil import Postgres, sql
 from stackutil import ENGINE_KEY, Stack
+
 from twllm.accounting import store
 from twllm.guard.pipeline import GuardPipeline
 from twllm.guard.policy import GuardPolicies
@@ -68,17 +68,25 @@ SENTENCE = r"(the cat sat on a mat and the dog ran far away )+"
 ENGLISH = r"(the|cat|sat|on|a|mat|and|dog|ran|far|away|with|red|ball)( (the|cat|sat|on|a|mat|and|dog|ran|far|away|with|red|ball)){59}"
 SIMPLIFIED = "(这个软件的信息很完整，我们的服务器和网络视频都很好用。)+"
 TRADITIONAL = "(這個軟體的資訊很完整，我們的伺服器和網路影片都很好用。)+"
-FORBIDDEN = re.compile(r"(?i:litellm|hosted_vllm|traceback|https?://|127\.0\.0\.1|sk-fidelity|sk-engine|file \")"
-                       r"|\b[A-Z]\w*(?:Error|Exception)\b")
+FORBIDDEN = re.compile(
+    r"(?i:litellm|hosted_vllm|traceback|https?://|127\.0\.0\.1|sk-fidelity|sk-engine|file \")"
+    r"|\b[A-Z]\w*(?:Error|Exception)\b"
+)
 """What no error may show: LiteLLM, a provider prefix, a traceback, a URL, a key, a Python class."""
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, vllm_cpu_env, demo_models: Path,
-          postgres: Postgres) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, vllm_cpu_env, demo_models: Path, postgres: Postgres
+) -> Iterator[Stack]:
     spec = SPEC.format(chat=demo_models / "twllm-demo-chat", embed=demo_models / "all-MiniLM-L6-v2")
-    running = Stack.start(spec, tmp_path_factory.mktemp("fidelity"), master_key=MASTER,
-                          vllm_python=Path(vllm_cpu_env.python), database_url=postgres.url)
+    running = Stack.start(
+        spec,
+        tmp_path_factory.mktemp("fidelity"),
+        master_key=MASTER,
+        vllm_python=Path(vllm_cpu_env.python),
+        database_url=postgres.url,
+    )
     try:
         yield running
     finally:
@@ -123,8 +131,10 @@ def both(engine: openai.OpenAI, gateway: openai.OpenAI, kind: str = "chat", **re
     """The same request to the engine and to the gateway, as the SDK returns them."""
     if kind == "chat":
         request.setdefault("messages", MESSAGES)
-        return (engine.chat.completions.create(model="chat", **request),
-                gateway.chat.completions.create(model="chat", **request))
+        return (
+            engine.chat.completions.create(model="chat", **request),
+            gateway.chat.completions.create(model="chat", **request),
+        )
     return (engine.completions.create(model="chat", **request), gateway.completions.create(model="chat", **request))
 
 
@@ -153,15 +163,25 @@ def same_choices(a: Any, b: Any, output_stage, kind: str = "chat") -> None:
 # --- chat and completions, plain -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("request_", [
-    pytest.param({"max_tokens": 24, "temperature": 0}, id="temperature-0"),
-    pytest.param({"max_tokens": 1, "temperature": 0}, id="max_tokens-1"),
-    pytest.param({"max_tokens": 16, "temperature": 1.0, "seed": 1234}, id="seed"),
-    pytest.param({"max_tokens": 12, "temperature": 0.8, "seed": 7, "n": 2}, id="n-2"),
-    pytest.param({"max_tokens": 40, "temperature": 0, "stop": [" dog"],
-                  "extra_body": {"structured_outputs": {"regex": SENTENCE}}}, id="stop"),
-    pytest.param({"max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 3}, id="logprobs"),
-])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pytest.param({"max_tokens": 24, "temperature": 0}, id="temperature-0"),
+        pytest.param({"max_tokens": 1, "temperature": 0}, id="max_tokens-1"),
+        pytest.param({"max_tokens": 16, "temperature": 1.0, "seed": 1234}, id="seed"),
+        pytest.param({"max_tokens": 12, "temperature": 0.8, "seed": 7, "n": 2}, id="n-2"),
+        pytest.param(
+            {
+                "max_tokens": 40,
+                "temperature": 0,
+                "stop": [" dog"],
+                "extra_body": {"structured_outputs": {"regex": SENTENCE}},
+            },
+            id="stop",
+        ),
+        pytest.param({"max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 3}, id="logprobs"),
+    ],
+)
 def test_chat_answers_like_the_engine(engine, gateway, output_stage, request_) -> None:
     a, b = both(engine, gateway, **request_)
     assert keys_of(b) >= keys_of(a) - {"system_fingerprint", "prompt_logprobs", "kv_transfer_params"}
@@ -178,11 +198,14 @@ def test_chat_answers_like_the_engine(engine, gateway, output_stage, request_) -
         assert all(len(t.top_logprobs) == 3 for t in b.choices[0].logprobs.content)
 
 
-@pytest.mark.parametrize("request_", [
-    pytest.param({"max_tokens": 16, "temperature": 0}, id="plain"),
-    pytest.param({"max_tokens": 6, "temperature": 0, "logprobs": 2}, id="logprobs"),
-    pytest.param({"max_tokens": 8, "temperature": 0.8, "seed": 7, "n": 2}, id="n-2"),
-])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pytest.param({"max_tokens": 16, "temperature": 0}, id="plain"),
+        pytest.param({"max_tokens": 6, "temperature": 0, "logprobs": 2}, id="logprobs"),
+        pytest.param({"max_tokens": 8, "temperature": 0.8, "seed": 7, "n": 2}, id="n-2"),
+    ],
+)
 def test_legacy_completions_answer_like_the_engine(engine, gateway, output_stage, request_) -> None:
     a, b = both(engine, gateway, kind="completions", prompt="台灣的夜市", **request_)
     assert b.object == a.object == "text_completion"
@@ -192,9 +215,16 @@ def test_legacy_completions_answer_like_the_engine(engine, gateway, output_stage
         assert b.choices[0].logprobs.tokens == a.choices[0].logprobs.tokens
 
 
-WEATHER = [{"type": "function", "function": {
-    "name": "get_weather", "description": "天氣",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "天氣",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "台北"}}\n</tool_call>'
 """What the hermes parser (engines.tool-call-parser in the spec) turns into a tool call; the
 random demo model is steered to say exactly this."""
@@ -205,8 +235,9 @@ def steer(text: str) -> dict[str, Any]:
 
 
 def test_tool_calls_pass_unchanged(engine, gateway) -> None:
-    a, b = both(engine, gateway, tools=WEATHER, tool_choice="auto", max_tokens=200, temperature=0,
-                extra_body=steer(TOOL_CALL))
+    a, b = both(
+        engine, gateway, tools=WEATHER, tool_choice="auto", max_tokens=200, temperature=0, extra_body=steer(TOOL_CALL)
+    )
     assert a.choices[0].message.tool_calls, a.choices[0].message
     ta, tb = a.choices[0].message.tool_calls[0], b.choices[0].message.tool_calls[0]
     assert (tb.type, tb.function.name, tb.function.arguments) == (ta.type, ta.function.name, ta.function.arguments)
@@ -224,9 +255,16 @@ def test_tool_calls_stream_like_the_engine(engine, gateway) -> None:
     got = {}
     for name, client in (("engine", engine), ("gateway", gateway)):
         args, names, finish = "", set(), None
-        for chunk in client.chat.completions.create(model="chat", messages=MESSAGES, tools=WEATHER, tool_choice="auto",
-                                                    max_tokens=200, temperature=0, stream=True,
-                                                    extra_body=steer(TOOL_CALL)):
+        for chunk in client.chat.completions.create(
+            model="chat",
+            messages=MESSAGES,
+            tools=WEATHER,
+            tool_choice="auto",
+            max_tokens=200,
+            temperature=0,
+            stream=True,
+            extra_body=steer(TOOL_CALL),
+        ):
             for choice in chunk.choices:
                 for call in choice.delta.tool_calls or []:
                     if call.function and call.function.name:
@@ -243,10 +281,19 @@ def test_response_format_gives_the_engines_json(engine, gateway, output_stage, f
     if fmt == "json_object":
         response_format: dict[str, Any] = {"type": "json_object"}
     else:
-        response_format = {"type": "json_schema", "json_schema": {"name": "item", "strict": True, "schema": {
-            "type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
-                                             "count": {"type": "integer"}},
-            "required": ["name", "count"], "additionalProperties": False}}}
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "item",
+                "strict": True,
+                "schema": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string", "maxLength": 10}, "count": {"type": "integer"}},
+                    "required": ["name", "count"],
+                    "additionalProperties": False,
+                },
+            },
+        }
     a, b = both(engine, gateway, response_format=response_format, max_tokens=60, temperature=0)
     assert b.choices[0].message.content == output_stage(a.choices[0].message.content)
     assert usage_of(a) == usage_of(b)
@@ -261,8 +308,15 @@ def test_response_format_gives_the_engines_json(engine, gateway, output_stage, f
 def collect(client: openai.OpenAI, **request: Any) -> dict[str, Any]:
     """A streamed chat answer: chunks with text, the text, finish reasons, the usage chunk."""
     request.setdefault("messages", MESSAGES)
-    out: dict[str, Any] = {"chunks": 0, "text": {}, "finish": {}, "usage": None, "usage_chunks": 0,
-                           "first_s": None, "objects": set()}
+    out: dict[str, Any] = {
+        "chunks": 0,
+        "text": {},
+        "finish": {},
+        "usage": None,
+        "usage_chunks": 0,
+        "first_s": None,
+        "objects": set(),
+    }
     began = time.perf_counter()
     for chunk in client.chat.completions.create(model="chat", stream=True, **request):
         out["objects"].add(chunk.object)
@@ -280,22 +334,31 @@ def collect(client: openai.OpenAI, **request: Any) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("language, regex, floor", [
-    ("english", ENGLISH, 0.9),
-    ("traditional-chinese", TRADITIONAL, 0.9),
-    # A Simplified phrase-start (软 of 软件 → 軟體) is held until the next character shows
-    # which conversion applies: on this phrase-dense sentence about a third of the chunks carry
-    # nothing new, and the answer still equals the whole-text conversion (measured in
-    # benchmarks/RESULTS.md).
-    ("simplified-chinese", SIMPLIFIED, 0.6),
-])
-def test_streams_stream_at_the_engines_pace_with_usage(engine, gateway, output_stage, language, regex,
-                                                       floor) -> None:
-    request = {"max_tokens": 60, "temperature": 0, "stream_options": {"include_usage": True},
-               "extra_body": {"structured_outputs": {"regex": regex}}}
+@pytest.mark.parametrize(
+    "language, regex, floor",
+    [
+        ("english", ENGLISH, 0.9),
+        ("traditional-chinese", TRADITIONAL, 0.9),
+        # A Simplified phrase-start (软 of 软件 → 軟體) is held until the next character shows
+        # which conversion applies: on this phrase-dense sentence about a third of the chunks carry
+        # nothing new, and the answer still equals the whole-text conversion (measured in
+        # benchmarks/RESULTS.md).
+        ("simplified-chinese", SIMPLIFIED, 0.6),
+    ],
+)
+def test_streams_stream_at_the_engines_pace_with_usage(engine, gateway, output_stage, language, regex, floor) -> None:
+    request = {
+        "max_tokens": 60,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+        "extra_body": {"structured_outputs": {"regex": regex}},
+    }
     a, b = collect(engine, **request), collect(gateway, **request)
-    print(f"\n{language}: engine {a['chunks']} chunks (first {a['first_s']:.3f} s), "
-          f"gateway {b['chunks']} chunks (first {b['first_s']:.3f} s)", file=sys.stderr)
+    print(
+        f"\n{language}: engine {a['chunks']} chunks (first {a['first_s']:.3f} s), "
+        f"gateway {b['chunks']} chunks (first {b['first_s']:.3f} s)",
+        file=sys.stderr,
+    )
     assert b["chunks"] >= floor * a["chunks"], (a["chunks"], b["chunks"])
     assert b["usage"] == a["usage"] and b["usage_chunks"] == a["usage_chunks"] == 1
     assert b["finish"] == a["finish"]
@@ -308,9 +371,15 @@ def test_streams_stream_at_the_engines_pace_with_usage(engine, gateway, output_s
 
 
 def test_streams_with_n_and_stop(engine, gateway, output_stage) -> None:
-    request = {"max_tokens": 40, "temperature": 0.8, "seed": 11, "n": 2, "stop": [" ran"],
-               "stream_options": {"include_usage": True},
-               "extra_body": {"structured_outputs": {"regex": SENTENCE}}}
+    request = {
+        "max_tokens": 40,
+        "temperature": 0.8,
+        "seed": 11,
+        "n": 2,
+        "stop": [" ran"],
+        "stream_options": {"include_usage": True},
+        "extra_body": {"structured_outputs": {"regex": SENTENCE}},
+    }
     a, b = collect(engine, **request), collect(gateway, **request)
     assert b["finish"] == a["finish"]
     assert b["usage"] == a["usage"]
@@ -334,10 +403,15 @@ def test_embeddings_float_and_base64(embed_engine, stack: Stack, tenant_key) -> 
     assert (a.usage.prompt_tokens, a.usage.total_tokens) == (b.usage.prompt_tokens, b.usage.total_tokens)
     # base64, as the raw API gives it (the SDK decodes it): same bytes on both sides
     body = {"model": "embed", "input": texts, "encoding_format": "base64"}
-    raw_a = httpx.post(f"{stack.engine_url('embed')}/embeddings", json=body, timeout=60,
-                       headers={"Authorization": f"Bearer {ENGINE_KEY}"}).json()
-    raw_b = httpx.post(f"{stack.url}/embeddings", json=body, timeout=60,
-                       headers={"Authorization": f"Bearer {tenant_key[1]}"}).json()
+    raw_a = httpx.post(
+        f"{stack.engine_url('embed')}/embeddings",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {ENGINE_KEY}"},
+    ).json()
+    raw_b = httpx.post(
+        f"{stack.url}/embeddings", json=body, timeout=60, headers={"Authorization": f"Bearer {tenant_key[1]}"}
+    ).json()
     for x, y in zip(raw_a["data"], raw_b["data"]):
         assert isinstance(y["embedding"], str)
         va = struct.unpack(f"<{384}f", base64.b64decode(x["embedding"]))
@@ -347,10 +421,15 @@ def test_embeddings_float_and_base64(embed_engine, stack: Stack, tenant_key) -> 
 
 def test_embeddings_dimensions_refused_as_the_engine_refuses(stack: Stack, tenant_key) -> None:
     body = {"model": "embed", "input": "台北", "dimensions": 64}
-    a = httpx.post(f"{stack.engine_url('embed')}/embeddings", json=body, timeout=60,
-                   headers={"Authorization": f"Bearer {ENGINE_KEY}"})
-    b = httpx.post(f"{stack.url}/embeddings", json=body, timeout=60,
-                   headers={"Authorization": f"Bearer {tenant_key[1]}"})
+    a = httpx.post(
+        f"{stack.engine_url('embed')}/embeddings",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {ENGINE_KEY}"},
+    )
+    b = httpx.post(
+        f"{stack.url}/embeddings", json=body, timeout=60, headers={"Authorization": f"Bearer {tenant_key[1]}"}
+    )
     assert a.status_code == b.status_code, (a.text, b.text)
     if a.status_code >= 400:
         assert set(b.json()["error"]) == {"message", "type", "param", "code"}
@@ -362,8 +441,11 @@ def test_embeddings_dimensions_refused_as_the_engine_refuses(stack: Stack, tenan
 ERRORS = {
     "no-messages": {"model": "chat"},
     "negative-max-tokens": {"model": "chat", "messages": MESSAGES, "max_tokens": -5},
-    "context-overflow": {"model": "chat", "messages": [{"role": "user", "content": "台北 夜市 " * 900}],
-                         "max_tokens": 10},
+    "context-overflow": {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "台北 夜市 " * 900}],
+        "max_tokens": 10,
+    },
     "wrong-type": {"model": "chat", "messages": MESSAGES, "temperature": "hot"},
     "unknown-model": {"model": "no-such-model", "messages": MESSAGES},
 }
@@ -373,14 +455,20 @@ ERRORS = {
 def test_errors_come_fast_in_openais_shape_with_the_engines_status(stack: Stack, tenant_key, name: str) -> None:
     body = ERRORS[name]
     engine_body = {**body, "model": body["model"]}
-    a = httpx.post(f"{stack.engine_url('chat')}/chat/completions", json=engine_body, timeout=60,
-                   headers={"Authorization": f"Bearer {ENGINE_KEY}"})
+    a = httpx.post(
+        f"{stack.engine_url('chat')}/chat/completions",
+        json=engine_body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {ENGINE_KEY}"},
+    )
     began = time.perf_counter()
-    b = httpx.post(f"{stack.url}/chat/completions", json=body, timeout=60,
-                   headers={"Authorization": f"Bearer {tenant_key[1]}"})
+    b = httpx.post(
+        f"{stack.url}/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {tenant_key[1]}"}
+    )
     took = time.perf_counter() - began
-    print(f"\n{name}: engine {a.status_code}, gateway {b.status_code} in {took * 1000:.0f} ms: {b.text}",
-          file=sys.stderr)
+    print(
+        f"\n{name}: engine {a.status_code}, gateway {b.status_code} in {took * 1000:.0f} ms: {b.text}", file=sys.stderr
+    )
     assert b.status_code == a.status_code
     assert took < 1.0
     error = b.json()["error"]
@@ -405,8 +493,11 @@ def test_a_normal_session_logs_no_error(stack: Stack) -> None:
 
 
 def ledger_rows(url: str, key_id: int) -> list[tuple]:
-    return sql(url, "SELECT status_code, error_class, completion_tokens, ts FROM spend_ledger "
-                    "WHERE key_id = %s ORDER BY ts", (key_id,))
+    return sql(
+        url,
+        "SELECT status_code, error_class, completion_tokens, ts FROM spend_ledger WHERE key_id = %s ORDER BY ts",
+        (key_id,),
+    )
 
 
 def test_z1_one_replica_killed_under_load_fails_no_request(stack: Stack, gateway) -> None:
@@ -419,12 +510,11 @@ def test_z1_one_replica_killed_under_load_fails_no_request(stack: Stack, gateway
         nonlocal done
         while not stop.is_set():
             try:
-                answer = gateway.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=16,
-                                                         temperature=0)
+                answer = gateway.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=16, temperature=0)
                 assert answer.choices[0].message is not None
                 with lock:
                     done += 1
-            except Exception as exc:  # noqa: BLE001 - every failure is the finding
+            except Exception as exc:
                 with lock:
                     failures.append(repr(exc))
 
@@ -439,8 +529,10 @@ def test_z1_one_replica_killed_under_load_fails_no_request(stack: Stack, gateway
     stop.set()
     for t in threads:
         t.join(60)
-    print(f"\nkill -9 of one replica: {done} requests ({done - killed_at} after the kill), "
-          f"{len(failures)} failed", file=sys.stderr)
+    print(
+        f"\nkill -9 of one replica: {done} requests ({done - killed_at} after the kill), {len(failures)} failed",
+        file=sys.stderr,
+    )
     assert failures == []
     assert done - killed_at >= 4
 
@@ -452,10 +544,20 @@ def test_z2_a_stream_whose_engine_dies_ends_with_an_error_event(stack: Stack, te
     events: list[dict] = []
     # eight long answers with 20 alternatives per token keep the engine's server busy for seconds
     # (the tiny model itself would finish before the first chunk reached the client)
-    body = {"model": "chat", "messages": MESSAGES, "max_tokens": 900, "temperature": 1.0, "n": 8, "seed": 5,
-            "logprobs": True, "top_logprobs": 20, "stream": True}
-    with httpx.stream("POST", f"{stack.url}/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {key}"}) as response:
+    body = {
+        "model": "chat",
+        "messages": MESSAGES,
+        "max_tokens": 900,
+        "temperature": 1.0,
+        "n": 8,
+        "seed": 5,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{stack.url}/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
         assert response.status_code == 200
         stack.kill_engine(survivor)  # the stream has begun (the gateway sends headers with its first chunk)
         for line in response.iter_lines():
@@ -486,9 +588,12 @@ def test_z3_every_replica_down_is_503_with_retry_after(stack: Stack, tenant_key)
             stack.kill_engine(engine.id)
     for stream in (False, True):
         began = time.perf_counter()
-        response = httpx.post(f"{stack.url}/chat/completions", timeout=30,
-                              headers={"Authorization": f"Bearer {tenant_key[1]}"},
-                              json={"model": "chat", "messages": MESSAGES, "max_tokens": 5, "stream": stream})
+        response = httpx.post(
+            f"{stack.url}/chat/completions",
+            timeout=30,
+            headers={"Authorization": f"Bearer {tenant_key[1]}"},
+            json={"model": "chat", "messages": MESSAGES, "max_tokens": 5, "stream": stream},
+        )
         took = time.perf_counter() - began
         assert response.status_code == 503, response.text
         assert took < 2.0

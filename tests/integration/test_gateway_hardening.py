@@ -19,18 +19,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from echo_upstream import EchoUpstream
-from pgutil import Postgres
-from pgutil import free_port
+from pgutil import Postgres, free_port
 from stackutil import _stop
+
+from twllm.gateway.asgi import allowed
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.plan.placement import GpuInventory
+from twllm.render.gateway_config import render
 from twllm.runtime.engines.envs import child_env
 from twllm.runtime.gateway import gateway_launch
-from twllm.plan.placement import GpuInventory
-from twllm.plan.build import ENGINE_KEY_ENV, make_plan
 from twllm.spec.resolve import parse_spec
-from twllm.gateway.asgi import allowed
-from twllm.render.gateway_config import render
 
 pytestmark = pytest.mark.integration
 
@@ -47,31 +46,39 @@ gateway:
 models:
   - {{name: chat, model: llama-3.2-1b-instruct}}
 """
-FORBIDDEN = re.compile(r"(?i:litellm|hosted_vllm|traceback|https?://|127\.0\.0\.1|prisma)|\b[A-Z]\w*(?:Error|Exception)\b")
+FORBIDDEN = re.compile(
+    r"(?i:litellm|hosted_vllm|traceback|https?://|127\.0\.0\.1|prisma)|\b[A-Z]\w*(?:Error|Exception)\b"
+)
 
 
 def make_certificate(folder: Path) -> Path:
     """A self-signed certificate for 127.0.0.1 (cert.pem, key.pem in ``folder``)."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twllm test gateway")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                       serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     (folder / "key.pem").chmod(0o600)
     return folder / "cert.pem"
 
@@ -81,8 +88,13 @@ class Gateway:
         self.url, self.cert, self.log, self.proc = url, cert, log, proc
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=str(self.cert), timeout=30, trust_env=False,
-                            headers={"Authorization": f"Bearer {MASTER}"})
+        return httpx.Client(
+            base_url=self.url,
+            verify=str(self.cert),
+            timeout=30,
+            trust_env=False,
+            headers={"Authorization": f"Bearer {MASTER}"},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +114,24 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres) -> Ite
             deployment["litellm_params"].update({"model": "openai/echo", "api_base": upstream.base_url})
         config["general_settings"]["background_health_checks"] = False
         (rendered / "litellm_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-        launch = gateway_launch(plan.gateway, rendered, {"TWLLM_MASTER_KEY": MASTER, ENGINE_KEY_ENV: "sk-engine-x"},
-                                database_url=postgres.url, spool_dir=folder / "spool")
+        launch = gateway_launch(
+            plan.gateway,
+            rendered,
+            {"TWLLM_MASTER_KEY": MASTER, ENGINE_KEY_ENV: "sk-engine-x"},
+            database_url=postgres.url,
+            spool_dir=folder / "spool",
+        )
         assert "--ssl-certfile" in launch.argv
         log = folder / "gateway.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(launch.argv, env={**child_env(launch.env), "OMP_NUM_THREADS": "1"}, cwd=launch.cwd,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                launch.argv,
+                env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
+                cwd=launch.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         gw = Gateway(plan.gateway.url.removesuffix("/v1"), cert, log, proc)
         try:
             deadline = time.monotonic() + 120
@@ -128,8 +151,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres) -> Ite
 
 def test_https_only_with_the_specs_certificate(gateway: Gateway) -> None:
     with gateway.client() as client:
-        reply = client.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user",
-                                                                                          "content": "你好"}]})
+        reply = client.post(
+            "/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "你好"}]}
+        )
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["message"]["content"] == "好的。"
     plain = gateway.url.replace("https://", "http://")
@@ -231,19 +255,18 @@ def test_websocket_routes_are_closed(gateway: Gateway) -> None:
     context = ssl.create_default_context(cafile=str(gateway.cert))
     url = gateway.url.replace("https://", "wss://") + "/v1/realtime?model=chat"
     with pytest.raises(Exception) as caught:
-        with connect(url, ssl=context, additional_headers={"Authorization": f"Bearer {MASTER}"},
-                     open_timeout=10) as ws:
+        with connect(url, ssl=context, additional_headers={"Authorization": f"Bearer {MASTER}"}, open_timeout=10) as ws:
             ws.recv(timeout=5)
     assert "403" in str(caught.value) or "1008" in str(caught.value) or "rejected" in str(caught.value).lower()
 
 
 def test_cors_only_for_the_specs_origins(gateway: Gateway) -> None:
     with gateway.client() as client:
-        ok = client.options("/v1/chat/completions", headers={"Origin": ORIGIN,
-                                                              "Access-Control-Request-Method": "POST"})
+        ok = client.options("/v1/chat/completions", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
-        bad = client.options("/v1/chat/completions", headers={"Origin": "https://evil.example",
-                                                               "Access-Control-Request-Method": "POST"})
+        bad = client.options(
+            "/v1/chat/completions", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+        )
         assert bad.status_code >= 400 and "access-control-allow-origin" not in bad.headers
         plain = client.get("/v1/models", headers={"Origin": "https://evil.example"})
         assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
@@ -253,14 +276,21 @@ def test_cors_only_for_the_specs_origins(gateway: Gateway) -> None:
 
 def test_no_internal_headers_and_a_quiet_log(gateway: Gateway) -> None:
     with gateway.client() as client:
-        reply = client.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user",
-                                                                                          "content": "hi"}]})
+        reply = client.post(
+            "/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        )
         assert reply.status_code == 200
         leaked = [k for k in reply.headers if k.startswith(("x-litellm", "llm_provider"))]
         assert leaked == [] and "server" not in reply.headers
         assert client.post("/v1/chat/completions", json={"model": "nope", "messages": []}).status_code == 404
-        assert client.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-wrong"},
-                           json={"model": "chat", "messages": []}).status_code == 401
+        assert (
+            client.post(
+                "/v1/chat/completions",
+                headers={"Authorization": "Bearer sk-wrong"},
+                json={"model": "chat", "messages": []},
+            ).status_code
+            == 401
+        )
     time.sleep(0.5)
     log = gateway.log.read_text(errors="replace")
     bad = [line for line in log.splitlines() if "ERROR" in line or "Traceback" in line]

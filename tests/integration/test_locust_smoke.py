@@ -21,12 +21,12 @@ import psycopg
 import pytest
 
 from twllm.accounting import store
-from twllm.runtime.database_url import database_url
-from twllm.plan.placement import GpuInventory
 from twllm.plan.build import make_plan
-from twllm.spec.resolve import parse_spec
+from twllm.plan.placement import GpuInventory
 from twllm.runtime.control import deploy, stop
+from twllm.runtime.database_url import database_url
 from twllm.runtime.state import StateDir
+from twllm.spec.resolve import parse_spec
 
 pytestmark = pytest.mark.integration
 
@@ -93,10 +93,30 @@ def test_bench_run_has_no_errors_and_one_ledger_row_per_request(stack):
     out = stack["root"] / "bench"
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "twllm", "bench", "--endpoint", stack["endpoint"], "--model", "demo-chat",
-         "--users", "2", "--duration", f"{LOAD_S}s", "--max-tokens", "8", "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=LOAD_S + 120,
-        env={**os.environ, "TWLLM_BENCH_API_KEY": stack["secret"]})
+        [
+            sys.executable,
+            "-m",
+            "twllm",
+            "bench",
+            "--endpoint",
+            stack["endpoint"],
+            "--model",
+            "demo-chat",
+            "--users",
+            "2",
+            "--duration",
+            f"{LOAD_S}s",
+            "--max-tokens",
+            "8",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=LOAD_S + 120,
+        env={**os.environ, "TWLLM_BENCH_API_KEY": stack["secret"]},
+    )
     print(f"\nbench took {time.monotonic() - started:.1f} s")
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(result.stdout)

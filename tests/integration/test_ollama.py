@@ -25,10 +25,10 @@ import httpx
 import pytest
 from ollama_contract import ContractServer, canned_reply
 
+from twllm.errors import RuntimeFailure
+from twllm.plan.build import EngineProcess
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.ollama import OllamaDriver
-from twllm.plan.build import EngineProcess
-from twllm.errors import RuntimeFailure
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +50,18 @@ def make_proc(state: Path, port: int, provision: tuple[dict[str, str], ...]) -> 
         "OLLAMA_NUM_PARALLEL": "1",
     }
     return EngineProcess(
-        id="ollama", engine="ollama", device="cpu", models=tuple(e["name"] for e in provision),
-        argv=("ollama", "serve"), env=env, secret_env={}, host="127.0.0.1", port=port, gpus=(),
-        ready_url=f"http://127.0.0.1:{port}/api/tags", provision=provision,
+        id="ollama",
+        engine="ollama",
+        device="cpu",
+        models=tuple(e["name"] for e in provision),
+        argv=("ollama", "serve"),
+        env=env,
+        secret_env={},
+        host="127.0.0.1",
+        port=port,
+        gpus=(),
+        ready_url=f"http://127.0.0.1:{port}/api/tags",
+        provision=provision,
     )
 
 
@@ -90,8 +99,14 @@ def start(proc: EngineProcess, tmp_path: Path) -> Running:
     launch = driver.launch(proc, ctx)
     log = tmp_path / "ollama.log"
     with log.open("wb") as out:
-        popen = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        popen = subprocess.Popen(
+            launch.argv,
+            env={**os.environ, **launch.env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return Running(driver, proc, ctx, popen, log)
 
 
@@ -243,8 +258,10 @@ def test_contract_pull_and_native_chat(contract: ContractServer) -> None:
         pulled = http.post("/api/pull", json={"name": "phi4-mini"})  # the older field name still works
         lines = [json.loads(line) for line in pulled.text.splitlines()]
         assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
-        chat = http.post("/api/chat", json={"model": "phi4-mini:latest", "stream": False,
-                                            "messages": [{"role": "user", "content": "hi"}]})
+        chat = http.post(
+            "/api/chat",
+            json={"model": "phi4-mini:latest", "stream": False, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert chat.json()["message"]["content"] == canned_reply("phi4-mini:latest")
         models = http.get("/api/tags").json()["models"]
         assert [(m["name"], m["model"]) for m in models] == [("phi4-mini:latest", "phi4-mini:latest")]

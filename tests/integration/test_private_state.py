@@ -25,21 +25,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from osuser import as_user, not_private, other_user, probe_paths, try_connect
 from proxyutil import free_port
+
 from twllm.accounting import migrate
-from twllm.runtime.database_url import database_url
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.plan.placement import GpuInventory
 from twllm.runtime import control as runtime
 from twllm.runtime.components import Component, build_components
 from twllm.runtime.database import EmbeddedPostgres
-from twllm.runtime.state import ROOT_RUN_AS
+from twllm.runtime.database_url import database_url
 from twllm.runtime.engines.base import Launch, RuntimeContext
-from twllm.plan.placement import GpuInventory
-from twllm.plan.build import ENGINE_KEY_ENV, make_plan
-from twllm.spec.resolve import parse_spec
-from twllm.runtime.state import DeploymentState, StateDir
+from twllm.runtime.state import ROOT_RUN_AS, DeploymentState, StateDir
 from twllm.runtime.supervisor import Supervisor
+from twllm.spec.resolve import parse_spec
 
 pytestmark = pytest.mark.integration
 
@@ -85,10 +84,14 @@ def deployment() -> Iterator[dict]:
 
     def components(plan, ctx, rendered) -> list[Component]:
         database, _engine, gateway = build_components(plan, ctx, rendered)
-        engine = Component(name="vllm-m-0", kind="engine", port=ports["engine"], start_timeout_s=30,
-                           launch=lambda: Launch([sys.executable, "-m", "http.server", str(ports["engine"]),
-                                                  "--bind", "127.0.0.1"]),
-                           ready=lambda: listening(ports["engine"]))
+        engine = Component(
+            name="vllm-m-0",
+            kind="engine",
+            port=ports["engine"],
+            start_timeout_s=30,
+            launch=lambda: Launch([sys.executable, "-m", "http.server", str(ports["engine"]), "--bind", "127.0.0.1"]),
+            ready=lambda: listening(ports["engine"]),
+        )
         real_launch = gateway.launch
 
         def stand_in() -> Launch:
@@ -127,10 +130,22 @@ def test_every_path_under_the_state_dir_is_private(deployment: dict) -> None:
     sd: StateDir = deployment["sd"]
     wrong, seen = not_private(sd.root)
     assert not wrong, wrong
-    for rel in ("plan.json", "state.json", "supervisor.pid", "logs/database.log", "logs/gateway.log",
-                "logs/vllm-m-0.log", "rendered/litellm_config.yaml", "rendered/gateway.json",
-                "secrets/engine_key", "secrets/db_password", "spool/made-with-the-umask.txt",
-                "spool/made-with-the-umask", "postgres/PG_VERSION", "postgres/pg_hba.conf"):
+    for rel in (
+        "plan.json",
+        "state.json",
+        "supervisor.pid",
+        "logs/database.log",
+        "logs/gateway.log",
+        "logs/vllm-m-0.log",
+        "rendered/litellm_config.yaml",
+        "rendered/gateway.json",
+        "secrets/engine_key",
+        "secrets/db_password",
+        "spool/made-with-the-umask.txt",
+        "spool/made-with-the-umask",
+        "postgres/PG_VERSION",
+        "postgres/pg_hba.conf",
+    ):
         assert rel in seen, (rel, sorted(seen))
     root = sd.root.stat()
     if os.geteuid() == 0:
@@ -152,16 +167,23 @@ def test_every_client_uses_the_password_and_nothing_else_holds_it(deployment: di
     url = database_url(sd)
     assert password in url and migrate.pending(url) == []
     # The command line finds it through the state directory.
-    done = subprocess.run([sys.executable, "-m", "twllm", "tenants", "list", "--state-dir", str(sd.root)],
-                          capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("TWLLM_")})
+    done = subprocess.run(
+        [sys.executable, "-m", "twllm", "tenants", "list", "--state-dir", str(sd.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TWLLM_")},
+    )
     assert done.returncode == 0, done.stderr
     assert password not in done.stdout + done.stderr
     # Without the password nobody gets in, the deploying user included.
     assert "no password supplied" in try_connect(host="127.0.0.1", port=pg.port, user="twllm", dbname="twllm")
     # Only secrets/db_password holds it: no log, no state.json, plan.json or rendered file, no argv.
-    holders = [str(p.relative_to(sd.root)) for p in sd.root.rglob("*")
-               if p.is_file() and not p.is_symlink() and password.encode() in p.read_bytes()]
+    holders = [
+        str(p.relative_to(sd.root))
+        for p in sd.root.rglob("*")
+        if p.is_file() and not p.is_symlink() and password.encode() in p.read_bytes()
+    ]
     assert holders == ["secrets/db_password"]
     for component in deployment["state"].components:
         assert component.pid
@@ -174,16 +196,33 @@ def test_another_os_user_can_neither_read_nor_connect(deployment: dict) -> None:
     uid, gid = other_user()
     sd: StateDir = deployment["sd"]
     pg: EmbeddedPostgres = deployment["pg"]
-    paths = [sd.root, sd.state_file, sd.plan, sd.logs, sd.log_of("gateway"), sd.log_of("database"),
-             sd.rendered, sd.rendered / "litellm_config.yaml", sd.rendered / "gateway.json", sd.secrets_dir,
-             sd.secrets_dir / "db_password", sd.secrets_dir / "engine_key", sd.root / "spool",
-             sd.root / "postgres", sd.root / "postgres" / "pg_hba.conf", sd.supervisor_pid]
+    paths = [
+        sd.root,
+        sd.state_file,
+        sd.plan,
+        sd.logs,
+        sd.log_of("gateway"),
+        sd.log_of("database"),
+        sd.rendered,
+        sd.rendered / "litellm_config.yaml",
+        sd.rendered / "gateway.json",
+        sd.secrets_dir,
+        sd.secrets_dir / "db_password",
+        sd.secrets_dir / "engine_key",
+        sd.root / "spool",
+        sd.root / "postgres",
+        sd.root / "postgres" / "pg_hba.conf",
+        sd.supervisor_pid,
+    ]
     outcome = as_user(uid, gid, probe_paths(paths))
     assert set(outcome.values()) == {"PermissionError"}, outcome
     assert as_user(uid, gid, probe_paths([sd.root.parent])) == {str(sd.root.parent): "ok"}  # the parent is open
     tcp = {"host": "127.0.0.1", "port": pg.port, "user": "twllm", "dbname": "twllm"}
-    refused = as_user(uid, gid, lambda: [try_connect(**tcp), try_connect(**tcp, password="guess"),
-                                         try_connect(**{**tcp, "user": "postgres"})])
+    refused = as_user(
+        uid,
+        gid,
+        lambda: [try_connect(**tcp), try_connect(**tcp, password="guess"), try_connect(**{**tcp, "user": "postgres"})],
+    )
     assert "no password supplied" in refused[0], refused
     assert "password authentication failed" in refused[1], refused
     assert "no password supplied" in refused[2], refused

@@ -167,7 +167,9 @@ def _callback_rows(path: Path, want: int, timeout: float = 15.0) -> list[dict]:
 # --- (a) no proprietary companion packages -------------------------------------------------------
 
 
-@pytest.mark.parametrize("dist, module", [("litellm-enterprise", "litellm_enterprise"), ("litellm-proxy-extras", "litellm_proxy_extras")])
+@pytest.mark.parametrize(
+    "dist, module", [("litellm-enterprise", "litellm_enterprise"), ("litellm-proxy-extras", "litellm_proxy_extras")]
+)
 def test_proprietary_litellm_packages_are_not_installed(dist: str, module: str) -> None:
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.version(dist)

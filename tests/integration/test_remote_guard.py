@@ -11,14 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from test_vllm_engine import ENGINE_KEY, engine_of, serving
-from twllm.plan.placement import GpuInventory
-from twllm.plan.build import ENGINE_KEY_ENV, make_plan
-from twllm.spec.resolve import parse_spec
+
 from twllm.guard.pipeline import GuardPipeline
 from twllm.guard.policy import GuardPolicies, RemoteGuard
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.plan.placement import GpuInventory
 from twllm.render.gateway_config import guard_settings
+from twllm.spec.resolve import parse_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -45,15 +45,22 @@ models:
     assert remote == {"guard": RemoteGuard("guard", tuple(engines), ENGINE_KEY_ENV)} and len(engines) == 2
 
 
-def test_checks_go_to_the_engine(vllm_cpu_env, tiny_guard: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    proc = engine_of(f'  - {{name: guard, source: {{path: "{tiny_guard}"}}, device: cpu, dtype: float32, '
-                     f'engine_args: {{enforce-eager: true}}}}\n', tmp_path)
+def test_checks_go_to_the_engine(
+    vllm_cpu_env, tiny_guard: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = engine_of(
+        f'  - {{name: guard, source: {{path: "{tiny_guard}"}}, device: cpu, dtype: float32, '
+        f"engine_args: {{enforce-eager: true}}}}\n",
+        tmp_path,
+    )
     monkeypatch.setenv(ENGINE_KEY_ENV, ENGINE_KEY)
     with serving(proc, vllm_cpu_env, tmp_path / "engine.log") as running:
-        policies = GuardPolicies.from_settings({
-            "base": {"input": ["llama_guard"], "output": ["llama_guard"], "llama_guard": {"model": "guard"}},
-            "remote": {"guard": {"api_bases": [running.base + "/v1"], "api_key_env": ENGINE_KEY_ENV}},
-        })
+        policies = GuardPolicies.from_settings(
+            {
+                "base": {"input": ["llama_guard"], "output": ["llama_guard"], "llama_guard": {"model": "guard"}},
+                "remote": {"guard": {"api_bases": [running.base + "/v1"], "api_key_env": ENGINE_KEY_ENV}},
+            }
+        )
         pipeline = GuardPipeline(policies.resolve(), remote=policies.remote)
         safe = pipeline.run("今天天氣如何？", "input", [{"role": "user", "content": "今天天氣如何？"}])
         unsafe = pipeline.run("教我做炸彈", "input", [{"role": "user", "content": "教我做炸彈"}])
@@ -67,9 +74,14 @@ def test_checks_go_to_the_engine(vllm_cpu_env, tiny_guard: Path, tmp_path: Path,
 
 def test_an_unreachable_guard_engine_follows_the_failure_policy() -> None:
     for on_error, verdict in (("block", "block"), ("allow", "allow")):
-        policies = GuardPolicies.from_settings({
-            "base": {"input": ["llama_guard"], "llama_guard": {"model": "guard", "on_error": on_error, "timeout_s": 5}},
-            "remote": {"guard": {"api_bases": ["http://127.0.0.1:9/v1"], "api_key_env": None}},
-        })
+        policies = GuardPolicies.from_settings(
+            {
+                "base": {
+                    "input": ["llama_guard"],
+                    "llama_guard": {"model": "guard", "on_error": on_error, "timeout_s": 5},
+                },
+                "remote": {"guard": {"api_bases": ["http://127.0.0.1:9/v1"], "api_key_env": None}},
+            }
+        )
         result = GuardPipeline(policies.resolve(), remote=policies.remote).run("hi", "input")
         assert result.verdict == verdict and result.notes == [f"llama_guard: ConnectError (on_error: {on_error})"]

@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from proxyutil import ProxyHandle, start_proxy
-from twllm.plan.placement import GpuInventory
+
 from twllm.plan.build import ENGINE_KEY_ENV, make_plan
-from twllm.spec.resolve import load_spec, parse_spec
+from twllm.plan.placement import GpuInventory
 from twllm.render.gateway_config import litellm_config, render
+from twllm.spec.resolve import load_spec, parse_spec
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,9 @@ def rendered(text_or_path: str | Path) -> dict:
     return litellm_config(plan)
 
 
-@pytest.mark.parametrize("source", [MIXED, EXAMPLES / "prod.yaml", EXAMPLES / "local.yaml"], ids=["mixed", "prod", "local"])
+@pytest.mark.parametrize(
+    "source", [MIXED, EXAMPLES / "prod.yaml", EXAMPLES / "local.yaml"], ids=["mixed", "prod", "local"]
+)
 def test_router_keeps_every_deployment_and_setting(source, monkeypatch):
     from litellm import Router
     from litellm.constants import ROUTER_SETTINGS_MANAGED_OUTSIDE_CONFIG
@@ -88,8 +90,11 @@ def test_router_keeps_every_deployment_and_setting(source, monkeypatch):
         assert (router.fallbacks or []) == settings.get("fallbacks", [])
         for d in router.model_list:
             assert d["model_info"]["id"] == next(
-                m["model_info"]["id"] for m in model_list if m["litellm_params"]["api_base"] == d["litellm_params"]["api_base"]
-                and m["model_name"] == d["model_name"])
+                m["model_info"]["id"]
+                for m in model_list
+                if m["litellm_params"]["api_base"] == d["litellm_params"]["api_base"]
+                and m["model_name"] == d["model_name"]
+            )
     finally:
         router.discard()
 
@@ -100,11 +105,14 @@ def mixed_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyHandl
     loaded = parse_spec(MIXED, "mixed.yaml", ENV)
     plan = make_plan(loaded, GpuInventory(8, 80, "test"), out / "state")
     render(plan, loaded.spec, out)
-    with start_proxy(out / "litellm_config.yaml",
-                     env={"TWLLM_MASTER_KEY": MASTER, ENGINE_KEY_ENV: "sk-engine-test"},
-                     # LiteLLM's own command line: what LiteLLM makes of the rendered file, its
-                     # routing shown by its own errors and /model/info (twllm's gateway hides both)
-                     timeout=300, entry="litellm") as handle:
+    with start_proxy(
+        out / "litellm_config.yaml",
+        env={"TWLLM_MASTER_KEY": MASTER, ENGINE_KEY_ENV: "sk-engine-test"},
+        # LiteLLM's own command line: what LiteLLM makes of the rendered file, its
+        # routing shown by its own errors and /model/info (twllm's gateway hides both)
+        timeout=300,
+        entry="litellm",
+    ) as handle:
         yield handle
 
 
@@ -122,8 +130,13 @@ def test_proxy_lists_every_model_and_routes_each_to_its_engine_port(mixed_proxy)
     # No engine runs here (that is the runtime's job), so the proof of routing is where the proxy
     # tried to connect: the port the plan gave each model's engine.
     for name, ports in (("chat-a", (8100, 8101)), ("chat-b", (11434,))):
-        reply = httpx.post(f"{mixed_proxy.base_url}/v1/chat/completions", headers=headers, timeout=60, trust_env=False,
-                           json={"model": name, "messages": [{"role": "user", "content": "你好"}]})
+        reply = httpx.post(
+            f"{mixed_proxy.base_url}/v1/chat/completions",
+            headers=headers,
+            timeout=60,
+            trust_env=False,
+            json={"model": name, "messages": [{"role": "user", "content": "你好"}]},
+        )
         if reply.status_code == 429:
             # a failed replica of a model with several is cooled down at once (render.py): the
             # retries tried every replica, which the cooldown list names
@@ -131,8 +144,13 @@ def test_proxy_lists_every_model_and_routes_each_to_its_engine_port(mixed_proxy)
             continue
         assert reply.status_code >= 500, reply.text
         assert any(f":{p}" in reply.text or f", {p})" in reply.text for p in ports), reply.text
-    unknown = httpx.post(f"{mixed_proxy.base_url}/v1/chat/completions", headers=headers, timeout=30, trust_env=False,
-                         json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
+    unknown = httpx.post(
+        f"{mixed_proxy.base_url}/v1/chat/completions",
+        headers=headers,
+        timeout=30,
+        trust_env=False,
+        json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert unknown.status_code == 400
 
 

@@ -13,16 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from proxyutil import free_port
+
+from twllm.errors import EXIT_NOT_READY
+from twllm.plan.build import make_plan
+from twllm.plan.placement import GpuInventory
 from twllm.runtime import supervisor as supervisor_mod
 from twllm.runtime.components import Component
 from twllm.runtime.engines.base import Launch, RuntimeContext
-from twllm.plan.placement import GpuInventory
-from twllm.plan.build import make_plan
-from twllm.spec.resolve import parse_spec
 from twllm.runtime.state import StateDir, pid_alive
-from twllm.errors import EXIT_NOT_READY
+from twllm.spec.resolve import parse_spec
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +38,21 @@ def listening(port: int) -> bool:
 def http_server(name: str, kind: str, port: int, *, tag: str = "v1", exit_at_once: bool = False) -> Component:
     """A stand-in component: a real process serving HTTP on ``port`` (or exiting at once)."""
     code = "import sys; sys.exit(3)" if exit_at_once else None
-    argv = [sys.executable, "-c", code] if code else [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
-    return Component(name=name, kind=kind, port=port, start_timeout_s=20,
-                     launch=lambda: Launch(argv=argv, env={"TAG": tag}),
-                     ready=lambda: listening(port), fingerprint=f"{name}-{tag}", stop_timeout_s=5)
+    argv = (
+        [sys.executable, "-c", code]
+        if code
+        else [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    )
+    return Component(
+        name=name,
+        kind=kind,
+        port=port,
+        start_timeout_s=20,
+        launch=lambda: Launch(argv=argv, env={"TAG": tag}),
+        ready=lambda: listening(port),
+        fingerprint=f"{name}-{tag}",
+        stop_timeout_s=5,
+    )
 
 
 class Harness:
@@ -57,7 +68,7 @@ class Harness:
     def _run(self) -> None:
         self.code = self.sup.run()
 
-    def start(self) -> "Harness":
+    def start(self) -> Harness:
         self.thread.start()
         return self
 
@@ -84,11 +95,18 @@ def test_order_readiness_restart_and_stop(tmp_path, ports, monkeypatch):
     db, engine, gateway = ports
     stopped: list[int] = []
     real_stop = supervisor_mod.stop_group
-    monkeypatch.setattr(supervisor_mod, "stop_group", lambda pgid, t, proc=None, sig=15: (stopped.append(pgid), real_stop(pgid, t, proc, sig)))
+    monkeypatch.setattr(
+        supervisor_mod,
+        "stop_group",
+        lambda pgid, t, proc=None, sig=15: (stopped.append(pgid), real_stop(pgid, t, proc, sig)),
+    )
 
     def factory(plan, ctx, rendered):
-        return [http_server("database", "database", db), http_server("vllm-m-0", "engine", engine),
-                http_server("gateway", "gateway", gateway)]
+        return [
+            http_server("database", "database", db),
+            http_server("vllm-m-0", "engine", engine),
+            http_server("gateway", "gateway", gateway),
+        ]
 
     h = Harness(tmp_path, factory).start()
     h.wait_for(lambda s: s.status == "ready" and s.generation == 1)
@@ -101,8 +119,13 @@ def test_order_readiness_restart_and_stop(tmp_path, ports, monkeypatch):
     # kill -9 the engine: the supervisor notices, restarts it after a backoff, and it serves again.
     old_pid = by["vllm-m-0"].pid
     os.kill(old_pid, signal.SIGKILL)
-    h.wait_for(lambda s: s.component("vllm-m-0").restarts == 1 and s.component("vllm-m-0").status == "ready"
-               and s.component("vllm-m-0").pid != old_pid)
+    h.wait_for(
+        lambda s: (
+            s.component("vllm-m-0").restarts == 1
+            and s.component("vllm-m-0").status == "ready"
+            and s.component("vllm-m-0").pid != old_pid
+        )
+    )
     assert listening(engine)
     assert "exited with status -9" in (h.sd.log_of("vllm-m-0")).read_text()
 
@@ -119,8 +142,11 @@ def test_a_component_that_never_comes_up_fails_the_deploy_and_stops_the_rest(tmp
     db, engine, gateway = ports
 
     def factory(plan, ctx, rendered):
-        return [http_server("database", "database", db), http_server("vllm-m-0", "engine", engine, exit_at_once=True),
-                http_server("gateway", "gateway", gateway)]
+        return [
+            http_server("database", "database", db),
+            http_server("vllm-m-0", "engine", engine, exit_at_once=True),
+            http_server("gateway", "gateway", gateway),
+        ]
 
     h = Harness(tmp_path, factory).start()
     h.thread.join(60)
@@ -137,16 +163,19 @@ def test_redeploy_restarts_only_what_changed(tmp_path, ports):
     versions = {"vllm-m-0": "v1"}
 
     def factory(plan, ctx, rendered):
-        return [http_server("database", "database", db),
-                http_server("vllm-m-0", "engine", engine, tag=versions["vllm-m-0"]),
-                http_server("gateway", "gateway", gateway)]
+        return [
+            http_server("database", "database", db),
+            http_server("vllm-m-0", "engine", engine, tag=versions["vllm-m-0"]),
+            http_server("gateway", "gateway", gateway),
+        ]
 
     h = Harness(tmp_path, factory).start()
     h.wait_for(lambda s: s.status == "ready" and s.generation == 1)
     before = {c.name: c.pid for c in h.sd.read_state().components}
     # Stage an identical plan and rendered files, but a changed engine fingerprint.
-    (h.sd.root / "plan.next.json").write_text(h.sd.plan.read_text() if h.sd.plan.exists() else
-                                              __import__("json").dumps(h.sup.plan.to_dict()))
+    (h.sd.root / "plan.next.json").write_text(
+        h.sd.plan.read_text() if h.sd.plan.exists() else __import__("json").dumps(h.sup.plan.to_dict())
+    )
     (h.sd.root / "rendered.next").mkdir()
     versions["vllm-m-0"] = "v2"
     h.sup.events.put("reload")

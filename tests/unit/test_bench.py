@@ -25,8 +25,14 @@ def delta(text: str) -> dict:
 
 
 def test_read_stream_times_first_token_and_gaps_and_takes_tokens_from_usage():
-    chunks = sse(delta(""), delta("你"), delta("好"), delta("嗎"),
-                 {"choices": [], "usage": {"completion_tokens": 4, "prompt_tokens": 9}}, "[DONE]")
+    chunks = sse(
+        delta(""),
+        delta("你"),
+        delta("好"),
+        delta("嗎"),
+        {"choices": [], "usage": {"completion_tokens": 4, "prompt_tokens": 9}},
+        "[DONE]",
+    )
     times = iter([1.0, 1.1, 1.15, 1.35, 1.4, 1.41])
     result = read_stream(chunks, started=0.9, clock=lambda: next(times))
     assert result.ttft_ms == pytest.approx(200.0)  # the empty first delta is not a token
@@ -54,8 +60,9 @@ def test_prompts_builtin_file_and_fallback(tmp_path, monkeypatch):
 
 
 def test_settings_bodies_and_locust_command_line_carry_no_secret(monkeypatch):
-    settings = LoadSettings.from_options({"models": "a, b", "max_tokens": "16", "stream": "off",
-                                          "embeddings_model": "e", "prompt_set": "zh-tw"})
+    settings = LoadSettings.from_options(
+        {"models": "a, b", "max_tokens": "16", "stream": "off", "embeddings_model": "e", "prompt_set": "zh-tw"}
+    )
     assert settings.models == ("a", "b") and not settings.stream and settings.work()[-1] == ("embed", "e")
     body = chat_body(settings, "a", "你好")
     assert body["max_tokens"] == 16 and body["ignore_eos"] and "stream" not in body
@@ -73,8 +80,17 @@ def test_settings_bodies_and_locust_command_line_carry_no_secret(monkeypatch):
 
 
 def sample(model: str, e2el: float, ok: bool = True, ttft: float | None = 10.0, tokens: int = 5) -> dict:
-    return {"kind": "chat", "model": model, "ok": ok, "e2el_ms": e2el, "ttft_ms": ttft, "itl_ms": [2.0, 4.0],
-            "tpot_ms": 3.0, "output_tokens": tokens, "error": None if ok else "HTTP 500"}
+    return {
+        "kind": "chat",
+        "model": model,
+        "ok": ok,
+        "e2el_ms": e2el,
+        "ttft_ms": ttft,
+        "itl_ms": [2.0, 4.0],
+        "tpot_ms": 3.0,
+        "output_tokens": tokens,
+        "error": None if ok else "HTTP 500",
+    }
 
 
 def test_summary_percentiles_rates_table_and_chart(tmp_path):
@@ -95,10 +111,18 @@ def test_comparison_ratios_and_table():
         return report.summarize([sample("m", e2el, tokens=tokens)] * 10, 10.0)[0]
 
     targets = {n: compare.Target(n, f"http://{n}/v1", "m", "sk-x") for n in compare.TARGETS}
-    result = compare.Comparison(targets, {"direct": summary(100, 10), "litellm": summary(200, 9),
-                                          "twllm": summary(210, 9), "twllm+guard": summary(230, 8)},
-                                [], {"users": 4, "model": "m", "rounds": 1, "duration": "5s"},
-                                {"tenant_key_requests": 20, "ledger_rows": 20})
+    result = compare.Comparison(
+        targets,
+        {
+            "direct": summary(100, 10),
+            "litellm": summary(200, 9),
+            "twllm": summary(210, 9),
+            "twllm+guard": summary(230, 8),
+        },
+        [],
+        {"users": 4, "model": "m", "rounds": 1, "duration": "5s"},
+        {"tenant_key_requests": 20, "ledger_rows": 20},
+    )
     ratios = result.ratios()
     assert ratios["twllm"]["e2el_p50_vs_litellm"] == pytest.approx(1.05)
     assert ratios["twllm"]["toks_vs_direct"] == pytest.approx(0.9)

@@ -17,7 +17,7 @@ spec.loader.exec_module(bench)  # type: ignore[union-attr]
 
 
 def test_sse_events_stop_at_done_and_skip_other_lines() -> None:
-    lines = [": ping", "", 'data: {"a": 1}', "event: x", "data:{\"b\": 2}", "data: [DONE]", 'data: {"c": 3}']
+    lines = [": ping", "", 'data: {"a": 1}', "event: x", 'data:{"b": 2}', "data: [DONE]", 'data: {"c": 3}']
     assert list(bench.sse_events(lines)) == [{"a": 1}, {"b": 2}]
 
 
@@ -59,8 +59,14 @@ def test_rotated_starts_each_round_at_the_next_target() -> None:
 
 
 def sample(ttft: float, chunks: int, total: float, error: str | None = None) -> dict:
-    return {"ttft_ms": ttft, "content_chunks": chunks, "total_ms": total, "chars": chunks,
-            "completion_tokens": 200, "error": error}
+    return {
+        "ttft_ms": ttft,
+        "content_chunks": chunks,
+        "total_ms": total,
+        "chars": chunks,
+        "completion_tokens": 200,
+        "error": error,
+    }
 
 
 def test_summarize_leaves_out_failed_requests() -> None:
@@ -71,12 +77,14 @@ def test_summarize_leaves_out_failed_requests() -> None:
 
 
 def test_ratios_against_litellm_and_engine() -> None:
-    summary = {"zh": {
-        "engine": bench.summarize([sample(20, 100, 900)]),
-        "litellm": bench.summarize([sample(40, 100, 1000)]),
-        "twllm": bench.summarize([sample(80, 95, 1100)]),
-        "twllm+stages": bench.summarize([sample(100, 50, 1200)]),
-    }}
+    summary = {
+        "zh": {
+            "engine": bench.summarize([sample(20, 100, 900)]),
+            "litellm": bench.summarize([sample(40, 100, 1000)]),
+            "twllm": bench.summarize([sample(80, 95, 1100)]),
+            "twllm+stages": bench.summarize([sample(100, 50, 1200)]),
+        }
+    }
     r = bench.ratios(summary)["zh"]
     assert r["twllm"]["ttft_p50_minus_litellm_ms"] == 40 and r["twllm"]["meets_ttft"]
     assert r["twllm"]["chunks_over_engine"] == 0.95 and r["twllm"]["meets_chunks"]

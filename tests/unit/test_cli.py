@@ -119,8 +119,12 @@ def test_plan_with_too_few_gpus(env: None, tmp_path: Path, capsys: pytest.Captur
     assert code == 2
     assert out == ""
     assert "need 8 GPU(s) but 2 are available" in err
-    for need in ("taide-8b: 2 replica(s) × 1 GPU(s) = 2", "llama-3.3-70b: 1 replica(s) × 4 GPU(s) = 4",
-                 "ministral-8b: 1 replica(s) × 1 GPU(s) = 1", "bge-m3: 1 replica(s) × 1 GPU(s) = 1"):
+    for need in (
+        "taide-8b: 2 replica(s) × 1 GPU(s) = 2",
+        "llama-3.3-70b: 1 replica(s) × 4 GPU(s) = 4",
+        "ministral-8b: 1 replica(s) × 1 GPU(s) = 1",
+        "bge-m3: 1 replica(s) × 1 GPU(s) = 1",
+    ):
         assert need in err
     assert "phi-4-mini" not in err  # on the CPU, it needs no GPU
     assert "Traceback" not in err
@@ -128,8 +132,9 @@ def test_plan_with_too_few_gpus(env: None, tmp_path: Path, capsys: pytest.Captur
 
 def test_render_writes_files_without_secrets(env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "out"
-    code, out, err = cli(capsys, "render", "-c", str(PROD), "--out", str(out_dir), "--gpus", "8",
-                         "--state-dir", str(tmp_path / "state"))
+    code, out, err = cli(
+        capsys, "render", "-c", str(PROD), "--out", str(out_dir), "--gpus", "8", "--state-dir", str(tmp_path / "state")
+    )
     assert (code, err) == (0, "")
     names = {"litellm_config.yaml", "gateway.json", "plan.json"}
     assert names <= {p.name for p in out_dir.iterdir()}
@@ -147,8 +152,18 @@ def test_render_is_stable(env: None, tmp_path: Path, capsys: pytest.CaptureFixtu
     """Rendering twice gives byte-identical files (so they can be compared)."""
     outputs = []
     for run in ("a", "b"):
-        code, _, _ = cli(capsys, "render", "-c", str(PROD), "--out", str(tmp_path / run), "--gpus", "8",
-                         "--state-dir", str(tmp_path / "state"))
+        code, _, _ = cli(
+            capsys,
+            "render",
+            "-c",
+            str(PROD),
+            "--out",
+            str(tmp_path / run),
+            "--gpus",
+            "8",
+            "--state-dir",
+            str(tmp_path / "state"),
+        )
         assert code == 0
         outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())})
     assert outputs[0] == outputs[1]
@@ -187,10 +202,13 @@ def test_models_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert entry["weight_gib"]
 
 
-@pytest.mark.parametrize(("model_id", "fragment"), [
-    ("nope", "unknown model 'nope'"),
-    ("llama-guard-3-b", "did you mean 'llama-guard-3-8b'?"),
-])
+@pytest.mark.parametrize(
+    ("model_id", "fragment"),
+    [
+        ("nope", "unknown model 'nope'"),
+        ("llama-guard-3-b", "did you mean 'llama-guard-3-8b'?"),
+    ],
+)
 def test_models_show_unknown(model_id: str, fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = cli(capsys, "models", "show", model_id)
     assert code == 2
@@ -226,8 +244,9 @@ def test_unknown_command_is_not_success(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def _twllm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "twllm", *args], capture_output=True, text=True,
-                          env=env, timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "twllm", *args], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT
+    )
 
 
 def test_real_entry_point(write_spec) -> None:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from twllm.runtime import database
 from twllm.accounting.dburl import mask_password
-from twllm.runtime.database import (EmbeddedPostgres, check_external, password_file_for,
-                                   scram_verifier, short_socket_dir)
 from twllm.errors import RuntimeFailure
+from twllm.runtime import database
+from twllm.runtime.database import EmbeddedPostgres, check_external, password_file_for, scram_verifier, short_socket_dir
 
 SECRET = "s3cr3t-Pa55"
 
@@ -37,8 +36,11 @@ def not_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _setting(argv: list[str], name: str) -> str:
-    values = [argv[i + 1].split("=", 1)[1] for i, a in enumerate(argv[:-1])
-              if a == "-c" and argv[i + 1].startswith(name + "=")]
+    values = [
+        argv[i + 1].split("=", 1)[1]
+        for i, a in enumerate(argv[:-1])
+        if a == "-c" and argv[i + 1].startswith(name + "=")
+    ]
     assert len(values) == 1, argv
     return values[0]
 
@@ -159,10 +161,11 @@ def test_short_socket_dir_is_short_and_stable_per_data_dir(tmp_path: Path) -> No
     ("dsn", "masked"),
     [
         (f"postgresql://alice:{SECRET}@db.example:5432/prod", "postgresql://alice:***@db.example:5432/prod"),
-        (f"postgres://alice:{SECRET}@db/prod?sslmode=require",
-         "postgres://alice:***@db/prod?sslmode=require"),
-        (f"postgresql://alice@db/prod?password={SECRET}&sslmode=require",
-         "postgresql://alice@db/prod?password=***&sslmode=require"),
+        (f"postgres://alice:{SECRET}@db/prod?sslmode=require", "postgres://alice:***@db/prod?sslmode=require"),
+        (
+            f"postgresql://alice@db/prod?password={SECRET}&sslmode=require",
+            "postgresql://alice@db/prod?password=***&sslmode=require",
+        ),
         (f"postgresql://alice:pa/ss@wo:rd{SECRET}@db/prod", "postgresql://alice:***@db/prod"),
         (f"host=db user=alice password={SECRET} dbname=prod", "host=db user=alice password=*** dbname=prod"),
         (f"host=db password = '{SECRET} x' dbname=prod", "host=db password = *** dbname=prod"),
@@ -196,9 +199,7 @@ def test_check_external_on_a_malformed_url_hides_the_password() -> None:
     assert SECRET not in f"{err.value} {err.value.hint}"
 
 
-def test_initialize_refuses_a_cluster_postgres_could_not_own(
-    cluster: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_initialize_refuses_a_cluster_postgres_could_not_own(cluster: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(database, "_run_as", lambda create: database._User(cluster.stat().st_uid + 1, 0))
     with pytest.raises(RuntimeFailure, match="twllm-postgres") as err:
         EmbeddedPostgres(cluster, 55432).initialize()

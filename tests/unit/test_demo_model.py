@@ -71,6 +71,7 @@ def no_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- build_demo_models ---------------------------------------------------------------------------
 
+
 def test_builds_both_models_with_the_given_python(tmp_path: Path, fake_run: FakeRun) -> None:
     lines: list[str] = []
     folders = build_demo_models(tmp_path, ENGINE, progress=lines.append)
@@ -88,8 +89,7 @@ def test_builds_both_models_with_the_given_python(tmp_path: Path, fake_run: Fake
 def test_existing_folders_are_skipped_without_running_anything(tmp_path: Path, no_run: None) -> None:
     make_built(tmp_path, *DEMO_MODELS)
     lines: list[str] = []
-    assert build_demo_models(tmp_path, ENGINE, progress=lines.append) == [
-        tmp_path / m.folder for m in DEMO_MODELS]
+    assert build_demo_models(tmp_path, ENGINE, progress=lines.append) == [tmp_path / m.folder for m in DEMO_MODELS]
     assert pending_models(tmp_path) == []
     assert all("skipped" in line for line in lines)
 
@@ -144,8 +144,9 @@ def test_a_missing_interpreter_is_a_runtime_failure(tmp_path: Path) -> None:
 
 
 def test_script_env_is_offline_single_threaded_and_clean() -> None:
-    env = script_env({"PATH": "/bin", "PYTHONPATH": "/twllm/site", "VIRTUAL_ENV": "/twllm/.venv",
-                      "OMP_NUM_THREADS": "8"})
+    env = script_env(
+        {"PATH": "/bin", "PYTHONPATH": "/twllm/site", "VIRTUAL_ENV": "/twllm/.venv", "OMP_NUM_THREADS": "8"}
+    )
     assert env["PATH"] == "/bin" and "PYTHONPATH" not in env and "VIRTUAL_ENV" not in env
     assert env["OMP_NUM_THREADS"] == "1"
     assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
@@ -157,6 +158,7 @@ def test_default_models_dir_follows_the_environment(tmp_path: Path, monkeypatch:
 
 
 # --- the engine's Python -------------------------------------------------------------------------
+
 
 def test_no_engine_module_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "twllm.runtime.engines.envs", None)  # import raises
@@ -193,12 +195,14 @@ def test_installed_engine_gives_its_python(monkeypatch: pytest.MonkeyPatch) -> N
 
 # --- the command ---------------------------------------------------------------------------------
 
+
 def invoke(*args: str):
     return CliRunner().invoke(demo_app, ["build", *args])
 
 
-def test_cli_prints_paths_and_needs_no_engine_when_all_is_built(tmp_path: Path, no_run: None,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_prints_paths_and_needs_no_engine_when_all_is_built(
+    tmp_path: Path, no_run: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "twllm.runtime.engines.envs", None)
     make_built(tmp_path, *DEMO_MODELS)
     result = invoke("--models-dir", str(tmp_path))
@@ -293,9 +297,13 @@ def test_script_refuses_a_package_without_config(script: types.ModuleType, tmp_p
 def test_chat_template_renders_llama3_layout(script: types.ModuleType) -> None:
     jinja2 = pytest.importorskip("jinja2")
     template = jinja2.Environment().from_string(script.CHAT_TEMPLATE)
-    text = template.render(bos_token=script.BOS, add_generation_prompt=True, messages=[
-        {"role": "system", "content": "你是助理。"}, {"role": "user", "content": " 你好 "}])
+    text = template.render(
+        bos_token=script.BOS,
+        add_generation_prompt=True,
+        messages=[{"role": "system", "content": "你是助理。"}, {"role": "user", "content": " 你好 "}],
+    )
     assert text == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n你是助理。<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n你好<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )

@@ -7,7 +7,7 @@ import fcntl
 import json
 import os
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from twllm.accounting.ledger import LedgerRow, LedgerWriter, insert_params, row_
 from twllm.accounting.limits import BudgetTracker, RateDecision, RateLimiter, decide
 from twllm.accounting.spool import Spool, adopt, lock_file, read_rows
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 MASTER = "sk-unit-master-key"
 
 
@@ -115,8 +115,13 @@ class StaticBudgets:
 
 
 def authenticator(keys: dict[str, KeyInfo], *, down: bool = False, limiter=None, budgets=None) -> Authenticator:
-    return Authenticator(FakeDb(), MASTER, cache=StaticCache(keys, down),  # type: ignore[arg-type]
-                         limiter=limiter or StaticLimiter(), budgets=budgets or StaticBudgets())
+    return Authenticator(
+        FakeDb(),
+        MASTER,
+        cache=StaticCache(keys, down),  # type: ignore[arg-type]
+        limiter=limiter or StaticLimiter(),
+        budgets=budgets or StaticBudgets(),
+    )
 
 
 def rejected(coro) -> Rejection:
@@ -130,14 +135,25 @@ def rejected(coro) -> Rejection:
 
 def test_gateway_config_reads_gateway_json_and_the_environment(tmp_path: Path):
     settings = tmp_path / "gateway.json"
-    settings.write_text(json.dumps({
-        "master_key_env": "MY_MASTER",
-        "database": {"embedded": True, "url_env": None, "url": None},
-        "models": {"chat-a": {"price": {"input_per_token": 3e-06, "output_per_token": 6e-06, "currency": "TWD"}},
-                   "free": {"price": {"input_per_token": 0, "output_per_token": 0, "currency": "USD"}}},
-    }))
-    config = GatewayConfig.from_env({"TWLLM_GATEWAY_SETTINGS": str(settings), "MY_MASTER": MASTER,
-                                     "TWLLM_DATABASE_URL": "postgresql://twllm@127.0.0.1:5/twllm"})
+    settings.write_text(
+        json.dumps(
+            {
+                "master_key_env": "MY_MASTER",
+                "database": {"embedded": True, "url_env": None, "url": None},
+                "models": {
+                    "chat-a": {"price": {"input_per_token": 3e-06, "output_per_token": 6e-06, "currency": "TWD"}},
+                    "free": {"price": {"input_per_token": 0, "output_per_token": 0, "currency": "USD"}},
+                },
+            }
+        )
+    )
+    config = GatewayConfig.from_env(
+        {
+            "TWLLM_GATEWAY_SETTINGS": str(settings),
+            "MY_MASTER": MASTER,
+            "TWLLM_DATABASE_URL": "postgresql://twllm@127.0.0.1:5/twllm",
+        }
+    )
     assert config.master_key == MASTER
     assert config.database_url == "postgresql://twllm@127.0.0.1:5/twllm"
     assert config.spool_dir == tmp_path / "spool"
@@ -168,17 +184,25 @@ def test_master_key_is_admin_and_skips_every_limit():
     assert limiter.calls == 0
 
 
-@pytest.mark.parametrize("api_key, code", [(None, "missing_api_key"), ("", "missing_api_key"),
-                                            ("sk-tw-unknown-key-0000000000000000000000", "invalid_api_key")])
+@pytest.mark.parametrize(
+    "api_key, code",
+    [
+        (None, "missing_api_key"),
+        ("", "missing_api_key"),
+        ("sk-tw-unknown-key-0000000000000000000000", "invalid_api_key"),
+    ],
+)
 def test_missing_and_unknown_keys_are_401(api_key, code):
     caught = rejected(authenticator({}).authenticate(api_key, "/v1/chat/completions", ["chat-a"]))
     assert (caught.status, caught.type, caught.code) == (401, "invalid_request_error", code)
 
 
 def test_revoked_and_expired_keys_are_401_from_the_moment_they_are():
-    keys = {"sk-tw-revoked": key(revoked_at=NOW - timedelta(seconds=1)),
-            "sk-tw-expired": key(expires_at=NOW),
-            "sk-tw-later": key(expires_at=NOW + timedelta(seconds=1), revoked_at=NOW + timedelta(days=1))}
+    keys = {
+        "sk-tw-revoked": key(revoked_at=NOW - timedelta(seconds=1)),
+        "sk-tw-expired": key(expires_at=NOW),
+        "sk-tw-later": key(expires_at=NOW + timedelta(seconds=1), revoked_at=NOW + timedelta(days=1)),
+    }
     auth = authenticator(keys)
     assert rejected(auth.authenticate("sk-tw-revoked", "/v1/chat/completions", [], NOW)).code == "revoked_api_key"
     assert rejected(auth.authenticate("sk-tw-expired", "/v1/chat/completions", [], NOW)).code == "expired_api_key"
@@ -188,8 +212,12 @@ def test_revoked_and_expired_keys_are_401_from_the_moment_they_are():
 def test_models_routes_and_fallbacks_outside_the_key_are_403():
     auth = authenticator({"sk-tw-a": key(), "sk-tw-all": key(models=None)})
     assert run(auth.authenticate("sk-tw-a", "/v1/chat/completions", ["chat-a"])).key is not None
-    for route, models in (("/v1/chat/completions", ["chat-b"]), ("/v1/chat/completions", ["chat-a", "chat-b"]),
-                          ("/openai/deployments/chat-b/chat/completions", []), ("/v1/models/chat-b", [])):
+    for route, models in (
+        ("/v1/chat/completions", ["chat-b"]),
+        ("/v1/chat/completions", ["chat-a", "chat-b"]),
+        ("/openai/deployments/chat-b/chat/completions", []),
+        ("/v1/models/chat-b", []),
+    ):
         caught = rejected(auth.authenticate("sk-tw-a", route, models))
         assert (caught.status, caught.code) == (403, "model_not_allowed"), route
     assert rejected(auth.authenticate("sk-tw-a", "/model/info", [])).code == "route_not_allowed"
@@ -198,14 +226,29 @@ def test_models_routes_and_fallbacks_outside_the_key_are_403():
 
 def test_budget_spent_is_429_insufficient_quota_without_retry_after():
     keys = {"sk-tw-b": key(budget=Decimal("10"), budget_period="monthly")}
-    caught = rejected(authenticator(keys, budgets=StaticBudgets(Decimal("10.00"))).authenticate(
-        "sk-tw-b", "/v1/chat/completions", ["chat-a"]))
+    caught = rejected(
+        authenticator(keys, budgets=StaticBudgets(Decimal("10.00"))).authenticate(
+            "sk-tw-b", "/v1/chat/completions", ["chat-a"]
+        )
+    )
     assert (caught.status, caught.type, caught.code) == (429, "insufficient_quota", "budget_exceeded")
     assert "Retry-After" not in caught.headers and "this month" in caught.message
-    assert run(authenticator(keys, budgets=StaticBudgets(Decimal("9.99"))).authenticate(
-        "sk-tw-b", "/v1/chat/completions", [])).key is not None
-    assert run(authenticator(keys, budgets=StaticBudgets(None)).authenticate(  # never read: not refused
-        "sk-tw-b", "/v1/chat/completions", [])).key is not None
+    assert (
+        run(
+            authenticator(keys, budgets=StaticBudgets(Decimal("9.99"))).authenticate(
+                "sk-tw-b", "/v1/chat/completions", []
+            )
+        ).key
+        is not None
+    )
+    assert (
+        run(
+            authenticator(keys, budgets=StaticBudgets(None)).authenticate(  # never read: not refused
+                "sk-tw-b", "/v1/chat/completions", []
+            )
+        ).key
+        is not None
+    )
 
 
 def test_rate_limits_are_429_with_retry_after_and_listing_models_is_not_counted():
@@ -233,8 +276,9 @@ def test_key_cache_reads_once_for_concurrent_misses_and_serves_stale_while_down(
 
     found = run(many())
     assert len(db.executed) == 1 and all(k == found[0] for k in found)
-    assert found[0] == KeyInfo(7, 3, "moe", "sk-tw-AbCdEf", ("chat-a",), 5, None, Decimal("1.5"), "daily",
-                               guard_policy="strict")
+    assert found[0] == KeyInfo(
+        7, 3, "moe", "sk-tw-AbCdEf", ("chat-a",), 5, None, Decimal("1.5"), "daily", guard_policy="strict"
+    )
     assert Identity(found[0]).metadata()["twllm_guard_policy"] == "strict"
 
     cache._entries[b"h"] = _Entry(found[0], 0.0)  # long expired
@@ -287,7 +331,7 @@ def test_budget_adds_what_this_worker_spent_since_it_last_read_postgres():
     assert run(budgets.spend(7, "monthly", NOW)) == Decimal("1.25")  # stored after the read: still counted once
     assert len(db.executed) == 1
     _, params = db.executed[0]
-    assert params == {"ids": [7], "since": [datetime(2026, 11, 1, tzinfo=timezone.utc)]}
+    assert params == {"ids": [7], "since": [datetime(2026, 11, 1, tzinfo=UTC)]}
     assert run(BudgetTracker(FakeDb(down=True)).spend(7, "daily", NOW)) is None  # type: ignore[arg-type]
 
 
@@ -295,10 +339,20 @@ def test_budget_adds_what_this_worker_spent_since_it_last_read_postgres():
 
 
 def _payload(**changes: Any) -> dict[str, Any]:
-    slo = {"id": "chatcmpl-1", "litellm_call_id": "call-1", "model_group": "chat-a", "model_id": "vllm-chat-a-0",
-           "prompt_tokens": 10, "completion_tokens": 20, "startTime": 1_795_614_749.5, "endTime": 1_795_614_750.0,
-           "completionStartTime": 1_795_614_749.6, "stream": True, "status": "success",
-           "error_information": {"error_code": "", "error_class": ""}}
+    slo = {
+        "id": "chatcmpl-1",
+        "litellm_call_id": "call-1",
+        "model_group": "chat-a",
+        "model_id": "vllm-chat-a-0",
+        "prompt_tokens": 10,
+        "completion_tokens": 20,
+        "startTime": 1_795_614_749.5,
+        "endTime": 1_795_614_750.0,
+        "completionStartTime": 1_795_614_749.6,
+        "stream": True,
+        "status": "success",
+        "error_information": {"error_code": "", "error_class": ""},
+    }
     slo.update(changes)
     return {"litellm_call_id": slo["litellm_call_id"], "standard_logging_object": slo, "response_cost": 99.0}
 
@@ -313,7 +367,7 @@ PRICES = {"chat-a": Price(Decimal("0.000005"), Decimal("0.00001"), "TWD")}
 
 def test_a_stream_row_has_our_cost_latency_and_ttft():
     row = row_from_logging(_payload(), success=True, tenant_id=3, key_id=7, price_of=lambda m: PRICES.get(m, Price()))
-    assert row.ts == datetime.fromtimestamp(1_795_614_749.5, tz=timezone.utc)
+    assert row.ts == datetime.fromtimestamp(1_795_614_749.5, tz=UTC)
     assert (row.request_id, row.model, row.deployment) == ("call-1", "chat-a", "vllm-chat-a-0")
     assert (row.prompt_tokens, row.completion_tokens, row.status_code, row.error_class) == (10, 20, 200, None)
     assert row.cost == Decimal("0.00025") and row.currency == "TWD"  # not LiteLLM's response_cost
@@ -321,13 +375,26 @@ def test_a_stream_row_has_our_cost_latency_and_ttft():
 
 
 def test_a_failure_row_has_the_status_and_error_class():
-    payload = _payload(stream=None, prompt_tokens=0, completion_tokens=0, model_group="", model="chat-x",
-                       error_information={"error_code": "429", "error_class": "RateLimitError"})
+    payload = _payload(
+        stream=None,
+        prompt_tokens=0,
+        completion_tokens=0,
+        model_group="",
+        model="chat-x",
+        error_information={"error_code": "429", "error_class": "RateLimitError"},
+    )
     row = row_from_logging(payload, success=False, tenant_id=None, key_id=None, price_of=lambda m: Price())
-    assert (row.status_code, row.error_class, row.model, row.ttft_ms, row.cost) == (429, "RateLimitError", "chat-x",
-                                                                                     None, 0)
+    assert (row.status_code, row.error_class, row.model, row.ttft_ms, row.cost) == (
+        429,
+        "RateLimitError",
+        "chat-x",
+        None,
+        0,
+    )
     odd = _payload(error_information={"error_code": "boom"})
-    assert row_from_logging(odd, success=False, tenant_id=None, key_id=None, price_of=lambda m: Price()).status_code == 500
+    assert (
+        row_from_logging(odd, success=False, tenant_id=None, key_id=None, price_of=lambda m: Price()).status_code == 500
+    )
 
 
 def test_rows_survive_json_and_become_one_array_per_column():
@@ -357,8 +424,10 @@ def test_spool_segments_seal_and_are_adopted_only_when_their_process_is_gone(tmp
     other.close()
     assert mine.other_pids() == [222]
     with adopt(tmp_path, 222) as segments:
-        assert segments is not None and [r for s in segments for chunk in read_rows(s, 10) for r in chunk] == \
-            [{"b": 1}, {"b": 2}]
+        assert segments is not None and [r for s in segments for chunk in read_rows(s, 10) for r in chunk] == [
+            {"b": 1},
+            {"b": 2},
+        ]
         for segment in segments:
             segment.unlink()
     assert not lock_file(tmp_path, 222).exists()

@@ -21,44 +21,91 @@ from twllm.gateway.asgi import ClientErrorLogFilter, HttpSettings, Shield, _NoCo
 FORBIDDEN = re.compile(r"(?i:litellm|hosted_vllm|traceback|https?://|127\.0\.0\.1)|\b[A-Z]\w*(?:Error|Exception)\b")
 
 # Bodies the LiteLLM proxy (1.108) answered in front of vLLM 0.32 (CPU build), verbatim.
-NEG_MAX = {"error": {"message": 'litellm.BadRequestError: Hosted_vllmException - {"error":{"message":"max_tokens '
-                                'must be at least 1, got -5. (parameter=max_tokens, value=-5)","type":"BadRequestError",'
-                                '"param":"max_tokens","code":400}}\n\nLiteLLM: model group \'chat\' failed with the '
-                                'error above. Received Model Group=chat\nAvailable Model Group Fallbacks=None',
-                     "type": None, "param": None, "code": "400"}}
-CONTEXT = {"error": {"message": "litellm.ContextWindowExceededError: litellm.BadRequestError: ContextWindowExceededError: "
-                                'Hosted_vllmException - {"error":{"message":"This model\'s maximum context length is '
-                                '1024 tokens. However, your prompt contains at least 1025 input tokens. '
-                                '(parameter=input_tokens, value=1025)","type":"BadRequestError","param":"input_tokens",'
-                                '"code":400}}', "type": None, "param": None, "code": "400"}}
-UNKNOWN = {"error": {"message": "/chat/completions: Invalid model name passed in model=nope. Call `/v1/models` to view "
-                                "available models for your key.", "type": "invalid_request_error", "param": None,
-                     "code": "400"}}
-CONNECT = {"error": {"message": "litellm.APIConnectionError: Hosted_vllmException - Cannot connect to host "
-                                "127.0.0.1:44169 ssl:<ssl.SSLContext object at 0x7f0a2c1b5e40> [Connect call failed "
-                                "('127.0.0.1', 44169)]. Received Model Group=chat", "type": None, "param": None,
-                     "code": "500"}}
-NO_DEPLOYMENT = {"error": {"message": "No deployments available for selected model, Try again in 60 seconds. Passed "
-                                      "model=chat. pre-call-checks=False, cooldown_list=[('chat-0', {...})]",
-                           "type": "None", "param": "None", "code": "429"}}
-CUT = {"error": {"message": "litellm.APIConnectionError: APIConnectionError: Hosted_vllmException - Response payload "
-                             "is not completed: <TransferEncodingError: 400, message='Not enough data to satisfy "
-                             "transfer length header.'>", "type": None, "param": None, "code": "500"}}
-OURS = {"error": {"message": "Rate limit reached: 60 requests per minute.", "type": "requests",
-                  "param": None, "code": "rate_limit_exceeded"}}
+NEG_MAX = {
+    "error": {
+        "message": 'litellm.BadRequestError: Hosted_vllmException - {"error":{"message":"max_tokens '
+        'must be at least 1, got -5. (parameter=max_tokens, value=-5)","type":"BadRequestError",'
+        '"param":"max_tokens","code":400}}\n\nLiteLLM: model group \'chat\' failed with the '
+        "error above. Received Model Group=chat\nAvailable Model Group Fallbacks=None",
+        "type": None,
+        "param": None,
+        "code": "400",
+    }
+}
+CONTEXT = {
+    "error": {
+        "message": "litellm.ContextWindowExceededError: litellm.BadRequestError: ContextWindowExceededError: "
+        'Hosted_vllmException - {"error":{"message":"This model\'s maximum context length is '
+        "1024 tokens. However, your prompt contains at least 1025 input tokens. "
+        '(parameter=input_tokens, value=1025)","type":"BadRequestError","param":"input_tokens",'
+        '"code":400}}',
+        "type": None,
+        "param": None,
+        "code": "400",
+    }
+}
+UNKNOWN = {
+    "error": {
+        "message": "/chat/completions: Invalid model name passed in model=nope. Call `/v1/models` to view "
+        "available models for your key.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "400",
+    }
+}
+CONNECT = {
+    "error": {
+        "message": "litellm.APIConnectionError: Hosted_vllmException - Cannot connect to host "
+        "127.0.0.1:44169 ssl:<ssl.SSLContext object at 0x7f0a2c1b5e40> [Connect call failed "
+        "('127.0.0.1', 44169)]. Received Model Group=chat",
+        "type": None,
+        "param": None,
+        "code": "500",
+    }
+}
+NO_DEPLOYMENT = {
+    "error": {
+        "message": "No deployments available for selected model, Try again in 60 seconds. Passed "
+        "model=chat. pre-call-checks=False, cooldown_list=[('chat-0', {...})]",
+        "type": "None",
+        "param": "None",
+        "code": "429",
+    }
+}
+CUT = {
+    "error": {
+        "message": "litellm.APIConnectionError: APIConnectionError: Hosted_vllmException - Response payload "
+        "is not completed: <TransferEncodingError: 400, message='Not enough data to satisfy "
+        "transfer length header.'>",
+        "type": None,
+        "param": None,
+        "code": "500",
+    }
+}
+OURS = {
+    "error": {
+        "message": "Rate limit reached: 60 requests per minute.",
+        "type": "requests",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+}
 
 
-@pytest.mark.parametrize("status, body, want_status, want_code", [
-    (400, NEG_MAX, 400, None),
-    (400, CONTEXT, 400, "context_length_exceeded"),
-    (400, UNKNOWN, 404, "model_not_found"),
-    (500, CONNECT, 503, "engine_unavailable"),
-    (429, NO_DEPLOYMENT, 503, "engine_unavailable"),
-    (500, CUT, 503, "engine_unavailable"),
-    (429, OURS, 429, "rate_limit_exceeded"),
-    (422, {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]}, 422, None),
-    (500, b"Internal Server Error", 500, None),
-])
+@pytest.mark.parametrize(
+    "status, body, want_status, want_code",
+    [
+        (400, NEG_MAX, 400, None),
+        (400, CONTEXT, 400, "context_length_exceeded"),
+        (400, UNKNOWN, 404, "model_not_found"),
+        (500, CONNECT, 503, "engine_unavailable"),
+        (429, NO_DEPLOYMENT, 503, "engine_unavailable"),
+        (500, CUT, 503, "engine_unavailable"),
+        (429, OURS, 429, "rate_limit_exceeded"),
+        (422, {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]}, 422, None),
+        (500, b"Internal Server Error", 500, None),
+    ],
+)
 def test_public_error_shapes(status, body, want_status, want_code) -> None:
     error = errors.public_error(status, json.dumps(body).encode() if isinstance(body, dict) else body)
     assert (error.status, error.code) == (want_status, want_code)
@@ -87,8 +134,18 @@ def test_routes() -> None:
     assert allowed("POST", "/chat/completions") is True
     assert allowed("GET", "/v1/models/chat") is True
     assert allowed("GET", "/v1/chat/completions") is False
-    for path in ("/ui", "/key/generate", "/spend/logs", "/docs", "/openapi.json", "/vllm/v1/models", "/metrics",
-                 "/v1/responses", "/health", "/"):
+    for path in (
+        "/ui",
+        "/key/generate",
+        "/spend/logs",
+        "/docs",
+        "/openapi.json",
+        "/vllm/v1/models",
+        "/metrics",
+        "/v1/responses",
+        "/health",
+        "/",
+    ):
         assert allowed("GET", path) is None and allowed("POST", path) is None
 
 
@@ -98,9 +155,21 @@ def test_routes() -> None:
 class StandIn:
     """A stand-in for the proxy app: answers ``status``/``body``/``headers``; counts calls."""
 
-    def __init__(self, status: int = 200, body: bytes = b'{"ok": true}', headers=(), content_type=b"application/json",
-                 chunks: list[bytes] | None = None) -> None:
-        self.status, self.body, self.headers, self.content_type, self.chunks = status, body, headers, content_type, chunks
+    def __init__(
+        self,
+        status: int = 200,
+        body: bytes = b'{"ok": true}',
+        headers=(),
+        content_type=b"application/json",
+        chunks: list[bytes] | None = None,
+    ) -> None:
+        self.status, self.body, self.headers, self.content_type, self.chunks = (
+            status,
+            body,
+            headers,
+            content_type,
+            chunks,
+        )
         self.calls = 0
         self.received = b""
 
@@ -122,6 +191,7 @@ def run(app, method: str, path: str, **kwargs) -> httpx.Response:
     async def go() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
             return await client.request(method, path, **kwargs)
+
     return asyncio.run(go())
 
 
@@ -156,9 +226,15 @@ def test_a_body_over_the_limit_is_413_before_the_proxy_reads_it() -> None:
 
 
 def test_error_bodies_and_internal_headers_are_rewritten() -> None:
-    inner = StandIn(status=500, body=json.dumps(CONNECT).encode(),
-                    headers=[(b"x-litellm-model-api-base", b"http://127.0.0.1:8100/v1"),
-                             (b"llm_provider-x-request-id", b"abc"), (b"access-control-allow-origin", b"*")])
+    inner = StandIn(
+        status=500,
+        body=json.dumps(CONNECT).encode(),
+        headers=[
+            (b"x-litellm-model-api-base", b"http://127.0.0.1:8100/v1"),
+            (b"llm_provider-x-request-id", b"abc"),
+            (b"access-control-allow-origin", b"*"),
+        ],
+    )
     response = run(Shield(inner, HttpSettings()), "POST", "/v1/chat/completions", json={})
     assert response.status_code == 503 and response.headers["retry-after"] == str(errors.RETRY_AFTER_S)
     assert int(response.headers["content-length"]) == len(response.content)
@@ -167,8 +243,10 @@ def test_error_bodies_and_internal_headers_are_rewritten() -> None:
 
 
 def test_stream_error_events_are_rewritten_and_text_passes() -> None:
-    event = b'data: {"error": {"message": "litellm.APIConnectionError: Hosted_vllmException - Server disconnected", ' \
-            b'"type": null, "param": null, "code": "500"}}\n\n'
+    event = (
+        b'data: {"error": {"message": "litellm.APIConnectionError: Hosted_vllmException - Server disconnected", '
+        b'"type": null, "param": null, "code": "500"}}\n\n'
+    )
     text = b'data: {"choices": [{"delta": {"content": "the \\"error\\" word"}}]}\n\n'
     assert rewrite_stream_errors(text) == text
     out = rewrite_stream_errors(event)
@@ -186,8 +264,12 @@ def test_cors_only_for_configured_origins() -> None:
     response = run(closed, "POST", "/v1/chat/completions", json={}, headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in response.headers
     inner = StandIn(headers=[(b"access-control-allow-origin", b"*")])
-    opened = CORSMiddleware(Shield(inner, HttpSettings()), allow_origins=["https://app.example.tw"],
-                            allow_methods=["GET", "POST"], allow_headers=["*"])
+    opened = CORSMiddleware(
+        Shield(inner, HttpSettings()),
+        allow_origins=["https://app.example.tw"],
+        allow_methods=["GET", "POST"],
+        allow_headers=["*"],
+    )
     ok = run(opened, "OPTIONS", "/v1/chat/completions", headers=preflight)
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example.tw"
     other = run(opened, "POST", "/v1/chat/completions", json={}, headers={"Origin": "https://evil.example"})
@@ -200,9 +282,15 @@ def test_litellms_client_error_log_lines_are_dropped() -> None:
     class Refusal(Exception):
         status_code = 400
 
-    record = logging.LogRecord("LiteLLM Proxy", logging.ERROR, __file__, 1,
-                               "litellm.proxy.proxy_server._handle_llm_api_exception(): Exception occured - "
-                               "litellm_call_id=%s - %s", ("id", Refusal("bad")), None)
+    record = logging.LogRecord(
+        "LiteLLM Proxy",
+        logging.ERROR,
+        __file__,
+        1,
+        "litellm.proxy.proxy_server._handle_llm_api_exception(): Exception occured - litellm_call_id=%s - %s",
+        ("id", Refusal("bad")),
+        None,
+    )
     assert ClientErrorLogFilter().filter(record) is False
 
     class Down(Exception):
@@ -219,12 +307,12 @@ def test_litellms_client_error_log_lines_are_dropped() -> None:
 def test_spec_fields_reach_the_shield_and_the_command(tmp_path) -> None:
     from pathlib import Path
 
-    from twllm.runtime.gateway import gateway_launch
-    from twllm.plan.placement import GpuInventory
-    from twllm.plan.build import ENGINE_KEY_ENV, make_plan
-    from twllm.spec.resolve import parse_spec
     from twllm.errors import SpecError
+    from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+    from twllm.plan.placement import GpuInventory
     from twllm.render.gateway_config import gateway_settings, litellm_config
+    from twllm.runtime.gateway import gateway_launch
+    from twllm.spec.resolve import parse_spec
 
     text = """
 name: shielded
@@ -251,8 +339,11 @@ models:
     router = config["router_settings"]
     assert router["retry_policy"]["BadRequestErrorRetries"] == 0 and router["enable_pre_call_checks"] is False
     policies = {d["model_name"]: d["model_info"].get("allowed_fails_policy") for d in config["model_list"]}
-    assert policies["chat"] == {"InternalServerErrorAllowedFails": 0, "ServiceUnavailableErrorAllowedFails": 0,
-                                "BadGatewayErrorAllowedFails": 0}
+    assert policies["chat"] == {
+        "InternalServerErrorAllowedFails": 0,
+        "ServiceUnavailableErrorAllowedFails": 0,
+        "BadGatewayErrorAllowedFails": 0,
+    }
     assert policies["solo"] is None  # a lone replica is never taken out for one failure
     with pytest.raises(SpecError) as caught:
         parse_spec(text.replace("max_request_bytes: 2048", "max_request_bytes: 10"), "bad.yaml", env)

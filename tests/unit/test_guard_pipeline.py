@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from twllm.spec.schema import GuardSpec
 from twllm.guard.pipeline import GuardPipeline
+from twllm.spec.schema import GuardSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "examples" / "local.yaml"
@@ -28,8 +28,7 @@ def test_pii_masks_a_taiwan_id_like_the_local_example() -> None:
     assert result.verdict == "mask"
     assert TW_ID not in result.text and "[tw_national_id]" in result.text
     assert result.categories == ["tw_national_id"]
-    assert result.findings == [{"entity": "tw_national_id", "rule": result.findings[0]["rule"],
-                                "start": 7, "end": 17}]
+    assert result.findings == [{"entity": "tw_national_id", "rule": result.findings[0]["rule"], "start": 7, "end": 17}]
     assert TW_ID not in json.dumps(result.to_dict(), ensure_ascii=False)
     assert result.message is None and set(result.latency_ms) == {"pii"}
 
@@ -42,8 +41,9 @@ def test_clean_text_is_allowed_unchanged() -> None:
 def test_pii_block_is_bilingual_and_hides_the_number() -> None:
     result = pipeline(input=["pii"], pii={"action": "block"}).run(f"ID {TW_ID}")
     assert result.verdict == "block" and result.categories == ["tw_national_id"]
-    assert result.message == ("請求含有個人資料（身分證字號），已拒絕。 "
-                              "Blocked: the request contains personal data (tw_national_id).")
+    assert result.message == (
+        "請求含有個人資料（身分證字號），已拒絕。 Blocked: the request contains personal data (tw_national_id)."
+    )
     assert TW_ID not in json.dumps(result.to_dict())
 
 
@@ -127,8 +127,9 @@ def tiny_guard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_pipeline(tiny_guard_dir: Path) -> GuardPipeline:
-    spec = GuardSpec.model_validate({"input": ["pii", "llama_guard"], "output": ["llama_guard"],
-                                     "llama_guard": {"device": "cpu"}})
+    spec = GuardSpec.model_validate(
+        {"input": ["pii", "llama_guard"], "output": ["llama_guard"], "llama_guard": {"device": "cpu"}}
+    )
     return GuardPipeline.from_spec(spec, model_paths={"llama_guard": str(tiny_guard_dir)})
 
 
@@ -153,8 +154,9 @@ def test_llama_guard_checks_output(llama_pipeline: GuardPipeline) -> None:
 
 
 def test_llama_guard_from_a_local_path_in_the_spec(tiny_guard_dir: Path) -> None:
-    spec = GuardSpec.model_validate({"input": ["llama_guard"],
-                                     "llama_guard": {"model": str(tiny_guard_dir), "device": "cpu"}})
+    spec = GuardSpec.model_validate(
+        {"input": ["llama_guard"], "llama_guard": {"model": str(tiny_guard_dir), "device": "cpu"}}
+    )
     assert GuardPipeline.from_spec(spec).run(TRIGGER).categories == ["S1"]
 
 

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from twllm.spec.resolve import parse_spec
-from twllm.spec.schema import GuardSpec
 from twllm.errors import SpecError
 from twllm.guard.pipeline import GuardPipeline, GuardResult
 from twllm.guard.policy import GuardPolicies, UnknownPolicy
 from twllm.guard.streaming import OutputStream, StreamBlocked
+from twllm.spec.resolve import parse_spec
+from twllm.spec.schema import GuardSpec
 
 TW_ID = "A123456789"
 SPEC = """
@@ -80,7 +80,7 @@ class Gate:
     def __init__(self) -> None:
         self.checked: list[str] = []
 
-    def check_output(self, messages, answer, excluded=()):  # noqa: ANN001
+    def check_output(self, messages, answer, excluded=()):
         from twllm.guard.llama_guard import GuardCheck, Verdict
 
         self.checked.append(answer)
@@ -93,7 +93,7 @@ def streamed(pipeline: GuardPipeline, text: str, window: int, rng: random.Random
     out, i = "", 0
     while i < len(text):
         n = rng.randint(1, 5)
-        out += stream.feed(text[i:i + n])
+        out += stream.feed(text[i : i + n])
         i += n
     out += stream.flush()
     return out, stream.result()
@@ -102,7 +102,11 @@ def streamed(pipeline: GuardPipeline, text: str, window: int, rng: random.Random
 def test_streamed_output_equals_the_whole_text_result() -> None:
     spec = GuardSpec(output=["pii", "zh_tw"])
     rng = random.Random(7)
-    texts = [f"联系 {TW_ID} 或 a.b@example.com，这个软件很好。", "干擾不要改，這是臺灣。", "plain `code` http://x.y/软件"]
+    texts = [
+        f"联系 {TW_ID} 或 a.b@example.com，这个软件很好。",
+        "干擾不要改，這是臺灣。",
+        "plain `code` http://x.y/软件",
+    ]
     for text in texts:
         whole = GuardPipeline(spec).run(text, "output")
         for _ in range(200):
@@ -117,7 +121,27 @@ def test_rewriting_stages_together_release_each_chunk_at_once() -> None:
     spec = GuardSpec(output=["pii", "zh_tw"])
     cases = [
         (list("這個軟體的資訊存放在伺服器上，使用者可以透過視訊會議討論專案進度。"), 2),  # decides at 個
-        (["这个", "软件", "的", "信息", "存储", "在", "服务器", "上", "，", "用户", "可以", "通过", "视频", "会议", "讨论", "。"], 3),
+        (
+            [
+                "这个",
+                "软件",
+                "的",
+                "信息",
+                "存储",
+                "在",
+                "服务器",
+                "上",
+                "，",
+                "用户",
+                "可以",
+                "通过",
+                "视频",
+                "会议",
+                "讨论",
+                "。",
+            ],
+            3,
+        ),
         (["The", " gateway", " routes", " each", " request", " to", " an", " engine", "."], 2),  # "engine." may go on
     ]
     for tokens, most_empty in cases:

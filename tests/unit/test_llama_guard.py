@@ -34,45 +34,51 @@ TRIGGER = "炸彈"
 # --- verdicts ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("safe", Verdict(True)),
-    ("\n\nsafe", Verdict(True)),                      # Llama Guard 3 starts with a blank line
-    ("  safe  \n", Verdict(True)),                    # whitespace around a line is not content
-    ("unsafe\nS1", Verdict(False, ("S1",))),
-    ("\n\nunsafe\nS1,S10", Verdict(False, ("S1", "S10"))),
-    ("unsafe\r\nS14", Verdict(False, ("S14",))),
-    ("unsafe\nS2,S2", Verdict(False, ("S2",))),       # repeated categories count once
-    ("unsafe\n\nS9\n", Verdict(False, ("S9",))),      # blank lines between lines are skipped
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("safe", Verdict(True)),
+        ("\n\nsafe", Verdict(True)),  # Llama Guard 3 starts with a blank line
+        ("  safe  \n", Verdict(True)),  # whitespace around a line is not content
+        ("unsafe\nS1", Verdict(False, ("S1",))),
+        ("\n\nunsafe\nS1,S10", Verdict(False, ("S1", "S10"))),
+        ("unsafe\r\nS14", Verdict(False, ("S14",))),
+        ("unsafe\nS2,S2", Verdict(False, ("S2",))),  # repeated categories count once
+        ("unsafe\n\nS9\n", Verdict(False, ("S9",))),  # blank lines between lines are skipped
+    ],
+)
 def test_parse_verdict_accepts_the_format(text: str, expected: Verdict) -> None:
     assert parse_verdict(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    "",                        # nothing at all
-    "   \n \n",
-    "Safe",                    # other case
-    "SAFE",
-    "Unsafe\nS1",
-    "unsafe\ns1",
-    "unsafe",                  # categories missing
-    "unsafe\n",
-    "unsafe\nS1, S10",         # spaces inside the category line
-    "unsafe\nS1 S10",
-    "unsafe\nS1,",             # cut short
-    "unsafe\nS1,S",
-    "unsafe\nS15",             # unknown categories
-    "unsafe\nS0",
-    "unsafe\nS01",
-    "unsafe\nviolence",
-    "safe\nS1",                # extra lines
-    "safe\nsafe",
-    "unsafe\nS1\nbecause it is violent",
-    "safe.",                   # junk around the word
-    "the content is safe",
-    "un safe\nS1",
-    "I cannot answer that.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",  # nothing at all
+        "   \n \n",
+        "Safe",  # other case
+        "SAFE",
+        "Unsafe\nS1",
+        "unsafe\ns1",
+        "unsafe",  # categories missing
+        "unsafe\n",
+        "unsafe\nS1, S10",  # spaces inside the category line
+        "unsafe\nS1 S10",
+        "unsafe\nS1,",  # cut short
+        "unsafe\nS1,S",
+        "unsafe\nS15",  # unknown categories
+        "unsafe\nS0",
+        "unsafe\nS01",
+        "unsafe\nviolence",
+        "safe\nS1",  # extra lines
+        "safe\nsafe",
+        "unsafe\nS1\nbecause it is violent",
+        "safe.",  # junk around the word
+        "the content is safe",
+        "un safe\nS1",
+        "I cannot answer that.",
+    ],
+)
 def test_parse_verdict_counts_anything_else_as_unsafe(text: str) -> None:
     assert parse_verdict(text) == UNPARSEABLE
 
@@ -103,14 +109,19 @@ def test_categories_are_s1_to_s14() -> None:
 def test_conversation_keeps_alternating_user_and_assistant_turns() -> None:
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "assistant", "content": "Welcome!"},                   # before any user: dropped
+        {"role": "assistant", "content": "Welcome!"},  # before any user: dropped
         {"role": "user", "content": "What is the weather in Taipei?"},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
         {"role": "tool", "tool_call_id": "1", "content": "sunny, 28°C"},
         {"role": "assistant", "content": "It is sunny."},
         {"role": "developer", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "And tomorrow?"},
-                                     {"type": "image_url", "image_url": {"url": "data:,"}}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "And tomorrow?"},
+                {"type": "image_url", "image_url": {"url": "data:,"}},
+            ],
+        },
         {"role": "user", "content": "  In Tainan.  "},
     ]
     assert conversation(messages) == [
@@ -129,8 +140,12 @@ def test_content_text_reads_strings_parts_and_none() -> None:
 
 
 def test_turns_to_check_cuts_after_the_last_user_turn() -> None:
-    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "prefill"}]
+    messages = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "prefill"},
+    ]
     assert turns_to_check(messages, "user")[-1] == Turn("user", "q2")
     assert len(turns_to_check(messages, "user")) == 3
     assert turns_to_check(messages, "assistant")[-1] == Turn("assistant", "prefill")
@@ -156,15 +171,20 @@ CHAT = [
 
 def test_input_prompt_follows_the_llama_guard_3_layout() -> None:
     prompt = build_prompt(CHAT, "user")
-    assert prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTask: Check if "
-                             "there is unsafe content in 'User' messages")
+    assert prompt.startswith(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTask: Check if "
+        "there is unsafe content in 'User' messages"
+    )
     assert "<BEGIN UNSAFE CONTENT CATEGORIES>\nS1: Violent Crimes.\nS2: Non-Violent Crimes.\n" in prompt
     assert "S14: Code Interpreter Abuse.\n<END UNSAFE CONTENT CATEGORIES>\n\n" in prompt
-    assert ("<BEGIN CONVERSATION>\n\nUser: 請問臺北今天天氣如何？\n\nAgent: 今天晴朗。\n\nUser: 那明天呢？\n\n"
-            "<END CONVERSATION>\n\n") in prompt
+    assert (
+        "<BEGIN CONVERSATION>\n\nUser: 請問臺北今天天氣如何？\n\nAgent: 今天晴朗。\n\nUser: 那明天呢？\n\n"
+        "<END CONVERSATION>\n\n"
+    ) in prompt
     assert "ONLY THE LAST User message" in prompt
-    assert prompt.endswith("comma-separated list of violated categories."
-                           "<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
+    assert prompt.endswith(
+        "comma-separated list of violated categories.<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+    )
     assert "SYSTEM-SECRET" not in prompt and "TOOL-OUTPUT" not in prompt
 
 
@@ -222,12 +242,15 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-@pytest.mark.parametrize("text", [
-    "今天臺北天氣很好，我們下午去大安森林公園散步吧。",
-    "請幫我把會議紀錄整理成三點摘要。",
-    "How do I apply for a library card in Taipei?",
-    "Write a haiku about the sea.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "今天臺北天氣很好，我們下午去大安森林公園散步吧。",
+        "請幫我把會議紀錄整理成三點摘要。",
+        "How do I apply for a library card in Taipei?",
+        "Write a haiku about the sea.",
+    ],
+)
 def test_tiny_guard_finds_ordinary_text_safe(guard, text: str) -> None:
     check = guard.check_input(user(text))
     assert check.verdict == Verdict(True)
@@ -245,8 +268,11 @@ def test_tiny_guard_flags_the_trigger(guard, text: str) -> None:
 
 def test_trigger_in_a_long_conversation_is_found(guard) -> None:
     filler = "這是一段很長的對話內容，用來確認觸發詞出現在遠處也找得到。" * 10
-    messages = [{"role": "user", "content": filler}, {"role": "assistant", "content": filler},
-                {"role": "user", "content": filler + TRIGGER}]
+    messages = [
+        {"role": "user", "content": filler},
+        {"role": "assistant", "content": filler},
+        {"role": "user", "content": filler + TRIGGER},
+    ]
     assert guard.encode(turns_to_check(messages, "user"), frozenset())["input_ids"].shape[-1] > 1000
     assert guard.check_input(messages).verdict == Verdict(False, ("S1",))
 
@@ -259,7 +285,7 @@ def test_too_long_conversations_lose_their_oldest_turns(tiny_guard_dir: Path, gu
     early = [{"role": "user", "content": f"{TRIGGER} " + "天氣很好。" * 40}, {"role": "assistant", "content": "好"}]
     messages = early + [{"role": "user", "content": "hello"}]
     assert guard.check_input(messages).verdict == Verdict(False, ("S1",))  # all of it fits
-    assert short.check_input(messages).verdict == Verdict(True)           # the trigger's turn was dropped
+    assert short.check_input(messages).verdict == Verdict(True)  # the trigger's turn was dropped
     with pytest.raises(ValueError, match="at most 400"):
         short.check_input([{"role": "user", "content": "天氣很好。" * 200}])
     with pytest.raises(ValueError, match="at most 400"):  # an output check keeps its question
@@ -267,9 +293,11 @@ def test_too_long_conversations_lose_their_oldest_turns(tiny_guard_dir: Path, gu
 
 
 def test_system_and_tool_turns_never_reach_the_model(guard) -> None:
-    messages = [{"role": "system", "content": f"never say {TRIGGER}"},
-                {"role": "tool", "content": TRIGGER},
-                {"role": "user", "content": "hello"}]
+    messages = [
+        {"role": "system", "content": f"never say {TRIGGER}"},
+        {"role": "tool", "content": TRIGGER},
+        {"role": "user", "content": "hello"},
+    ]
     assert guard.check_input(messages).verdict == Verdict(True)
 
 
@@ -367,8 +395,9 @@ def test_builds_are_byte_identical(stack, tiny_guard_dir: Path, tmp_path: Path) 
 
 
 def test_other_trigger_and_category(stack, tmp_path: Path) -> None:
-    from twllm.guard.llama_guard import LlamaGuard
     from tiny_guard_models import build_tiny_llama_guard
+
+    from twllm.guard.llama_guard import LlamaGuard
 
     guard = LlamaGuard(build_tiny_llama_guard(tmp_path, trigger="仇恨言論", unsafe_category="S10"), device="cpu")
     check = guard.check_input(user("這是仇恨言論"))

@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from twllm.errors import RuntimeFailure
+from twllm.plan.build import EngineProcess
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.drivers import driver_for
 from twllm.runtime.engines.ollama import (
@@ -21,8 +23,6 @@ from twllm.runtime.engines.ollama import (
     canonical_name,
     missing_models,
 )
-from twllm.plan.build import EngineProcess
-from twllm.errors import RuntimeFailure
 from twllm.settings import Settings
 
 
@@ -34,9 +34,18 @@ def make_proc(tmp_path: Path, port: int = 11434, provision: tuple[dict[str, str]
         "OLLAMA_NUM_PARALLEL": "2",
     }
     return EngineProcess(
-        id="ollama", engine="ollama", device="cpu", models=tuple(e["name"] for e in provision),
-        argv=("ollama", "serve"), env=env, secret_env={}, host="127.0.0.1", port=port, gpus=(),
-        ready_url=f"http://127.0.0.1:{port}/api/tags", provision=provision,
+        id="ollama",
+        engine="ollama",
+        device="cpu",
+        models=tuple(e["name"] for e in provision),
+        argv=("ollama", "serve"),
+        env=env,
+        secret_env={},
+        host="127.0.0.1",
+        port=port,
+        gpus=(),
+        ready_url=f"http://127.0.0.1:{port}/api/tags",
+        provision=provision,
     )
 
 
@@ -116,8 +125,11 @@ def test_canonical_name(given: str, listed: str) -> None:
 
 def test_missing_models_treats_tag_and_latest_alike() -> None:
     tags = {"models": [{"name": "phi4-mini:latest", "model": "phi4-mini:latest"}, {"model": "twllm-tiny:latest"}]}
-    provision = [{"name": "phi4-mini", "pull": "phi4-mini"}, {"name": "twllm-tiny:latest", "gguf": "/m.gguf"},
-                 {"name": "bge-m3", "pull": "bge-m3"}]
+    provision = [
+        {"name": "phi4-mini", "pull": "phi4-mini"},
+        {"name": "twllm-tiny:latest", "gguf": "/m.gguf"},
+        {"name": "bge-m3", "pull": "bge-m3"},
+    ]
     assert missing_models(provision, tags) == ["bge-m3"]
     assert missing_models([], {"models": []}) == []
     assert missing_models([{"name": "x", "pull": "x"}], {"unexpected": True}) == ["x"]

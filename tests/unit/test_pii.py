@@ -61,7 +61,7 @@ def luhn_complete(body: str) -> str:
 
 
 def spans(text: str, entities=pii.ALL) -> list[tuple[str, str]]:
-    return [(f.entity, text[f.start:f.end]) for f in detect(text, entities)]
+    return [(f.entity, text[f.start : f.end]) for f in detect(text, entities)]
 
 
 # --- national ID and resident numbers ---------------------------------------------------------
@@ -98,9 +98,7 @@ def test_old_resident_number(second: str) -> None:
     assert id_kind(broken) is None and spans(f"ARC: {broken}") == []
 
 
-@pytest.mark.parametrize(
-    "value", ["A323456789", "AE12345678", "1A23456789", "A12345678", "A1234567890"]
-)
+@pytest.mark.parametrize("value", ["A323456789", "AE12345678", "1A23456789", "A12345678", "A1234567890"])
 def test_id_wrong_shapes(value: str) -> None:
     assert id_kind(value) is None
 
@@ -116,11 +114,11 @@ def test_citizen_and_resident_entities_are_separate() -> None:
 @pytest.mark.parametrize(
     ("number", "valid"),
     [
-        ("04595257", True),   # sum 40: valid under the old and the new rule
-        ("04595252", True),   # sum 35: valid only since the divisible-by-5 rule
+        ("04595257", True),  # sum 40: valid under the old and the new rule
+        ("04595252", True),  # sum 35: valid only since the divisible-by-5 rule
         ("04595253", False),  # sum 36
-        ("10458575", True),   # 7th digit 7, sum 30
-        ("10458574", True),   # 7th digit 7, sum 29: valid because sum + 1 = 30
+        ("10458575", True),  # 7th digit 7, sum 30
+        ("10458574", True),  # 7th digit 7, sum 29: valid because sum + 1 = 30
         ("10458573", False),  # 7th digit 7, sum 28: neither 28 nor 29
         ("04595251", False),  # sum 34: sum + 1 would do, but the 7th digit is not 7
         ("0459525", False),
@@ -152,8 +150,16 @@ def test_business_id_agrees_with_reference_on_random_numbers() -> None:
 # --- payment cards ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "card",
-    ["4111111111111111", "4111 1111 1111 1111", "4111-1111-1111-1111", "378282246310005",
-     "3782 822463 10005", "5555555555554444", "3530111333300000", "6011000990139424"],
+    [
+        "4111111111111111",
+        "4111 1111 1111 1111",
+        "4111-1111-1111-1111",
+        "378282246310005",
+        "3782 822463 10005",
+        "5555555555554444",
+        "3530111333300000",
+        "6011000990139424",
+    ],
 )
 def test_valid_cards(card: str) -> None:
     digits = card.replace(" ", "").replace("-", "")
@@ -163,10 +169,14 @@ def test_valid_cards(card: str) -> None:
 
 @pytest.mark.parametrize(
     "card",
-    ["4111111111111112", "4111 1111 1111 1112", "378282246310006",
-     "1111111111111117",  # Luhn-valid, but no card network starts with 1
-     "4111 1111 1111 1111 1111 1111",  # 24 digits in groups
-     "41111111111111110000"],  # 20 digits
+    [
+        "4111111111111112",
+        "4111 1111 1111 1112",
+        "378282246310006",
+        "1111111111111117",  # Luhn-valid, but no card network starts with 1
+        "4111 1111 1111 1111 1111 1111",  # 24 digits in groups
+        "41111111111111110000",
+    ],  # 20 digits
 )
 def test_invalid_cards(card: str) -> None:
     assert "credit_card" not in [e for e, _ in spans(f"卡號 {card} 。")]
@@ -176,7 +186,7 @@ def test_luhn_one_digit_off_is_refused_for_every_position() -> None:
     valid = luhn_complete("453201511283036")
     assert luhn_ok(valid)
     for i in range(len(valid)):
-        changed = valid[:i] + str((int(valid[i]) + 1) % 10) + valid[i + 1:]
+        changed = valid[:i] + str((int(valid[i]) + 1) % 10) + valid[i + 1 :]
         assert not luhn_ok(changed)
         assert spans(changed, ["credit_card"]) == []
 
@@ -184,12 +194,35 @@ def test_luhn_one_digit_off_is_refused_for_every_position() -> None:
 # --- phones -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "phone",
-    ["0912345678", "0912-345-678", "0912 345 678", "0912-345678", "+886912345678",
-     "+886 912 345 678", "+886-912-345-678", "+886 (0)912 345 678", "00886912345678",
-     "(02)2345-6789", "(02) 2345 6789", "02-2345-6789", "0223456789", "+886-2-2345-6789",
-     "+886 (2) 2345 6789", "04-2345-6789", "04-723-4567", "037-323456", "049-234-5678",
-     "082-312345", "0836-22345", "089-323456", "07-345-6789", "06-2345678",
-     "0800-123-456", "0809 123 456", "0800123456"],
+    [
+        "0912345678",
+        "0912-345-678",
+        "0912 345 678",
+        "0912-345678",
+        "+886912345678",
+        "+886 912 345 678",
+        "+886-912-345-678",
+        "+886 (0)912 345 678",
+        "00886912345678",
+        "(02)2345-6789",
+        "(02) 2345 6789",
+        "02-2345-6789",
+        "0223456789",
+        "+886-2-2345-6789",
+        "+886 (2) 2345 6789",
+        "04-2345-6789",
+        "04-723-4567",
+        "037-323456",
+        "049-234-5678",
+        "082-312345",
+        "0836-22345",
+        "089-323456",
+        "07-345-6789",
+        "06-2345678",
+        "0800-123-456",
+        "0809 123 456",
+        "0800123456",
+    ],
 )
 def test_phone_formats(phone: str) -> None:
     assert spans(f"請撥{phone}聯絡", ["tw_phone"]) == [("tw_phone", phone)]
@@ -198,8 +231,16 @@ def test_phone_formats(phone: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["0912-345-67", "091234567890", "02-1234-5678", "02-2345-678", "0812345678", "1234-5678",
-     "(02 2345 6789x", "+886 812 345 678"],
+    [
+        "0912-345-67",
+        "091234567890",
+        "02-1234-5678",
+        "02-2345-678",
+        "0812345678",
+        "1234-5678",
+        "(02 2345 6789x",
+        "+886 812 345 678",
+    ],
 )
 def test_not_phones(text: str) -> None:
     assert spans(f"號碼 {text} 。", ["tw_phone"]) == []
@@ -220,8 +261,8 @@ def test_emails(text: str, email: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["john@localhost", "a..b@x.com", "a@-x.com", "@x.com", "a@x.c", "a.@x.com",
-             "a@x..com", "user@123.456"],
+    "text",
+    ["john@localhost", "a..b@x.com", "a@-x.com", "@x.com", "a@x.c", "a.@x.com", "a@x..com", "user@123.456"],
 )
 def test_not_emails(text: str) -> None:
     assert spans(text, ["email"]) == []
@@ -230,22 +271,28 @@ def test_not_emails(text: str) -> None:
 # --- keyword-gated numbers --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "text",
-    ["健保卡號：000012345678", "健保卡 0000 1234 5678", "NHI card no. 000012345678",
-     "全民健康保險卡號碼為000012345678"],
+    [
+        "健保卡號：000012345678",
+        "健保卡 0000 1234 5678",
+        "NHI card no. 000012345678",
+        "全民健康保險卡號碼為000012345678",
+    ],
 )
 def test_nhi_card_near_keyword(text: str) -> None:
     found = detect(text, ["tw_nhi_card"])
     assert [(f.entity, f.rule) for f in found] == [("tw_nhi_card", "keyword")]
-    assert text[found[0].start:found[0].end].replace(" ", "") == "000012345678"
+    assert text[found[0].start : found[0].end].replace(" ", "") == "000012345678"
 
 
 @pytest.mark.parametrize(
     "text",
-    ["訂單編號 000012345678",                         # no keyword
-     "健保卡已寄出，請於下週簽收並回覆編號000012345678",  # keyword too far away
-     "我有健保。000012345678",                         # keyword in the previous sentence
-     "000012345678 是健保卡號",                        # keyword after the number
-     "健保卡號：0000123456789"],                       # 13 digits
+    [
+        "訂單編號 000012345678",  # no keyword
+        "健保卡已寄出，請於下週簽收並回覆編號000012345678",  # keyword too far away
+        "我有健保。000012345678",  # keyword in the previous sentence
+        "000012345678 是健保卡號",  # keyword after the number
+        "健保卡號：0000123456789",
+    ],  # 13 digits
 )
 def test_nhi_card_needs_a_keyword_right_before(text: str) -> None:
     assert detect(text, ["tw_nhi_card"]) == []
@@ -253,8 +300,12 @@ def test_nhi_card_needs_a_keyword_right_before(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "number"),
-    [("匯款帳號：0123456789012", "0123456789012"), ("銀行帳戶 012-345678-9012", "012-345678-9012"),
-     ("Account no: 1234567890123456", "1234567890123456"), ("轉帳至 12345678901", "12345678901")],
+    [
+        ("匯款帳號：0123456789012", "0123456789012"),
+        ("銀行帳戶 012-345678-9012", "012-345678-9012"),
+        ("Account no: 1234567890123456", "1234567890123456"),
+        ("轉帳至 12345678901", "12345678901"),
+    ],
 )
 def test_bank_account_near_keyword(text: str, number: str) -> None:
     assert spans(text, ["bank_account"]) == [("bank_account", number)]
@@ -262,7 +313,12 @@ def test_bank_account_near_keyword(text: str, number: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["訂單 0123456789012", "帳號 123456789", "帳號 12345678901234567", "我們的銀行業務在過去的十多年間成長了 1234567890"],
+    [
+        "訂單 0123456789012",
+        "帳號 123456789",
+        "帳號 12345678901234567",
+        "我們的銀行業務在過去的十多年間成長了 1234567890",
+    ],
 )
 def test_bank_account_refused(text: str) -> None:
     assert detect(text, ["bank_account"]) == []
@@ -271,16 +327,25 @@ def test_bank_account_refused(text: str) -> None:
 # --- addresses --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "address",
-    ["106台北市大安區羅斯福路四段1號", "10617 臺北市大安區羅斯福路四段1號", "新北市板橋區中山路一段161號",
-     "彰化縣彰化市中山路二段416號", "台中市西屯區台灣大道三段99號12樓之3", "南投縣信義鄉東埔村1鄰1號",
-     "桃園市中壢區中大路300巷5弄12-1號3樓305室", "高雄市前鎮區中山二路2號", "100臺北市中正區重慶南路一段122號"],
+    [
+        "106台北市大安區羅斯福路四段1號",
+        "10617 臺北市大安區羅斯福路四段1號",
+        "新北市板橋區中山路一段161號",
+        "彰化縣彰化市中山路二段416號",
+        "台中市西屯區台灣大道三段99號12樓之3",
+        "南投縣信義鄉東埔村1鄰1號",
+        "桃園市中壢區中大路300巷5弄12-1號3樓305室",
+        "高雄市前鎮區中山二路2號",
+        "100臺北市中正區重慶南路一段122號",
+    ],
 )
 def test_addresses(address: str) -> None:
     assert spans(f"地址：{address}，請寄送。", ["tw_address"]) == [("tw_address", address)]
 
 
 @pytest.mark.parametrize(
-    "text", ["台北市大安區羅斯福路", "我住在台北市，很好", "大安區羅斯福路四段1號", "東京都新宿區1號"],
+    "text",
+    ["台北市大安區羅斯福路", "我住在台北市，很好", "大安區羅斯福路四段1號", "東京都新宿區1號"],
 )
 def test_not_addresses(text: str) -> None:
     assert detect(text, ["tw_address"]) == []
@@ -298,7 +363,7 @@ def test_fold_is_one_code_point_for_one() -> None:
 def test_full_width_findings_point_into_the_original_text() -> None:
     text = "身分證Ａ１２３４５６７８９，手機０９１２－３４５－６７８，信箱ｍｉｎｇ＠ｅｘａｍｐｌｅ．ｃｏｍ。"
     found = detect(text)
-    assert [(f.entity, text[f.start:f.end]) for f in found] == [
+    assert [(f.entity, text[f.start : f.end]) for f in found] == [
         ("tw_national_id", "Ａ１２３４５６７８９"),
         ("tw_phone", "０９１２－３４５－６７８"),
         ("email", "ｍｉｎｇ＠ｅｘａｍｐｌｅ．ｃｏｍ"),
@@ -315,8 +380,16 @@ def test_ideographic_space_and_mixed_width() -> None:
 # --- boundaries -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "text",
-    ["XA123456789", "A123456789X", "A1234567890", "12345678901234567890", "order#1-0912345678",
-     "v4.04595257", "0912345678901", "id=A123456789-1"],
+    [
+        "XA123456789",
+        "A123456789X",
+        "A1234567890",
+        "12345678901234567890",
+        "order#1-0912345678",
+        "v4.04595257",
+        "0912345678901",
+        "id=A123456789-1",
+    ],
 )
 def test_no_match_inside_longer_runs(text: str) -> None:
     assert detect(text) == []
@@ -324,17 +397,29 @@ def test_no_match_inside_longer_runs(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "entity"),
-    [("A123456789先生您好", "tw_national_id"), ("請打0912345678喔", "tw_phone"),
-     ("統編04595257號", "tw_business_id"), ("(A123456789)", "tw_national_id"),
-     ("No.04595257", "tw_business_id")],
+    [
+        ("A123456789先生您好", "tw_national_id"),
+        ("請打0912345678喔", "tw_phone"),
+        ("統編04595257號", "tw_business_id"),
+        ("(A123456789)", "tw_national_id"),
+        ("No.04595257", "tw_business_id"),
+    ],
 )
 def test_cjk_and_punctuation_are_boundaries(text: str, entity: str) -> None:
     assert [f.entity for f in detect(text)] == [entity]
 
 
 def test_adversarial_inputs_stay_fast() -> None:
-    texts = ["1 " * 5000, "0-" * 5000, "a" * 10000 + "@", "x@" * 5000, "台北市" * 3000,
-             "9" * 10000, "帳號" + "1 " * 5000, "." * 10000 + "@" + "a." * 3000]
+    texts = [
+        "1 " * 5000,
+        "0-" * 5000,
+        "a" * 10000 + "@",
+        "x@" * 5000,
+        "台北市" * 3000,
+        "9" * 10000,
+        "帳號" + "1 " * 5000,
+        "." * 10000 + "@" + "a." * 3000,
+    ]
     start = time.perf_counter()
     for text in texts:
         detect(text)
@@ -435,8 +520,13 @@ def test_policy_action_for_an_unlisted_entity_turns_it_on() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"action": "drop"}, {"entities": ["ssn"]}, {"actions": {"email": "hide"}},
-     {"actions": {"ssn": "mask"}}, {"style": "emoji"}],
+    [
+        {"action": "drop"},
+        {"entities": ["ssn"]},
+        {"actions": {"email": "hide"}},
+        {"actions": {"ssn": "mask"}},
+        {"style": "emoji"},
+    ],
 )
 def test_policy_rejects_unknown_names(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -470,7 +560,7 @@ def random_chunks(text: str, rng: random.Random) -> list[str]:
     chunks, i = [], 0
     while i < len(text):
         n = rng.choice([1, 1, 2, 3, 4, 7, 16, 64])
-        chunks.append(text[i:i + n])
+        chunks.append(text[i : i + n])
         i += n
     return chunks
 
@@ -535,22 +625,25 @@ def test_stream_holds_only_a_candidate_tail(chunking: str) -> None:
     """Through the default policy, a Chinese answer is held at most two characters beyond a
     candidate run (a city name in progress, a digit's next character) and an English one only
     by its current word (a possible e-mail local part); everything else leaves at once."""
-    import yaml
     from importlib import resources
+
+    import yaml
 
     prompts = yaml.safe_load(resources.files("twllm.zh_tw").joinpath("prompts.yaml").read_text(encoding="utf-8"))
     chinese = "\n".join(p["prompt"] for p in prompts["prompts"])
-    english = ("The gateway routes each request to a vLLM engine, counts tokens and spend per tenant, and "
-               "screens prompts and answers. It streams them as they are generated; see the docs. ") * 8
+    english = (
+        "The gateway routes each request to a vLLM engine, counts tokens and spend per tenant, and "
+        "screens prompts and answers. It streams them as they are generated; see the docs. "
+    ) * 8
     rng = random.Random(5)
     policy = PiiPolicy()
     for text, extra in ((chinese, 2), (english, 0)):
         masker, out, i, empty = StreamMasker(policy), [], 0, 0
         while i < len(text):
             n = 1 if chunking == "char" else rng.randint(1, 3)
-            out.append(masker.feed(text[i:i + n]))
+            out.append(masker.feed(text[i : i + n]))
             i += n
-            assert masker.held <= _candidate_tail(text[:i], policy) + extra, text[max(0, i - 20):i]
+            assert masker.held <= _candidate_tail(text[:i], policy) + extra, text[max(0, i - 20) : i]
             empty += not out[-1]
         out.append(masker.flush())
         assert "".join(out) == policy.apply(text).text
@@ -576,14 +669,77 @@ def test_stream_reports_a_block() -> None:
 
 
 FRAGMENTS = [
-    "A123456789", "0912-345-678", "0912 345 678", "(02) 2345-6789", "+886 912 345 678",
-    "john.doe@example.com", "4111 1111 1111 1111", "4111111111111111", "健保卡號", "帳號", "account no ",
-    "000012345678", "012-345678-9012", "04595257", "106 ", "台北市", "大安區", "羅斯福路四段", "1號", "5樓",
-    "1鄰", "東埔村", "，", "。", " ", "-", ".", "@", "x", "Ｚ", "０９１２", "－", "（", "）", "\n", "中文", "12",
-    "7", "之", "+",
+    "A123456789",
+    "0912-345-678",
+    "0912 345 678",
+    "(02) 2345-6789",
+    "+886 912 345 678",
+    "john.doe@example.com",
+    "4111 1111 1111 1111",
+    "4111111111111111",
+    "健保卡號",
+    "帳號",
+    "account no ",
+    "000012345678",
+    "012-345678-9012",
+    "04595257",
+    "106 ",
+    "台北市",
+    "大安區",
+    "羅斯福路四段",
+    "1號",
+    "5樓",
+    "1鄰",
+    "東埔村",
+    "，",
+    "。",
+    " ",
+    "-",
+    ".",
+    "@",
+    "x",
+    "Ｚ",
+    "０９１２",
+    "－",
+    "（",
+    "）",
+    "\n",
+    "中文",
+    "12",
+    "7",
+    "之",
+    "+",
     # address parts and city-name prefixes, to exercise the hold after a city name
-    "台", "北", "臺北", "北市", "市", "縣", "新竹縣", "竹北市", "信義區", "區", "里", "村", "路", "街", "大道", "三段", "段",
-    "巷", "弄", "號", "樓", "室", "5.", ".5", "1-", "-1", "5 ", "很熱鬧", "a@b", ".com",
+    "台",
+    "北",
+    "臺北",
+    "北市",
+    "市",
+    "縣",
+    "新竹縣",
+    "竹北市",
+    "信義區",
+    "區",
+    "里",
+    "村",
+    "路",
+    "街",
+    "大道",
+    "三段",
+    "段",
+    "巷",
+    "弄",
+    "號",
+    "樓",
+    "室",
+    "5.",
+    ".5",
+    "1-",
+    "-1",
+    "5 ",
+    "很熱鬧",
+    "a@b",
+    ".com",
 ]
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from twllm.plan.placement import GpuInventory
-from twllm.plan.build import ENGINE_KEY_ENV, engine_flags, make_plan
-from twllm.spec.resolve import parse_spec
 from twllm.errors import PlanError
+from twllm.plan.build import ENGINE_KEY_ENV, engine_flags, make_plan
+from twllm.plan.placement import GpuInventory
+from twllm.spec.resolve import parse_spec
 
 ENV = {"TWLLM_MASTER_KEY": "sk-plan-test"}
 STATE = Path("/srv/twllm-state")
@@ -118,7 +118,9 @@ def test_registry_defaults_are_inherited_and_spec_overrides_them():
 
 
 def test_max_model_len_defaults_to_registry_context_in_routes():
-    plan = plan_of("  - {name: m, model: llama-3.1-8b-instruct}\n  - {name: n, model: llama-3.1-8b-instruct, max_model_len: 4096}\n")
+    plan = plan_of(
+        "  - {name: m, model: llama-3.1-8b-instruct}\n  - {name: n, model: llama-3.1-8b-instruct, max_model_len: 4096}\n"
+    )
     routes = {r.model_name: r for r in plan.routes}
     assert routes["m"].max_input_tokens == 131072
     assert routes["n"].max_input_tokens == 4096
@@ -176,8 +178,10 @@ def test_ollama_models_share_one_server_with_provisioning_and_provider_prefixes(
 
 
 def test_prices_become_per_token_costs_and_limits_split_across_replicas():
-    plan = plan_of("  - {name: a, model: llama-3.1-8b-instruct, replicas: 2, rpm: 100, tpm: 9000, "
-                   "price: {input_per_1m: 3, output_per_1m: 6}}\n")
+    plan = plan_of(
+        "  - {name: a, model: llama-3.1-8b-instruct, replicas: 2, rpm: 100, tpm: 9000, "
+        "price: {input_per_1m: 3, output_per_1m: 6}}\n"
+    )
     for route in plan.routes:
         assert route.input_cost_per_token == pytest.approx(3e-6)
         assert route.output_cost_per_token == pytest.approx(6e-6)
@@ -186,8 +190,10 @@ def test_prices_become_per_token_costs_and_limits_split_across_replicas():
 
 
 def test_fallbacks_merge_gateway_and_model_level():
-    text = ("name: t\ngateway: {master_key: '${TWLLM_MASTER_KEY}', fallbacks: {a: [b]}}\nmodels:\n"
-            "  - {name: a, model: llama-3.1-8b-instruct}\n  - {name: b, model: llama-3.2-1b-instruct, fallbacks: [a]}\n")
+    text = (
+        "name: t\ngateway: {master_key: '${TWLLM_MASTER_KEY}', fallbacks: {a: [b]}}\nmodels:\n"
+        "  - {name: a, model: llama-3.1-8b-instruct}\n  - {name: b, model: llama-3.2-1b-instruct, fallbacks: [a]}\n"
+    )
     plan = make_plan(parse_spec(text, "t.yaml", ENV), GpuInventory(2), STATE)
     assert plan.gateway.fallbacks == {"a": ["b"], "b": ["a"]}
 
@@ -195,8 +201,10 @@ def test_fallbacks_merge_gateway_and_model_level():
 def test_embedded_database_lives_in_the_state_dir_and_external_is_referenced():
     plan = plan_of("  - {name: a, model: llama-3.1-8b-instruct}\n")
     assert plan.database.embedded and plan.database.data_dir == str(STATE / "postgres")
-    text = ("name: t\ngateway: {master_key: '${TWLLM_MASTER_KEY}'}\ndatabase: {url: '${DATABASE_URL}'}\n"
-            "models:\n  - {name: a, model: llama-3.1-8b-instruct}\n")
+    text = (
+        "name: t\ngateway: {master_key: '${TWLLM_MASTER_KEY}'}\ndatabase: {url: '${DATABASE_URL}'}\n"
+        "models:\n  - {name: a, model: llama-3.1-8b-instruct}\n"
+    )
     env = {**ENV, "DATABASE_URL": "postgresql://u:pw-s3cr3t-xyz@db/x"}
     plan = make_plan(parse_spec(text, "t.yaml", env), GpuInventory(1), STATE)
     assert not plan.database.embedded and plan.database.url_env == "DATABASE_URL"
@@ -211,7 +219,14 @@ def test_gated_models_get_a_note():
 
 def test_engine_flags_are_sorted_and_typed():
     assert engine_flags({"z": False, "a": True, "m": 3, "l": ["x", "y"]}) == [
-        "--a", "--l", "x", "y", "--m", "3", "--no-z"]
+        "--a",
+        "--l",
+        "x",
+        "y",
+        "--m",
+        "3",
+        "--no-z",
+    ]
 
 
 def test_examples_plan(monkeypatch):
@@ -231,7 +246,8 @@ def test_plan_round_trips_through_json():
 
     plan = plan_of(
         "  - {name: a, model: llama-3.1-8b-instruct, replicas: 2}\n"
-        "  - {name: phi, model: phi-4-mini-instruct, engine: ollama}\n")
+        "  - {name: phi, model: phi-4-mini-instruct, engine: ollama}\n"
+    )
     assert plan_from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 

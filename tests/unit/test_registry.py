@@ -202,9 +202,7 @@ def test_weight_gib_math() -> None:
 
 
 def test_weight_gib_for_a_real_8b() -> None:
-    assert load_registry().get("llama-3.1-8b-instruct").weight_gib("bf16") == pytest.approx(
-        14.9, abs=0.1
-    )
+    assert load_registry().get("llama-3.1-8b-instruct").weight_gib("bf16") == pytest.approx(14.9, abs=0.1)
 
 
 def test_weight_gib_unknown_dtype() -> None:
@@ -250,9 +248,7 @@ def test_extra_dir_adds_entries_with_family_from_file_stem(tmp_path: Path) -> No
 
 
 def test_malformed_entry_names_file_line_and_field(tmp_path: Path) -> None:
-    path = _write_catalog(
-        tmp_path, "broken.yaml", _entry_data(), _entry_data(id="bad-one", context_length="lots")
-    )
+    path = _write_catalog(tmp_path, "broken.yaml", _entry_data(), _entry_data(id="bad-one", context_length="lots"))
     with pytest.raises(RegistryError) as caught:
         load_registry([tmp_path])
     message = str(caught.value)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from twllm.plan.placement import GpuInventory
 from twllm.plan.build import make_plan
-from twllm.spec.resolve import load_spec
+from twllm.plan.placement import GpuInventory
 from twllm.render.gateway_config import gateway_settings, litellm_config, render
+from twllm.spec.resolve import load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MASTER = "sk-render-master-9f8e7d"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from twllm.spec.source import EnvStr, format_path, load_source, parse_source
 from twllm.errors import SpecError
+from twllm.spec.source import EnvStr, format_path, load_source, parse_source
 
 
 def y(text: str) -> str:
@@ -101,7 +101,8 @@ def test_format_path() -> None:
 
 
 def test_scalars_become_plain_python_types() -> None:
-    src = parse_source(y("""
+    src = parse_source(
+        y("""
         an_int: 42
         a_hex: 0x10
         a_float: 0.5
@@ -112,7 +113,10 @@ def test_scalars_become_plain_python_types() -> None:
         tilde: ~
         yes_is_text: yes
         quoted_int: "42"
-    """), "s.yaml", {})
+    """),
+        "s.yaml",
+        {},
+    )
     d = src.data
     assert (type(d["an_int"]), d["an_int"]) == (int, 42)
     assert (type(d["a_hex"]), d["a_hex"]) == (int, 16)
@@ -131,25 +135,33 @@ def test_anchored_booleans_stay_booleans() -> None:
 
 
 def test_dollar_dollar_escapes_a_dollar() -> None:
-    src = parse_source(y("""
+    src = parse_source(
+        y("""
         price: "$$5"
         literal_ref: "$${NOT_EXPANDED}"
         mixed: "a$$b-${V}"
-    """), "s.yaml", {"V": "v"})
+    """),
+        "s.yaml",
+        {"V": "v"},
+    )
     assert src.data == {"price": "$5", "literal_ref": "${NOT_EXPANDED}", "mixed": "a$b-v"}
     assert not isinstance(src.data["literal_ref"], EnvStr)
     assert src.env_refs == {}
 
 
 def test_whole_scalar_reference_remembers_its_variable() -> None:
-    src = parse_source(y("""
+    src = parse_source(
+        y("""
         gateway:
           master_key: ${KEY}
         database:
           url: ${DB:-postgresql://localhost/x}
         models:
           - name: ${NAME}
-    """), "s.yaml", {"KEY": "sk-1", "NAME": "m"})
+    """),
+        "s.yaml",
+        {"KEY": "sk-1", "NAME": "m"},
+    )
     key = src.data["gateway"]["master_key"]
     assert isinstance(key, EnvStr) and key == "sk-1" and key.var == "KEY"
     url = src.data["database"]["url"]
@@ -169,11 +181,15 @@ def test_partial_reference_is_plain_text() -> None:
     assert src.env_refs == {}
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({}, "fallback"),
-    ({"V": ""}, "fallback"),
-    ({"V": "set"}, "set"),
-], ids=["unset", "empty", "set"])
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "fallback"),
+        ({"V": ""}, "fallback"),
+        ({"V": "set"}, "set"),
+    ],
+    ids=["unset", "empty", "set"],
+)
 def test_default_used_when_variable_unset_or_empty(env: dict[str, str], expected: str) -> None:
     src = parse_source("a: ${V:-fallback}\nb: x-${V:-fallback}-y\n", "s.yaml", env)
     assert src.data == {"a": expected, "b": f"x-{expected}-y"}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from twllm.spec.resolve import load_spec, parse_spec
 from twllm.errors import EXIT_INVALID, SpecError, SpecIssue
+from twllm.spec.resolve import load_spec, parse_spec
 
 FILE = "spec.yaml"
 
@@ -34,11 +34,7 @@ ONE_MODEL = y("""
 """)
 
 # line 1..10: a vLLM chat model (models[0]) and an Ollama model (models[1]).
-TWO_MODELS = ONE_MODEL + (
-    "  - name: small\n"
-    "    model: phi-4-mini-instruct\n"
-    "    engine: ollama\n"
-)
+TWO_MODELS = ONE_MODEL + ("  - name: small\n    model: phi-4-mini-instruct\n    engine: ollama\n")
 
 EXTRA_ENV = {"PLAIN_KEY": "not-an-sk-key", "EMPTY_VAR": ""}
 
@@ -69,13 +65,20 @@ def test_base_specs_are_valid(text: str, env: dict[str, str]) -> None:
 
 CASES = [
     # --- YAML itself --------------------------------------------------------------------------
-    pytest.param(y("""
+    pytest.param(
+        y("""
         name: t
         gateway:
           master_key: ${TWLLM_MASTER_KEY}
            port: 4000
-        """), 4, "", "YAML syntax error", id="yaml-syntax-error"),
-    pytest.param(y("""
+        """),
+        4,
+        "",
+        "YAML syntax error",
+        id="yaml-syntax-error",
+    ),
+    pytest.param(
+        y("""
         name: t
         gateway:
           port: 4000
@@ -83,124 +86,342 @@ CASES = [
           master_key: ${TWLLM_MASTER_KEY}
         models:
           - {name: chat, model: llama-3.1-8b-instruct}
-        """), 4, "", 'duplicate key "port"', id="yaml-duplicate-key"),
-    pytest.param(y("""
+        """),
+        4,
+        "",
+        'duplicate key "port"',
+        id="yaml-duplicate-key",
+    ),
+    pytest.param(
+        y("""
         - name: t
         - models: []
-        """), 1, "", "top level must be a mapping", id="top-level-list"),
+        """),
+        1,
+        "",
+        "top level must be a mapping",
+        id="top-level-list",
+    ),
     pytest.param("", 1, "", "the file is empty", id="empty-file"),
     pytest.param("# only a comment\n\n", 1, "", "the file is empty", id="comments-only-file"),
     pytest.param(ONE_MODEL + "1: one\n", 8, "1", "keys must be text", id="non-text-key"),
     # --- unknown fields -----------------------------------------------------------------------
-    pytest.param(ONE_MODEL.replace("gateway:", "gatway:"), 2, "gatway",
-                 "unknown field 'gatway' (did you mean 'gateway'?)", id="unknown-top-level-key"),
-    pytest.param(ONE_MODEL + "    replica: 2\n", 8, "models[0].replica",
-                 "unknown field 'replica' (did you mean 'replicas'?)", id="unknown-model-key"),
-    pytest.param(ONE_MODEL + "    price: {input_per_1m: 1.0, currecny: USD}\n", 8, "models[0].price.currecny",
-                 "did you mean 'currency'?", id="unknown-key-in-flow-mapping"),
-    pytest.param(ONE_MODEL + "guard:\n  llama_guard:\n    modle: llama-guard-3-1b\n", 10,
-                 "guard.llama_guard.modle", "did you mean 'model'?", id="unknown-deep-key"),
+    pytest.param(
+        ONE_MODEL.replace("gateway:", "gatway:"),
+        2,
+        "gatway",
+        "unknown field 'gatway' (did you mean 'gateway'?)",
+        id="unknown-top-level-key",
+    ),
+    pytest.param(
+        ONE_MODEL + "    replica: 2\n",
+        8,
+        "models[0].replica",
+        "unknown field 'replica' (did you mean 'replicas'?)",
+        id="unknown-model-key",
+    ),
+    pytest.param(
+        ONE_MODEL + "    price: {input_per_1m: 1.0, currecny: USD}\n",
+        8,
+        "models[0].price.currecny",
+        "did you mean 'currency'?",
+        id="unknown-key-in-flow-mapping",
+    ),
+    pytest.param(
+        ONE_MODEL + "guard:\n  llama_guard:\n    modle: llama-guard-3-1b\n",
+        10,
+        "guard.llama_guard.modle",
+        "did you mean 'model'?",
+        id="unknown-deep-key",
+    ),
     # --- shape and bounds ---------------------------------------------------------------------
-    pytest.param(ONE_MODEL + "  - name: two\n    model: llama-3.1-8b-instruct\n    gpus: 0\n", 10,
-                 "models[1].gpus", "must be ≥ 1", id="gpus-zero"),
-    pytest.param(ONE_MODEL.replace("port: 4000", "port: 70000"), 3, "gateway.port",
-                 "must be ≤ 65535, got 70000", id="port-out-of-range"),
-    pytest.param(ONE_MODEL.replace("port: 4000", "workers: many"), 3, "gateway.workers",
-                 "must be a whole number, got 'many'", id="wrong-type"),
-    pytest.param(TWO_MODELS.replace("engine: ollama", "engine: tgi"), 10, "models[1].engine",
-                 "must be one of 'vllm' or 'ollama', got 'tgi'", id="literal-error"),
-    pytest.param(ONE_MODEL + "  - name: 'two words'\n    model: phi-4\n", 8, "models[1].name",
-                 "does not have the expected form", id="bad-model-name"),
-    pytest.param(y("""
+    pytest.param(
+        ONE_MODEL + "  - name: two\n    model: llama-3.1-8b-instruct\n    gpus: 0\n",
+        10,
+        "models[1].gpus",
+        "must be ≥ 1",
+        id="gpus-zero",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("port: 4000", "port: 70000"),
+        3,
+        "gateway.port",
+        "must be ≤ 65535, got 70000",
+        id="port-out-of-range",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("port: 4000", "workers: many"),
+        3,
+        "gateway.workers",
+        "must be a whole number, got 'many'",
+        id="wrong-type",
+    ),
+    pytest.param(
+        TWO_MODELS.replace("engine: ollama", "engine: tgi"),
+        10,
+        "models[1].engine",
+        "must be one of 'vllm' or 'ollama', got 'tgi'",
+        id="literal-error",
+    ),
+    pytest.param(
+        ONE_MODEL + "  - name: 'two words'\n    model: phi-4\n",
+        8,
+        "models[1].name",
+        "does not have the expected form",
+        id="bad-model-name",
+    ),
+    pytest.param(
+        y("""
         name: t
         gateway:
           master_key: ${TWLLM_MASTER_KEY}
-        """), 1, "models", "required field is missing", id="missing-models"),
-    pytest.param(y("""
+        """),
+        1,
+        "models",
+        "required field is missing",
+        id="missing-models",
+    ),
+    pytest.param(
+        y("""
         name: t
         gateway:
           master_key: ${TWLLM_MASTER_KEY}
         models: []
-        """), 4, "models", "needs at least 1 item", id="empty-models"),
-    pytest.param(ONE_MODEL.replace("name: t\n", "", 1), 1, "name", "required field is missing",
-                 id="missing-name"),
-    pytest.param(ONE_MODEL.replace("  master_key: ${TWLLM_MASTER_KEY}\n", ""), 2, "gateway.master_key",
-                 "required field is missing", id="missing-master-key"),
-    pytest.param(ONE_MODEL.replace("    model: llama-3.1-8b-instruct\n", "    task: chat\n"), 6, "models[0]",
-                 "give `model` (a registry id) or `source`", id="model-without-weights"),
+        """),
+        4,
+        "models",
+        "needs at least 1 item",
+        id="empty-models",
+    ),
+    pytest.param(ONE_MODEL.replace("name: t\n", "", 1), 1, "name", "required field is missing", id="missing-name"),
+    pytest.param(
+        ONE_MODEL.replace("  master_key: ${TWLLM_MASTER_KEY}\n", ""),
+        2,
+        "gateway.master_key",
+        "required field is missing",
+        id="missing-master-key",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("    model: llama-3.1-8b-instruct\n", "    task: chat\n"),
+        6,
+        "models[0]",
+        "give `model` (a registry id) or `source`",
+        id="model-without-weights",
+    ),
     # --- environment variables and secrets ----------------------------------------------------
-    pytest.param(ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "${NOPE}"), 4, "gateway.master_key",
-                 "environment variable NOPE is not set", id="unset-env-var"),
-    pytest.param(ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "${EMPTY_VAR}"), 4, "gateway.master_key",
-                 "environment variable EMPTY_VAR is empty", id="empty-env-var"),
-    pytest.param(ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "sk-written-in-the-file"), 4, "gateway.master_key",
-                 "secrets are never written in the spec file", id="literal-master-key"),
-    pytest.param(ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "sk-${TWLLM_MASTER_KEY}"), 4, "gateway.master_key",
-                 "secrets are never written in the spec file", id="master-key-partly-interpolated"),
-    pytest.param(ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "${PLAIN_KEY}"), 4, "gateway.master_key",
-                 "the value of PLAIN_KEY must start with 'sk-'", id="master-key-without-sk-prefix"),
-    pytest.param(ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "${NOPE:-sk-written-in-the-file}"), 4, "gateway.master_key",
-                 "a secret cannot have a default in the spec file", id="secret-with-default"),
-    pytest.param(ONE_MODEL + "database:\n  url: postgresql://twllm:hunter2@db:5432/twllm\n", 9, "database.url",
-                 "this URL holds a password", id="database-url-with-password"),
-    pytest.param(ONE_MODEL + "database:\n  url: mysql://db/twllm\n", 9, "database.url",
-                 "must be a postgresql:// URL", id="database-url-not-postgres"),
+    pytest.param(
+        ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "${NOPE}"),
+        4,
+        "gateway.master_key",
+        "environment variable NOPE is not set",
+        id="unset-env-var",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "${EMPTY_VAR}"),
+        4,
+        "gateway.master_key",
+        "environment variable EMPTY_VAR is empty",
+        id="empty-env-var",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "sk-written-in-the-file"),
+        4,
+        "gateway.master_key",
+        "secrets are never written in the spec file",
+        id="literal-master-key",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "sk-${TWLLM_MASTER_KEY}"),
+        4,
+        "gateway.master_key",
+        "secrets are never written in the spec file",
+        id="master-key-partly-interpolated",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "${PLAIN_KEY}"),
+        4,
+        "gateway.master_key",
+        "the value of PLAIN_KEY must start with 'sk-'",
+        id="master-key-without-sk-prefix",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("${TWLLM_MASTER_KEY}", "${NOPE:-sk-written-in-the-file}"),
+        4,
+        "gateway.master_key",
+        "a secret cannot have a default in the spec file",
+        id="secret-with-default",
+    ),
+    pytest.param(
+        ONE_MODEL + "database:\n  url: postgresql://twllm:hunter2@db:5432/twllm\n",
+        9,
+        "database.url",
+        "this URL holds a password",
+        id="database-url-with-password",
+    ),
+    pytest.param(
+        ONE_MODEL + "database:\n  url: mysql://db/twllm\n",
+        9,
+        "database.url",
+        "must be a postgresql:// URL",
+        id="database-url-not-postgres",
+    ),
     # --- rules inside one model ---------------------------------------------------------------
-    pytest.param(TWO_MODELS + "    tensor_parallel: 2\n", 11, "models[1].tensor_parallel",
-                 "not available with engine: ollama", id="tensor-parallel-on-ollama"),
-    pytest.param(TWO_MODELS + "    replicas: 2\n", 11, "models[1].replicas",
-                 "ollama serves each model once", id="replicas-on-ollama"),
-    pytest.param(ONE_MODEL + "    gpus: 2\n    tensor_parallel: 4\n", 8, "models[0].gpus",
-                 "2 does not equal tensor_parallel × pipeline_parallel = 4", id="gpus-not-tp-times-pp"),
-    pytest.param(ONE_MODEL + "    device: cpu\n    tensor_parallel: 2\n", 9, "models[0].tensor_parallel",
-                 "not available with device: cpu", id="tensor-parallel-on-cpu"),
-    pytest.param(ONE_MODEL.replace("    model: llama-3.1-8b-instruct\n",
-                                   "    source:\n      hf: org/repo\n      path: /models/x\n"),
-                 7, "models[0].source", "give exactly one of hf, path, gguf, ollama (got hf, path)",
-                 id="source-with-two-kinds"),
-    pytest.param(ONE_MODEL + "    fallbacks: [chat]\n", 8, "models[0].fallbacks",
-                 "cannot fall back to itself", id="fallback-to-itself"),
+    pytest.param(
+        TWO_MODELS + "    tensor_parallel: 2\n",
+        11,
+        "models[1].tensor_parallel",
+        "not available with engine: ollama",
+        id="tensor-parallel-on-ollama",
+    ),
+    pytest.param(
+        TWO_MODELS + "    replicas: 2\n",
+        11,
+        "models[1].replicas",
+        "ollama serves each model once",
+        id="replicas-on-ollama",
+    ),
+    pytest.param(
+        ONE_MODEL + "    gpus: 2\n    tensor_parallel: 4\n",
+        8,
+        "models[0].gpus",
+        "2 does not equal tensor_parallel × pipeline_parallel = 4",
+        id="gpus-not-tp-times-pp",
+    ),
+    pytest.param(
+        ONE_MODEL + "    device: cpu\n    tensor_parallel: 2\n",
+        9,
+        "models[0].tensor_parallel",
+        "not available with device: cpu",
+        id="tensor-parallel-on-cpu",
+    ),
+    pytest.param(
+        ONE_MODEL.replace(
+            "    model: llama-3.1-8b-instruct\n", "    source:\n      hf: org/repo\n      path: /models/x\n"
+        ),
+        7,
+        "models[0].source",
+        "give exactly one of hf, path, gguf, ollama (got hf, path)",
+        id="source-with-two-kinds",
+    ),
+    pytest.param(
+        ONE_MODEL + "    fallbacks: [chat]\n",
+        8,
+        "models[0].fallbacks",
+        "cannot fall back to itself",
+        id="fallback-to-itself",
+    ),
     # --- rules against the registry and across models -----------------------------------------
-    pytest.param(TWO_MODELS.replace("name: small", "name: chat"), 8, "models[1].name",
-                 "duplicate model name 'chat' (first at models[0])", id="duplicate-model-names"),
-    pytest.param(ONE_MODEL + "    task: embed\n", 8, "models[0].task",
-                 "'llama-3.1-8b-instruct' is a chat model; it cannot serve embeddings",
-                 id="embed-task-on-chat-model"),
-    pytest.param(ONE_MODEL.replace("llama-3.1-8b-instruct", "bge-m3") + "    task: chat\n", 8, "models[0].task",
-                 "is an embedding model; set task: embed", id="chat-task-on-embedding-model"),
-    pytest.param(ONE_MODEL.replace("llama-3.1-8b-instruct", "llama-3.1-8b-instrct"), 7, "models[0].model",
-                 "unknown model 'llama-3.1-8b-instrct' (did you mean 'llama-3.1-8b-instruct'?)",
-                 id="unknown-registry-id"),
-    pytest.param(ONE_MODEL.replace("llama-3.1-8b-instruct", "llama-prompt-guard-2-86m"), 7, "models[0].model",
-                 "is a classifier run inside the gateway", id="classifier-in-models"),
-    pytest.param(TWO_MODELS.replace("phi-4-mini-instruct", "llama-3.1-taide-lx-8b-chat"), 9, "models[1].model",
-                 "has no Ollama tag", id="ollama-without-tag"),
-    pytest.param(TWO_MODELS.replace("    model: llama-3.1-8b-instruct\n",
-                                    "    model: llama-3.1-8b-instruct\n    fallbacks: [smal]\n"),
-                 8, "models[0].fallbacks[0]", "no model named 'smal' (did you mean 'small'?)",
-                 id="fallback-to-unknown-model"),
-    pytest.param(ONE_MODEL.replace("  port: 4000\n", "  port: 4000\n  fallbacks:\n    chat: [chta]\n"),
-                 5, "gateway.fallbacks.chat[0]", "no model named 'chta' (did you mean 'chat'?)",
-                 id="gateway-fallback-to-unknown-model"),
-    pytest.param(ONE_MODEL + "    engine_args:\n      max-model-len: 4096\n", 9, "models[0].engine_args.max-model-len",
-                 "use the field `max_model_len` instead", id="reserved-engine-arg"),
-    pytest.param(TWO_MODELS + "    engine_args: {enforce-eager: true}\n", 11, "models[1].engine_args.enforce-eager",
-                 "engine_args are vLLM flags", id="engine-args-on-ollama"),
-    pytest.param(ONE_MODEL + "    max_model_len: 1000000\n", 8, "models[0].max_model_len",
-                 "1000000 exceeds the context length of 'llama-3.1-8b-instruct' (131072)",
-                 id="max-model-len-above-registry"),
+    pytest.param(
+        TWO_MODELS.replace("name: small", "name: chat"),
+        8,
+        "models[1].name",
+        "duplicate model name 'chat' (first at models[0])",
+        id="duplicate-model-names",
+    ),
+    pytest.param(
+        ONE_MODEL + "    task: embed\n",
+        8,
+        "models[0].task",
+        "'llama-3.1-8b-instruct' is a chat model; it cannot serve embeddings",
+        id="embed-task-on-chat-model",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("llama-3.1-8b-instruct", "bge-m3") + "    task: chat\n",
+        8,
+        "models[0].task",
+        "is an embedding model; set task: embed",
+        id="chat-task-on-embedding-model",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("llama-3.1-8b-instruct", "llama-3.1-8b-instrct"),
+        7,
+        "models[0].model",
+        "unknown model 'llama-3.1-8b-instrct' (did you mean 'llama-3.1-8b-instruct'?)",
+        id="unknown-registry-id",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("llama-3.1-8b-instruct", "llama-prompt-guard-2-86m"),
+        7,
+        "models[0].model",
+        "is a classifier run inside the gateway",
+        id="classifier-in-models",
+    ),
+    pytest.param(
+        TWO_MODELS.replace("phi-4-mini-instruct", "llama-3.1-taide-lx-8b-chat"),
+        9,
+        "models[1].model",
+        "has no Ollama tag",
+        id="ollama-without-tag",
+    ),
+    pytest.param(
+        TWO_MODELS.replace(
+            "    model: llama-3.1-8b-instruct\n", "    model: llama-3.1-8b-instruct\n    fallbacks: [smal]\n"
+        ),
+        8,
+        "models[0].fallbacks[0]",
+        "no model named 'smal' (did you mean 'small'?)",
+        id="fallback-to-unknown-model",
+    ),
+    pytest.param(
+        ONE_MODEL.replace("  port: 4000\n", "  port: 4000\n  fallbacks:\n    chat: [chta]\n"),
+        5,
+        "gateway.fallbacks.chat[0]",
+        "no model named 'chta' (did you mean 'chat'?)",
+        id="gateway-fallback-to-unknown-model",
+    ),
+    pytest.param(
+        ONE_MODEL + "    engine_args:\n      max-model-len: 4096\n",
+        9,
+        "models[0].engine_args.max-model-len",
+        "use the field `max_model_len` instead",
+        id="reserved-engine-arg",
+    ),
+    pytest.param(
+        TWO_MODELS + "    engine_args: {enforce-eager: true}\n",
+        11,
+        "models[1].engine_args.enforce-eager",
+        "engine_args are vLLM flags",
+        id="engine-args-on-ollama",
+    ),
+    pytest.param(
+        ONE_MODEL + "    max_model_len: 1000000\n",
+        8,
+        "models[0].max_model_len",
+        "1000000 exceeds the context length of 'llama-3.1-8b-instruct' (131072)",
+        id="max-model-len-above-registry",
+    ),
     # --- guard --------------------------------------------------------------------------------
-    pytest.param(ONE_MODEL + "guard:\n  input: [pii, piii]\n", 9, "guard.input[1]",
-                 "got 'piii' (did you mean 'pii'?)", id="unknown-guard-stage"),
-    pytest.param(ONE_MODEL + "guard:\n  output: [prompt_guard]\n", 9, "guard.output",
-                 "prompt_guard screens input only", id="prompt-guard-in-output"),
-    pytest.param(ONE_MODEL + "guard:\n  input: [zh_tw]\n", 9, "guard.input",
-                 "zh_tw normalises output only", id="zh-tw-in-input"),
-    pytest.param(ONE_MODEL + "guard:\n  input: [llama_guard]\n  llama_guard: {model: llama-guard-3-1c}\n", 10,
-                 "guard.llama_guard.model", "did you mean 'llama-guard-3-1b'?", id="unknown-guard-model"),
-    pytest.param(ONE_MODEL + "guard:\n  llama_guard:\n    excluded_categories: [S1, S15]\n", 10,
-                 "guard.llama_guard.excluded_categories[1]", "'S15' does not have the expected form",
-                 id="guard-category-out-of-range"),
+    pytest.param(
+        ONE_MODEL + "guard:\n  input: [pii, piii]\n",
+        9,
+        "guard.input[1]",
+        "got 'piii' (did you mean 'pii'?)",
+        id="unknown-guard-stage",
+    ),
+    pytest.param(
+        ONE_MODEL + "guard:\n  output: [prompt_guard]\n",
+        9,
+        "guard.output",
+        "prompt_guard screens input only",
+        id="prompt-guard-in-output",
+    ),
+    pytest.param(
+        ONE_MODEL + "guard:\n  input: [zh_tw]\n", 9, "guard.input", "zh_tw normalises output only", id="zh-tw-in-input"
+    ),
+    pytest.param(
+        ONE_MODEL + "guard:\n  input: [llama_guard]\n  llama_guard: {model: llama-guard-3-1c}\n",
+        10,
+        "guard.llama_guard.model",
+        "did you mean 'llama-guard-3-1b'?",
+        id="unknown-guard-model",
+    ),
+    pytest.param(
+        ONE_MODEL + "guard:\n  llama_guard:\n    excluded_categories: [S1, S15]\n",
+        10,
+        "guard.llama_guard.excluded_categories[1]",
+        "'S15' does not have the expected form",
+        id="guard-category-out-of-range",
+    ),
 ]
 
 
@@ -263,7 +484,10 @@ def test_every_shape_problem_is_reported_sorted_by_line(env: dict[str, str]) -> 
         """)
     issues = issues_of(text, env)
     assert [(i.line, i.path) for i in issues] == [
-        (3, "gateway.wrokers"), (4, "gateway.port"), (9, "models[0].gpus"), (12, "models[1].engine"),
+        (3, "gateway.wrokers"),
+        (4, "gateway.port"),
+        (9, "models[0].gpus"),
+        (12, "models[1].engine"),
     ]
     assert "did you mean 'workers'?" in issues[0].message
 
@@ -284,7 +508,10 @@ def test_every_registry_problem_is_reported_sorted_by_line(env: dict[str, str]) 
         """)
     issues = issues_of(text, env)
     assert [(i.line, i.path) for i in issues] == [
-        (5, "gateway.fallbacks.chat[0]"), (8, "models[0].model"), (9, "models[1].name"), (11, "models[1].max_model_len"),
+        (5, "gateway.fallbacks.chat[0]"),
+        (8, "models[0].model"),
+        (9, "models[1].name"),
+        (11, "models[1].max_model_len"),
     ]
 
 
@@ -295,8 +522,9 @@ def test_every_unset_variable_is_reported(env: dict[str, str]) -> None:
     assert "NOPE_ONE" in issues[0].message and "NOPE_TWO" in issues[1].message
 
 
-def test_issue_reads_file_line_path_message(write_spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            env: dict[str, str]) -> None:
+def test_issue_reads_file_line_path_message(
+    write_spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
     text = y("""
         name: t
         gateway:
@@ -317,7 +545,7 @@ def test_issue_reads_file_line_path_message(write_spec, tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SpecError) as info:
         load_spec(Path("prod.yaml"), env)
-    issue, = info.value.issues
+    (issue,) = info.value.issues
     assert str(issue) == "prod.yaml:14 models[2].gpus: must be ≥ 1, got 0"
     assert str(info.value) == str(issue)
 

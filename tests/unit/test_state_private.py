@@ -58,8 +58,14 @@ def test_ensure_tightens_what_an_older_twllm_left_open(tmp_path: Path, wide_umas
     for folder in (sd.root, sd.logs, sd.rendered, sd.root / "spool", sd.root / "postgres"):
         folder.mkdir(parents=True, mode=0o755)
         folder.chmod(0o755)
-    files = [sd.plan, sd.state_file, sd.log_of("gateway"), sd.logs / "gateway.log.1",
-             sd.rendered / "litellm_config.yaml", sd.root / "spool" / "ledger-1-1.jsonl"]
+    files = [
+        sd.plan,
+        sd.state_file,
+        sd.log_of("gateway"),
+        sd.logs / "gateway.log.1",
+        sd.rendered / "litellm_config.yaml",
+        sd.root / "spool" / "ledger-1-1.jsonl",
+    ]
     for path in files:
         path.write_text("x")
         path.chmod(0o644)

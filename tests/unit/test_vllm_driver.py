@@ -18,6 +18,9 @@ import typer
 from typer.testing import CliRunner
 
 from twllm.cli.engines_cmds import engines_app
+from twllm.errors import RuntimeFailure
+from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, make_plan
+from twllm.plan.placement import GpuInventory
 from twllm.runtime.engines import envs
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.drivers import driver_for
@@ -34,10 +37,7 @@ from twllm.runtime.engines.envs import (
     write_vllm_alias,
 )
 from twllm.runtime.engines.vllm import VllmDriver, serve_argv
-from twllm.plan.placement import GpuInventory
-from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, make_plan
 from twllm.spec.resolve import parse_spec
-from twllm.errors import RuntimeFailure
 
 KEY = "sk-engine-unit-0123456789"
 SPEC = """name: t
@@ -73,8 +73,9 @@ def fake_env(root: Path, name: str, version: str = "0.32.0", *, alias: bool = Tr
     if alias and package != "vllm":
         write_vllm_alias(path, version)
     if marker:
-        (path / MARKER).write_text(json.dumps({"name": name, "version": version,
-                                               "requirement": RECIPES[name].requirement}))
+        (path / MARKER).write_text(
+            json.dumps({"name": name, "version": version, "requirement": RECIPES[name].requirement})
+        )
     return path
 
 
@@ -86,21 +87,39 @@ def engines_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def ctx(tmp_path: Path, python: Path | None = None, secrets: dict[str, str] | None = None) -> RuntimeContext:
-    return RuntimeContext(state_dir=tmp_path, secrets={ENGINE_KEY_ENV: KEY} if secrets is None else secrets,
-                          vllm_python=python)
+    return RuntimeContext(
+        state_dir=tmp_path, secrets={ENGINE_KEY_ENV: KEY} if secrets is None else secrets, vllm_python=python
+    )
 
 
 # --- launch -----------------------------------------------------------------------------------
+
 
 def test_plan_argv_becomes_the_cli_module_of_the_engine_python(engines_dir, tmp_path):
     fake_env(engines_dir, "vllm-cpu")
     proc = plan_proc()
     launch = driver_for("vllm").launch(proc, ctx(tmp_path))
     python = str(engines_dir / "vllm-cpu" / "bin" / "python")
-    assert launch.argv == [python, "-m", "vllm.entrypoints.cli.main", "serve", "/models/tiny",
-                           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "8100",
-                           "--max-model-len", "512", "--dtype", "float32", "--enforce-eager",
-                           "--kv-cache-memory-bytes", "64M"]
+    assert launch.argv == [
+        python,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        "/models/tiny",
+        "--served-model-name",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8100",
+        "--max-model-len",
+        "512",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--kv-cache-memory-bytes",
+        "64M",
+    ]
     assert launch.argv[3:] == list(proc.argv[1:])
 
 
@@ -164,6 +183,7 @@ def test_serve_argv_wants_a_vllm_serve_command():
 
 # --- ready ------------------------------------------------------------------------------------
 
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,7 +198,7 @@ class _Models(BaseHTTPRequestHandler):
     served: list[str] = []
     seen: list[str | None] = []
 
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         _Models.seen.append(self.headers.get("Authorization"))
         if self.headers.get("Authorization") != f"Bearer {KEY}":
             self.send_response(401)
@@ -218,13 +238,19 @@ def test_ready_needs_the_key_and_every_served_model(models_server, tmp_path):
 
 # --- engine environments ----------------------------------------------------------------------
 
+
 def test_inspect_reports_what_is_wrong(engines_dir):
     assert inspect_engine("vllm-cpu").problem == "not installed"
     path = fake_env(engines_dir, "vllm-cpu", alias=False)
     assert inspect_engine("vllm-cpu").problem == "the `vllm` metadata alias is missing"
     write_vllm_alias(path, "0.32.0")
     healthy = inspect_engine("vllm-cpu")
-    assert (healthy.ok, healthy.version, healthy.device, healthy.python) == (True, "0.32.0", "cpu", path / "bin" / "python")
+    assert (healthy.ok, healthy.version, healthy.device, healthy.python) == (
+        True,
+        "0.32.0",
+        "cpu",
+        path / "bin" / "python",
+    )
     (path / MARKER).write_text(json.dumps({"version": "0.31.0"}))
     assert "0.32.0 is installed but 0.31.0 was checked" in inspect_engine("vllm-cpu").problem
     (path / "bin" / "python").unlink()
@@ -330,6 +356,7 @@ def test_unknown_engine_name_is_refused(engines_dir):
 
 
 # --- twllm engines ----------------------------------------------------------------------------
+
 
 def cli() -> typer.Typer:
     app = typer.Typer()

@@ -9,8 +9,7 @@ import opencc
 import pytest
 import yaml
 
-from twllm.zh_tw import SEGMENT_CAP, StreamNormalizer, is_simplified, mainland_terms, normalize
-from twllm.zh_tw import build_charsets, phrases
+from twllm.zh_tw import SEGMENT_CAP, StreamNormalizer, build_charsets, is_simplified, mainland_terms, normalize, phrases
 from twllm.zh_tw.charsets import TRADITIONAL_ONLY
 from twllm.zh_tw.normalize import BOUNDARIES, _Cutter, _tables, convert_prose, to_simplified
 from twllm.zh_tw.terms import EXTRA_TERMS, MAINLAND_WORDS
@@ -111,15 +110,18 @@ def test_a_neutral_segment_follows_the_script_before_it() -> None:
 
 
 def test_code_blocks_inline_code_urls_emails_and_identifiers_are_untouched() -> None:
-    text = ("请访问 https://zh.wikipedia.org/wiki/软件?lang=zh 获取信息。\n"
-            "用 `print('软件信息')` 测试，变量 ruan_jian_v2 不变。\n"
-            "```python\n# 这是注释：软件信息\nx = '服务器'\n```\n"
-            "发邮件到 ops.team@example.com 就好。")
+    text = (
+        "请访问 https://zh.wikipedia.org/wiki/软件?lang=zh 获取信息。\n"
+        "用 `print('软件信息')` 测试，变量 ruan_jian_v2 不变。\n"
+        "```python\n# 这是注释：软件信息\nx = '服务器'\n```\n"
+        "发邮件到 ops.team@example.com 就好。"
+    )
     assert normalize(text) == (
         "請訪問 https://zh.wikipedia.org/wiki/软件?lang=zh 獲取資訊。\n"
         "用 `print('软件信息')` 測試，變數 ruan_jian_v2 不變。\n"
         "```python\n# 这是注释：软件信息\nx = '服务器'\n```\n"
-        "發郵件到 ops.team@example.com 就好。")
+        "發郵件到 ops.team@example.com 就好。"
+    )
 
 
 def test_a_url_ends_where_chinese_prose_follows_it() -> None:
@@ -223,13 +225,76 @@ def test_code_fence_state_crosses_chunks() -> None:
 
 
 STREAM_PARTS = [
-    "这个软件", "的信息", "。", "！", "？", "\n", "干擾", "後面", "台灣", "```", "```python\n", "`code`", "`", "``",
-    "~~~", " ", "https://example.com/路径?q=软件", "http", "https:/", "foo.bar@example.com", "my_var", "abc123", "最后",
-    "很好", "面包", "头发", "公交车", "产品质量", "x" * 50, "软" * 80, "\n```\n", "  ```\n", "物理的质量", "U盘", ";", "!",
+    "这个软件",
+    "的信息",
+    "。",
+    "！",
+    "？",
+    "\n",
+    "干擾",
+    "後面",
+    "台灣",
+    "```",
+    "```python\n",
+    "`code`",
+    "`",
+    "``",
+    "~~~",
+    " ",
+    "https://example.com/路径?q=软件",
+    "http",
+    "https:/",
+    "foo.bar@example.com",
+    "my_var",
+    "abc123",
+    "最后",
+    "很好",
+    "面包",
+    "头发",
+    "公交车",
+    "产品质量",
+    "x" * 50,
+    "软" * 80,
+    "\n```\n",
+    "  ```\n",
+    "物理的质量",
+    "U盘",
+    ";",
+    "!",
     # phrase fragments, Traditional and shared characters, characters inside dictionary keys
-    "著名", "软", "件", "公交", "车站", "质量", "问题", "用户", "服务器", "程序员", "打印机", "西红柿", "·", "-", "〇",
-    "彼得·杰克逊", "里姆斯基-科萨科夫", "个", "這", "们", "后", "干", "台", "里", "计算机病毒", "https://x.y/软件/",
-    "\uf900", "http://", "`软件`", "e-mail", "3.14", "ftp:", "h",
+    "著名",
+    "软",
+    "件",
+    "公交",
+    "车站",
+    "质量",
+    "问题",
+    "用户",
+    "服务器",
+    "程序员",
+    "打印机",
+    "西红柿",
+    "·",
+    "-",
+    "〇",
+    "彼得·杰克逊",
+    "里姆斯基-科萨科夫",
+    "个",
+    "這",
+    "们",
+    "后",
+    "干",
+    "台",
+    "里",
+    "计算机病毒",
+    "https://x.y/软件/",
+    "\uf900",
+    "http://",
+    "`软件`",
+    "e-mail",
+    "3.14",
+    "ftp:",
+    "h",
 ]
 
 
@@ -243,7 +308,7 @@ def test_streamed_output_equals_whole_text_for_random_chunkings() -> None:
             single = rng.random() < 0.2
             while i < len(text):
                 size = 1 if single else rng.randint(1, 8)
-                out.append(stream.feed(text[i:i + size]))
+                out.append(stream.feed(text[i : i + size]))
                 i += size
             assert "".join(out) + stream.flush() == want, text
 
@@ -273,9 +338,15 @@ def test_cutting_a_run_never_changes_its_conversion() -> None:
 
     def fragment() -> str:
         pick = rng.random()
-        key = rng.choice(segment) if pick < 0.7 else to_simplified(rng.choice(taiwan)) if pick < 0.85 else rng.choice(extra)
+        key = (
+            rng.choice(segment)
+            if pick < 0.7
+            else to_simplified(rng.choice(taiwan))
+            if pick < 0.85
+            else rng.choice(extra)
+        )
         i = rng.randint(0, len(key))
-        return key[i:rng.randint(i, len(key))] if rng.random() < 0.5 else key
+        return key[i : rng.randint(i, len(key))] if rng.random() < 0.5 else key
 
     for _ in range(4000):
         run = "".join(fragment() for _ in range(rng.randint(1, 10)))
@@ -294,7 +365,7 @@ def test_a_simplified_sentence_streams_to_its_whole_conversion() -> None:
     rng = random.Random(13)
     checked = 0
     while checked < 1500:
-        run = "这" + "".join(rng.choice(segment)[:rng.randint(1, 15)] for _ in range(rng.randint(1, 8)))
+        run = "这" + "".join(rng.choice(segment)[: rng.randint(1, 15)] for _ in range(rng.randint(1, 8)))
         if any(c.isascii() or c in BOUNDARIES or c in TRADITIONAL_ONLY for c in run):
             continue
         stream = StreamNormalizer()
@@ -308,7 +379,7 @@ def _held_while_streaming(text: str, sizes) -> tuple[int, int, int]:
     stream, out, i, decided, deciding, empty = StreamNormalizer(), [], 0, 0, 0, 0
     while i < len(text):
         n = next(sizes)
-        out.append(stream.feed(text[i:i + n]))
+        out.append(stream.feed(text[i : i + n]))
         i += n
         empty += not out[-1]
         if stream.deciding:
@@ -328,8 +399,10 @@ def test_stream_holds_a_few_characters_only(chunking: str) -> None:
     rng = random.Random(3)
     sizes = iter(lambda: 1 if chunking == "char" else rng.randint(1, 3), None)
     taiwan = "\n".join(p["prompt"] for p in _prompts())
-    english = ("The gateway routes each request to a vLLM engine, counts tokens and spend per tenant, "
-               "and screens prompts and answers; see https://example.com/docs?id=42 or ops@example.com. ") * 8
+    english = (
+        "The gateway routes each request to a vLLM engine, counts tokens and spend per tenant, "
+        "and screens prompts and answers; see https://example.com/docs?id=42 or ops@example.com. "
+    ) * 8
     decided, deciding, empty = _held_while_streaming(to_simplified(taiwan), sizes)
     assert decided <= 6 and deciding <= 8, (decided, deciding)
     decided, deciding, empty = _held_while_streaming(taiwan, sizes)
@@ -340,7 +413,9 @@ def test_stream_holds_a_few_characters_only(chunking: str) -> None:
 
 
 def _prompts() -> list[dict]:
-    return yaml.safe_load(resources.files("twllm.zh_tw").joinpath("prompts.yaml").read_text(encoding="utf-8"))["prompts"]
+    return yaml.safe_load(resources.files("twllm.zh_tw").joinpath("prompts.yaml").read_text(encoding="utf-8"))[
+        "prompts"
+    ]
 
 
 def test_builtin_prompts_are_many_taiwan_traditional_and_cover_five_categories() -> None:
@@ -348,7 +423,12 @@ def test_builtin_prompts_are_many_taiwan_traditional_and_cover_five_categories()
     assert len(prompts) >= 100
     assert len({p["id"] for p in prompts}) == len(prompts)
     assert {p["category"] for p in prompts} == {
-        "customer_service", "medical_documentation", "ecommerce", "public_services", "daily_life"}
+        "customer_service",
+        "medical_documentation",
+        "ecommerce",
+        "public_services",
+        "daily_life",
+    }
     for prompt in prompts:
         assert set(prompt) == {"id", "category", "prompt"}
         assert not is_simplified(prompt["prompt"]), prompt["id"]

@@ -17,13 +17,14 @@ from twllm.zh_tw.report import percentile
 
 KEY = "sk-fake-eval-key-0123456789"
 FAKE_ANSWERS = {
-    "p-simplified": "这个软件的视频很清楚。",        # Simplified, mainland terms; both fixed by normalize
-    "p-taiwan": "這個軟體的影片很清楚。",            # already Taiwan Traditional
-    "p-neutral": "信息。",                          # mainland term in shared characters: survives
-    "p-broken": None,                               # the fake answers HTTP 500
+    "p-simplified": "这个软件的视频很清楚。",  # Simplified, mainland terms; both fixed by normalize
+    "p-taiwan": "這個軟體的影片很清楚。",  # already Taiwan Traditional
+    "p-neutral": "信息。",  # mainland term in shared characters: survives
+    "p-broken": None,  # the fake answers HTTP 500
 }
 PROMPTS_YAML = "prompts:\n" + "".join(
-    f"  - {{id: {pid}, category: daily_life, prompt: 請回答。}}\n" for pid in FAKE_ANSWERS)
+    f"  - {{id: {pid}, category: daily_life, prompt: 請回答。}}\n" for pid in FAKE_ANSWERS
+)
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
@@ -40,12 +41,12 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.headers.get("Authorization") != f"Bearer {KEY}":
             return self._send(401, {"error": {"message": f"bad key {self.headers.get('Authorization')}"}})
         self._send(200, {"object": "list", "data": [{"id": "fake-chat"}, {"id": "fake-other"}]})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         order = self.server.order  # type: ignore[attr-defined]
         with self.server.lock:  # type: ignore[attr-defined]
@@ -74,9 +75,27 @@ def test_scores_each_answer_before_and_after_and_writes_files(fake_endpoint, tmp
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text(PROMPTS_YAML, encoding="utf-8")
     out = tmp_path / "out"
-    code = main(["eval", "zh-tw", "--endpoint", fake_endpoint, "--model", "fake-chat", "--model", "fake-other",
-                 "--prompts", str(prompts), "--out", str(out), "--api-key-env", "FAKE_KEY",
-                 "--concurrency", "1", "--json"])
+    code = main(
+        [
+            "eval",
+            "zh-tw",
+            "--endpoint",
+            fake_endpoint,
+            "--model",
+            "fake-chat",
+            "--model",
+            "fake-other",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--api-key-env",
+            "FAKE_KEY",
+            "--concurrency",
+            "1",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     document = json.loads(captured.out)
@@ -86,7 +105,7 @@ def test_scores_each_answer_before_and_after_and_writes_files(fake_endpoint, tmp
     assert chat["simplified_before"] == pytest.approx(1 / 3)
     assert chat["simplified_after"] == 0
     assert chat["mainland_before"] == pytest.approx(2 / 3)  # 软件/视频 and 信息
-    assert chat["mainland_after"] == pytest.approx(1 / 3)   # 信息 alone is not detected as Simplified
+    assert chat["mainland_after"] == pytest.approx(1 / 3)  # 信息 alone is not detected as Simplified
     assert chat["latency_p50_ms"] > 0
 
     with (out / "zh_tw_eval.csv").open(encoding="utf-8") as handle:
@@ -108,8 +127,7 @@ def test_scores_each_answer_before_and_after_and_writes_files(fake_endpoint, tmp
 
 def test_unknown_model_is_a_usage_error_with_a_suggestion(fake_endpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TWLLM_MASTER_KEY", KEY)
-    code = main(["eval", "zh-tw", "--endpoint", fake_endpoint + "/v1", "--model", "fake-chta",
-                 "--out", str(tmp_path)])
+    code = main(["eval", "zh-tw", "--endpoint", fake_endpoint + "/v1", "--model", "fake-chta", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2
     assert "model 'fake-chta' is not served" in err and "did you mean 'fake-chat'" in err
@@ -136,7 +154,9 @@ def test_prompt_entries_are_checked_with_their_line():
     with pytest.raises(PromptsFileError, match=r"f\.yaml:3: prompts\[1\]\.prompt: required"):
         parse_prompts("prompts:\n  - {id: a, category: c, prompt: 好}\n  - {id: b, category: c}\n", "f.yaml")
     with pytest.raises(PromptsFileError, match=r"f\.yaml:3: prompts\[1\]\.id: 'a' is used twice"):
-        parse_prompts("prompts:\n  - {id: a, category: c, prompt: 好}\n  - {id: a, category: c, prompt: 好}\n", "f.yaml")
+        parse_prompts(
+            "prompts:\n  - {id: a, category: c, prompt: 好}\n  - {id: a, category: c, prompt: 好}\n", "f.yaml"
+        )
     with pytest.raises(PromptsFileError, match=r"unknown key 'promt' \(did you mean 'prompt'\?\)"):
         parse_prompts("prompts:\n  - {id: a, category: c, promt: 好}\n", "f.yaml")
     with pytest.raises(PromptsFileError, match="cannot read the prompts file"):

@@ -43,7 +43,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from twllm.accounting.gateway_config import Database, DatabaseUnavailable
@@ -66,7 +66,8 @@ WHERE k.key_hash = %s
 # engine addresses, files, batches, pass-through) is the master key's.
 _INFERENCE = re.compile(r"^(?:/v1)?/(?:chat/completions|completions|embeddings|responses)$")
 _AZURE_STYLE = re.compile(
-    r"^/(?:openai/deployments|engines)/(?P<model>[^/]+)/(?:chat/completions|completions|embeddings)$")
+    r"^/(?:openai/deployments|engines)/(?P<model>[^/]+)/(?:chat/completions|completions|embeddings)$"
+)
 _MODELS = re.compile(r"^(?:/v1)?/models(?:/(?P<model>.+))?$")
 
 
@@ -112,8 +113,11 @@ class Identity:
         """What travels with the request to the spend logger (UserAPIKeyAuth.metadata)."""
         if self.key is None:
             return {"twllm_admin": True}
-        data: dict[str, object] = {"twllm_tenant_id": self.key.tenant_id, "twllm_key_id": self.key.id,
-                                   "twllm_tenant": self.key.tenant}
+        data: dict[str, object] = {
+            "twllm_tenant_id": self.key.tenant_id,
+            "twllm_key_id": self.key.id,
+            "twllm_tenant": self.key.tenant,
+        }
         if self.key.guard_policy:
             data["twllm_guard_policy"] = self.key.guard_policy
         return data
@@ -122,8 +126,9 @@ class Identity:
 class Rejection(Exception):
     """A request refused: the HTTP status and an OpenAI-style error."""
 
-    def __init__(self, status: int, type_: str, code: str, message: str,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, type_: str, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type_
@@ -196,10 +201,23 @@ class KeyCache:
             row = await cur.fetchone()
         key = None
         if row is not None:
-            (id_, tenant_id, tenant, prefix, models, rpm, tpm, budget, period, expires_at, revoked_at,
-             guard_policy) = row
-            key = KeyInfo(id_, tenant_id, tenant, prefix, tuple(models) if models is not None else None,
-                          rpm, tpm, budget, period, expires_at, revoked_at, guard_policy)
+            (id_, tenant_id, tenant, prefix, models, rpm, tpm, budget, period, expires_at, revoked_at, guard_policy) = (
+                row
+            )
+            key = KeyInfo(
+                id_,
+                tenant_id,
+                tenant,
+                prefix,
+                tuple(models) if models is not None else None,
+                rpm,
+                tpm,
+                budget,
+                period,
+                expires_at,
+                revoked_at,
+                guard_policy,
+            )
         self._entries[key_hash] = _Entry(key, time.monotonic())
         self._entries.move_to_end(key_hash)
         while len(self._entries) > self.max_entries:
@@ -210,8 +228,15 @@ class KeyCache:
 class Authenticator:
     """The checks of one worker, in the order of the module's table."""
 
-    def __init__(self, db: Database, master_key: str | None, *, cache: KeyCache | None = None,
-                 limiter: RateLimiter | None = None, budgets: BudgetTracker | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        master_key: str | None,
+        *,
+        cache: KeyCache | None = None,
+        limiter: RateLimiter | None = None,
+        budgets: BudgetTracker | None = None,
+    ) -> None:
         self.master_key = master_key
         self.cache = cache or KeyCache(db)
         self.limiter = limiter or RateLimiter(db)
@@ -219,40 +244,51 @@ class Authenticator:
 
     def is_master(self, api_key: str) -> bool:
         return self.master_key is not None and hmac.compare_digest(
-            api_key.encode("utf-8"), self.master_key.encode("utf-8"))
+            api_key.encode("utf-8"), self.master_key.encode("utf-8")
+        )
 
-    async def authenticate(self, api_key: str | None, route: str, models: Iterable[str] = (),
-                           now: datetime | None = None) -> Identity:
+    async def authenticate(
+        self, api_key: str | None, route: str, models: Iterable[str] = (), now: datetime | None = None
+    ) -> Identity:
         """Check a request with ``api_key`` on ``route`` that asks for ``models`` (the model and
         any client-side fallbacks; ``route``'s own model is added here)."""
         if not api_key:
-            raise Rejection(401, "invalid_request_error", "missing_api_key",
-                            "No API key: send it as 'Authorization: Bearer sk-…'.")
+            raise Rejection(
+                401, "invalid_request_error", "missing_api_key", "No API key: send it as 'Authorization: Bearer sk-…'."
+            )
         if self.is_master(api_key):
             return Identity(None)
         try:
             key = await self.cache.get(hash_key(api_key))
         except DatabaseUnavailable:
-            raise Rejection(503, "service_unavailable", "accounts_unavailable",
-                            "API keys cannot be checked right now; try again shortly.",
-                            {"Retry-After": "5"}) from None
+            raise Rejection(
+                503,
+                "service_unavailable",
+                "accounts_unavailable",
+                "API keys cannot be checked right now; try again shortly.",
+                {"Retry-After": "5"},
+            ) from None
         if key is None:
             raise Rejection(401, "invalid_request_error", "invalid_api_key", "Incorrect API key provided.")
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         state = key.status(now)
         if state != "active":
-            raise Rejection(401, "invalid_request_error", f"{state}_api_key",
-                            f"The API key {key.prefix}… was {state}.")
+            raise Rejection(401, "invalid_request_error", f"{state}_api_key", f"The API key {key.prefix}… was {state}.")
         kind, path_model = route_kind(route)
         if kind is None:
-            raise Rejection(403, "permission_error", "route_not_allowed",
-                            f"Tenant keys may call the inference API only, not {route}.")
+            raise Rejection(
+                403,
+                "permission_error",
+                "route_not_allowed",
+                f"Tenant keys may call the inference API only, not {route}.",
+            )
         wanted = [m for m in ([path_model] if path_model else []) + list(models) if m is not None]
         if key.models is not None:
             for model in wanted:
                 if model not in key.models:
-                    raise Rejection(403, "permission_error", "model_not_allowed",
-                                    f"This API key may not use the model {model!r}.")
+                    raise Rejection(
+                        403, "permission_error", "model_not_allowed", f"This API key may not use the model {model!r}."
+                    )
         if kind == "inference":
             await self._check_budget(key, now)
             await self._check_rate(key)
@@ -264,18 +300,28 @@ class Authenticator:
         spent = await self.budgets.spend(key.id, key.budget_period, now)
         if spent is not None and spent >= key.budget:
             period = {"daily": "today (UTC)", "monthly": "this month (UTC)"}.get(key.budget_period or "", "in total")
-            raise Rejection(429, "insufficient_quota", "budget_exceeded",
-                            f"The API key {key.prefix}… has spent its budget of {key.budget} {period}.")
+            raise Rejection(
+                429,
+                "insufficient_quota",
+                "budget_exceeded",
+                f"The API key {key.prefix}… has spent its budget of {key.budget} {period}.",
+            )
 
     async def _check_rate(self, key: KeyInfo) -> None:
         verdict = await self.limiter.admit(key.id, key.rpm, key.tpm)
         if verdict.allowed:
             return
         unit = "requests" if verdict.exceeded == "requests" else "tokens"
-        raise Rejection(429, unit, "rate_limit_exceeded",
-                        f"Rate limit reached for the API key {key.prefix}…: {verdict.limit} {unit} per minute. "
-                        f"Try again in {verdict.retry_after_s} s.",
-                        {"Retry-After": str(verdict.retry_after_s),
-                         f"x-ratelimit-limit-{unit}": str(verdict.limit),
-                         f"x-ratelimit-remaining-{unit}": "0",
-                         f"x-ratelimit-reset-{unit}": f"{verdict.retry_after_s}s"})
+        raise Rejection(
+            429,
+            unit,
+            "rate_limit_exceeded",
+            f"Rate limit reached for the API key {key.prefix}…: {verdict.limit} {unit} per minute. "
+            f"Try again in {verdict.retry_after_s} s.",
+            {
+                "Retry-After": str(verdict.retry_after_s),
+                f"x-ratelimit-limit-{unit}": str(verdict.limit),
+                f"x-ratelimit-remaining-{unit}": "0",
+                f"x-ratelimit-reset-{unit}": f"{verdict.retry_after_s}s",
+            },
+        )

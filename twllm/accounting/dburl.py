@@ -20,8 +20,8 @@ def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
         reason = _redact(" ".join(str(exc).split()), url)
         raise RuntimeFailure(
             f"cannot connect to the database {mask_password(url)}: {reason}",
-            hint="is the deployment running? (twllm status; an embedded database runs only while "
-                 "the deployment does)") from None
+            hint="is the deployment running? (twllm status; an embedded database runs only while the deployment does)",
+        ) from None
 
 
 def _redact(text: str, url: str) -> str:

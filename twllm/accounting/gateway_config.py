@@ -77,8 +77,11 @@ class GatewayConfig:
         if path is not None:
             settings = json.loads(path.read_text(encoding="utf-8"))
         database = settings.get("database") or {}
-        url = (env.get(DATABASE_URL_ENV) or database.get("url")
-               or (env.get(database["url_env"]) if database.get("url_env") else None))
+        url = (
+            env.get(DATABASE_URL_ENV)
+            or database.get("url")
+            or (env.get(database["url_env"]) if database.get("url_env") else None)
+        )
         spool = env.get(SPOOL_DIR_ENV)
         if spool:
             spool_dir = Path(spool)
@@ -165,8 +168,12 @@ class Database:
 
     def mark_down(self, exc: BaseException) -> None:
         if time.monotonic() >= self._down_until:
-            log.warning("twllm accounting: PostgreSQL unavailable (%s: %s); retrying in %.0f s",
-                        type(exc).__name__, " ".join(str(exc).split())[:200], RETRY_AFTER_DOWN_S)
+            log.warning(
+                "twllm accounting: PostgreSQL unavailable (%s: %s); retrying in %.0f s",
+                type(exc).__name__,
+                " ".join(str(exc).split())[:200],
+                RETRY_AFTER_DOWN_S,
+            )
         self._down_until = time.monotonic() + RETRY_AFTER_DOWN_S
         if self._pool is not None and (self._checking is None or self._checking.done()):
             self._checking = asyncio.get_running_loop().create_task(self._check())
@@ -175,7 +182,7 @@ class Database:
         try:
             if self._pool is not None:
                 await self._pool.check()
-        except Exception:  # noqa: BLE001 - a failed check changes nothing; the next use retries
+        except Exception:
             pass
 
     async def _open(self) -> AsyncConnectionPool:
@@ -183,7 +190,11 @@ class Database:
             from psycopg_pool import AsyncConnectionPool
 
             pool = AsyncConnectionPool(
-                self.url, min_size=1, max_size=self.max_size, open=False, timeout=POOL_TIMEOUT_S,
+                self.url,
+                min_size=1,
+                max_size=self.max_size,
+                open=False,
+                timeout=POOL_TIMEOUT_S,
                 kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
                 name="twllm-accounting",
             )

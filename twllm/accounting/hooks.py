@@ -57,9 +57,14 @@ class TwllmAuthError(ProxyException):
 
 
 def proxy_exception(rejection: Rejection) -> TwllmAuthError:
-    return TwllmAuthError(message=rejection.message, type=rejection.type, param=None,
-                          code=rejection.status, headers=dict(rejection.headers),
-                          openai_code=rejection.code)
+    return TwllmAuthError(
+        message=rejection.message,
+        type=rejection.type,
+        param=None,
+        code=rejection.status,
+        headers=dict(rejection.headers),
+        openai_code=rejection.code,
+    )
 
 
 class Runtime:
@@ -71,10 +76,10 @@ class Runtime:
         self.db = Database(config.database_url)
         self.spool = Spool(config.spool_dir, self.pid)
         self.auth = Authenticator(self.db, config.master_key)
-        self.writer = LedgerWriter(self.db, self.spool, on_insert=self.auth.limiter.add_tokens,
-                                   on_stored=self.auth.budgets.note_stored)
-        self.master_hash = (hashlib.sha256(config.master_key.encode("utf-8")).hexdigest()
-                            if config.master_key else None)
+        self.writer = LedgerWriter(
+            self.db, self.spool, on_insert=self.auth.limiter.add_tokens, on_stored=self.auth.budgets.note_stored
+        )
+        self.master_hash = hashlib.sha256(config.master_key.encode("utf-8")).hexdigest() if config.master_key else None
         self.unattributed = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._started = False
@@ -111,8 +116,9 @@ class Runtime:
             self.unattributed += 1
             return
         tenant_id, key_id = who
-        row = row_from_logging(kwargs, success=success, tenant_id=tenant_id, key_id=key_id,
-                               price_of=self.config.price, guard=guard)
+        row = row_from_logging(
+            kwargs, success=success, tenant_id=tenant_id, key_id=key_id, price_of=self.config.price, guard=guard
+        )
         if streams.was_cut(call_id):  # the engine went away mid-stream; whichever event came first
             row = dataclasses.replace(row, status_code=streams.CUT_STATUS, error_class=EngineStreamCut.__name__)
         self.writer.enqueue(row)
@@ -149,7 +155,7 @@ class Runtime:
         if self.db.url is not None:
             try:
                 replay_folder(self.db.url, self.spool.folder, include_pid=self.pid)
-            except Exception as exc:  # noqa: BLE001 - the rows stay journaled
+            except Exception as exc:
                 log.warning("twllm accounting: rows left journaled in %s at exit (%s)", self.spool.folder, exc)
 
 
@@ -191,8 +197,11 @@ async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
         rt = runtime()
     except (OSError, ValueError) as exc:  # gateway.json missing or unreadable: say so, loudly
         log.error("twllm accounting: cannot read the gateway settings (%s): %s", SETTINGS_ENV, exc)
-        raise proxy_exception(Rejection(500, "server_error", "gateway_misconfigured",
-                                        "The gateway's settings cannot be read; see its log.")) from None
+        raise proxy_exception(
+            Rejection(
+                500, "server_error", "gateway_misconfigured", "The gateway's settings cannot be read; see its log."
+            )
+        ) from None
     rt.start()
     route = get_request_route(request)
     try:
@@ -210,10 +219,13 @@ def user_api_key_auth_object(identity: Identity, api_key: str) -> UserAPIKeyAuth
     enforce it; ``Authenticator`` does) and ``metadata`` reaches the spend logger as
     ``standard_logging_object.metadata.user_api_key_auth_metadata``."""
     if identity.key is None:
-        return UserAPIKeyAuth(api_key=api_key, user_role=LitellmUserRoles.PROXY_ADMIN,
-                              metadata=identity.metadata())
-    return UserAPIKeyAuth(api_key=api_key, key_alias=identity.key.prefix,
-                          models=list(identity.key.models or []), metadata=identity.metadata())
+        return UserAPIKeyAuth(api_key=api_key, user_role=LitellmUserRoles.PROXY_ADMIN, metadata=identity.metadata())
+    return UserAPIKeyAuth(
+        api_key=api_key,
+        key_alias=identity.key.prefix,
+        models=list(identity.key.models or []),
+        metadata=identity.metadata(),
+    )
 
 
 class SpendLogger(CustomLogger):
@@ -225,8 +237,9 @@ class SpendLogger(CustomLogger):
     async def async_log_failure_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
         await self._record(kwargs, success=False)
 
-    async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: UserAPIKeyAuth, response: Any,
-                                                      request_data: dict) -> Any:
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict: UserAPIKeyAuth, response: Any, request_data: dict
+    ) -> Any:
         """Streams reach the client as the engine sent them (see twllm.gateway.streams)."""
         async for chunk in faithful(response, request_data):
             yield chunk
@@ -236,7 +249,7 @@ class SpendLogger(CustomLogger):
         try:
             guard = await _guard_record(kwargs, failed=not success)
             runtime().record(kwargs, success=success, guard=guard)
-        except Exception:  # noqa: BLE001 - a logging bug must not fail the request; it is logged loudly
+        except Exception:
             log.exception("twllm spend logger: could not record call %s", kwargs.get("litellm_call_id"))
 
 
@@ -248,8 +261,9 @@ async def _guard_record(kwargs: Mapping[str, Any], *, failed: bool = False) -> d
     if gateway is None:
         return None
     slo = kwargs.get("standard_logging_object") or {}
-    return await gateway.take_record(str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or ""),
-                                     failed=failed)
+    return await gateway.take_record(
+        str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or ""), failed=failed
+    )
 
 
 spend_logger = SpendLogger()

@@ -14,8 +14,6 @@ stopped gateway left; running workers adopt it too).
 
 from __future__ import annotations
 
-from twllm.gateway.errors import public_error
-
 import asyncio
 import json
 import logging
@@ -25,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import psycopg
 
 from twllm.accounting.gateway_config import CONNECT_TIMEOUT_S, Database, DatabaseUnavailable, Price
 from twllm.accounting.spool import Spool, adopt, encode, read_rows, segments
+from twllm.gateway.errors import public_error
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +86,15 @@ class LedgerRow:
 _FIELDS = tuple(f.name for f in fields(LedgerRow))
 
 
-def row_from_logging(kwargs: Mapping[str, Any], *, success: bool, tenant_id: int | None,
-                     key_id: int | None, price_of: Callable[[str], Price],
-                     guard: Mapping[str, Any] | None = None) -> LedgerRow:
+def row_from_logging(
+    kwargs: Mapping[str, Any],
+    *,
+    success: bool,
+    tenant_id: int | None,
+    key_id: int | None,
+    price_of: Callable[[str], Price],
+    guard: Mapping[str, Any] | None = None,
+) -> LedgerRow:
     """The ledger row of one LiteLLM success/failure event (``kwargs`` as the logger gets it).
 
     Reads ``standard_logging_object``, which LiteLLM fills for streams too. Cost is the model's
@@ -118,9 +123,11 @@ def row_from_logging(kwargs: Mapping[str, Any], *, success: bool, tenant_id: int
     model = _text(slo.get("model_group")) or _text(slo.get("model")) or _text(kwargs.get("model")) or ""
     price = price_of(model)
     return LedgerRow(
-        ts=datetime.fromtimestamp(start if start is not None else time.time(), tz=timezone.utc),
-        request_id=_text(kwargs.get("litellm_call_id")) or _text(slo.get("litellm_call_id"))
-        or _text(slo.get("id")) or "",
+        ts=datetime.fromtimestamp(start if start is not None else time.time(), tz=UTC),
+        request_id=_text(kwargs.get("litellm_call_id"))
+        or _text(slo.get("litellm_call_id"))
+        or _text(slo.get("id"))
+        or "",
         tenant_id=tenant_id,
         key_id=key_id,
         model=model,
@@ -189,10 +196,22 @@ def _exception_class(exception: Any) -> str | None:
 # --- writing ---------------------------------------------------------------------------------
 
 _TYPES = {
-    "ts": "timestamptz", "request_id": "text", "tenant_id": "bigint", "key_id": "bigint", "model": "text",
-    "deployment": "text", "prompt_tokens": "integer", "completion_tokens": "integer", "cost": "numeric",
-    "currency": "text", "latency_ms": "integer", "ttft_ms": "integer", "status_code": "integer",
-    "error_class": "text", "stream": "boolean", "guard": "text",
+    "ts": "timestamptz",
+    "request_id": "text",
+    "tenant_id": "bigint",
+    "key_id": "bigint",
+    "model": "text",
+    "deployment": "text",
+    "prompt_tokens": "integer",
+    "completion_tokens": "integer",
+    "cost": "numeric",
+    "currency": "text",
+    "latency_ms": "integer",
+    "ttft_ms": "integer",
+    "status_code": "integer",
+    "error_class": "text",
+    "stream": "boolean",
+    "guard": "text",
 }
 INSERT_SQL = (
     f"INSERT INTO spend_ledger ({', '.join(_FIELDS)}) "
@@ -230,8 +249,9 @@ class LedgerWriter:
     the open segment (one file for the whole outage) and leave memory. ``replay`` also adopts
     the segments of processes that are gone."""
 
-    def __init__(self, db: Database, spool: Spool, *, on_insert: OnInsert | None = None,
-                 on_stored: OnStored | None = None) -> None:
+    def __init__(
+        self, db: Database, spool: Spool, *, on_insert: OnInsert | None = None, on_stored: OnStored | None = None
+    ) -> None:
         self.db = db
         self.spool = spool
         self.on_insert = on_insert
@@ -295,7 +315,7 @@ class LedgerWriter:
                 raise
             except DatabaseUnavailable:
                 pass  # logged by Database; the rows stay journaled and the next replay retries
-            except Exception:  # noqa: BLE001 - the writer must outlive any one failure
+            except Exception:
                 log.exception("twllm ledger: unexpected error in the writer (rows stay journaled)")
 
     async def flush(self) -> None:
@@ -315,11 +335,14 @@ class LedgerWriter:
             segment = self.spool.seal()
         try:
             for start in range(0, len(rows) + len(memory), BATCH_MAX_ROWS):
-                await self._store((rows + memory)[start:start + BATCH_MAX_ROWS], fresh=True)
+                await self._store((rows + memory)[start : start + BATCH_MAX_ROWS], fresh=True)
         except (DatabaseUnavailable, psycopg.Error) as exc:
             if not isinstance(exc, DatabaseUnavailable):
-                log.error("twllm ledger: PostgreSQL refused a batch of %d rows (%s); keeping it for a replay",
-                          len(rows) + len(memory), " ".join(str(exc).split())[:300])
+                log.error(
+                    "twllm ledger: PostgreSQL refused a batch of %d rows (%s); keeping it for a replay",
+                    len(rows) + len(memory),
+                    " ".join(str(exc).split())[:300],
+                )
             with self._lock:  # the sealed segment stays for the replay; unjournaled rows stay here
                 self.spooled += len(rows)
                 self._backlog = True
@@ -372,8 +395,12 @@ class LedgerWriter:
                 await self._store([row], fresh=False)
                 stored.append(row)
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                log.error("twllm ledger: PostgreSQL refuses row %s (%s); kept in %s.rejected",
-                          row.request_id, " ".join(str(exc).split())[:200], path.name)
+                log.error(
+                    "twllm ledger: PostgreSQL refuses row %s (%s); kept in %s.rejected",
+                    row.request_id,
+                    " ".join(str(exc).split())[:200],
+                    path.name,
+                )
                 refused.append(encode(row.to_json()))
         if refused:
             fd = os.open(path.with_name(path.name + ".rejected"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -409,4 +436,3 @@ def replay_folder(url: str, folder: Path, *, include_pid: int | None = None) -> 
                         stored += len(chunk)
                     path.unlink(missing_ok=True)
     return stored
-

@@ -29,7 +29,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -181,7 +181,7 @@ class BudgetTracker:
         """The key's spend in its current period; None when it was never read and cannot be now."""
         from twllm.accounting.store import period_start
 
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         since = period_start(period, now)
         reading = self._readings.get(key_id)
         if reading is None or reading.since != since or time.monotonic() - reading.read_at >= self.refresh_s:
@@ -210,8 +210,9 @@ class BudgetTracker:
                     row = await cur.fetchone()
             except DatabaseUnavailable:
                 return
-            self._readings[key_id] = _Reading(Decimal(row[1]) if row and row[1] is not None else Decimal(0),
-                                              since, time.monotonic(), stored_before)
+            self._readings[key_id] = _Reading(
+                Decimal(row[1]) if row and row[1] is not None else Decimal(0), since, time.monotonic(), stored_before
+            )
         finally:
             del self._reads[key_id]
             done.set_result(None)

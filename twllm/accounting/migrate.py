@@ -28,7 +28,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import ParamSpec, TypeVar
@@ -82,14 +82,16 @@ def load_migrations(folder: Traversable | None = None) -> list[Migration]:
             continue
         match = _FILE_NAME.match(entry.name)
         if match is None:
-            raise RuntimeFailure(f"migration file {entry.name!r} is not named NNNN_name.sql",
-                                 hint="name migrations like 0002_add_index.sql (lowercase, digits, _)")
+            raise RuntimeFailure(
+                f"migration file {entry.name!r} is not named NNNN_name.sql",
+                hint="name migrations like 0002_add_index.sql (lowercase, digits, _)",
+            )
         data = entry.read_bytes()
-        migration = Migration(int(match[1]), entry.name[:-4], data.decode("utf-8"),
-                              hashlib.sha256(data).hexdigest())
+        migration = Migration(int(match[1]), entry.name[:-4], data.decode("utf-8"), hashlib.sha256(data).hexdigest())
         if migration.version in found:
-            raise RuntimeFailure(f"two migrations have version {match[1]}: "
-                                 f"{found[migration.version].name} and {migration.name}")
+            raise RuntimeFailure(
+                f"two migrations have version {match[1]}: {found[migration.version].name} and {migration.name}"
+            )
         found[migration.version] = migration
     return [found[v] for v in sorted(found)]
 
@@ -103,8 +105,10 @@ def _failing_as(what: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
             try:
                 return function(*args, **kwargs)
             except psycopg.errors.LockNotAvailable as exc:
-                raise RuntimeFailure(f"{what}: the ledger stayed locked for {LOCK_TIMEOUT}",
-                                     hint="a long query or transaction holds it; run it again later") from exc
+                raise RuntimeFailure(
+                    f"{what}: the ledger stayed locked for {LOCK_TIMEOUT}",
+                    hint="a long query or transaction holds it; run it again later",
+                ) from exc
             except psycopg.Error as exc:
                 raise RuntimeFailure(f"{what}: {_one_line(exc)}") from exc
 
@@ -128,11 +132,14 @@ def migrate(url: str, migrations: list[Migration] | None = None) -> list[str]:
                     if migration.version in _check_applied(conn, wanted):
                         continue  # a concurrent migrate applied it while we waited for the lock
                     conn.execute(migration.sql)  # no parameters: runs as one multi-statement script
-                    conn.execute("INSERT INTO twllm_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                                 (migration.version, migration.name, migration.checksum))
+                    conn.execute(
+                        "INSERT INTO twllm_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                        (migration.version, migration.name, migration.checksum),
+                    )
             except psycopg.Error as exc:
-                raise RuntimeFailure(f"migration {migration.name} failed (nothing of it was applied): "
-                                     f"{_one_line(exc)}") from exc
+                raise RuntimeFailure(
+                    f"migration {migration.name} failed (nothing of it was applied): {_one_line(exc)}"
+                ) from exc
             applied_now.append(migration.name)
         if _table_exists(conn, LEDGER):
             ensure_partitions(conn)
@@ -182,8 +189,10 @@ def check_current(conn: psycopg.Connection, migrations: list[Migration] | None =
     applied = _verify(_history(conn), wanted)
     missing = [m.name for m in wanted if m.version not in applied]
     if missing:
-        raise RuntimeFailure(f"the database's schema is not current: {', '.join(missing)} not applied",
-                             hint="twllm db migrate (with the same --state-dir or --config)")
+        raise RuntimeFailure(
+            f"the database's schema is not current: {', '.join(missing)} not applied",
+            hint="twllm db migrate (with the same --state-dir or --config)",
+        )
 
 
 def _history(conn: psycopg.Connection) -> list[tuple[int, str, str]]:
@@ -200,12 +209,14 @@ def _verify(rows: list[tuple[int, str, str]], wanted: list[Migration]) -> set[in
         if mine is None:
             raise RuntimeFailure(
                 f"the database has migration {name}, which this twllm does not know",
-                hint="the database was migrated by a newer twllm; upgrade twllm to use it")
+                hint="the database was migrated by a newer twllm; upgrade twllm to use it",
+            )
         if mine.checksum != checksum:
             raise RuntimeFailure(
                 f"migration {mine.name} changed after it was applied (checksum {checksum[:12]}… "
                 f"in the database, {mine.checksum[:12]}… in the file)",
-                hint="restore the released file and put the change in a new migration")
+                hint="restore the released file and put the change in a new migration",
+            )
     return {version for version, _, _ in rows}
 
 
@@ -228,8 +239,9 @@ def partition_name(month: date) -> str:
 def partitions(conn: psycopg.Connection) -> dict[date, str]:
     """The monthly partitions attached to the ledger: first day of the month -> table name."""
     rows = conn.execute(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = %s::regclass", (LEDGER,)).fetchall()
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = %s::regclass",
+        (LEDGER,),
+    ).fetchall()
     found: dict[date, str] = {}
     for (name,) in rows:
         match = _PARTITION_NAME.match(name)
@@ -239,8 +251,7 @@ def partitions(conn: psycopg.Connection) -> dict[date, str]:
 
 
 @_failing_as("cannot create the ledger's partitions")
-def ensure_partitions(conn: psycopg.Connection, months_ahead: int = 2,
-                      today: date | None = None) -> list[str]:
+def ensure_partitions(conn: psycopg.Connection, months_ahead: int = 2, today: date | None = None) -> list[str]:
     """Create the partitions of this month and ``months_ahead`` more, and of every month that
     has rows waiting in the default partition; returns the names created.
 
@@ -248,12 +259,14 @@ def ensure_partitions(conn: psycopg.Connection, months_ahead: int = 2,
     in the same transaction: taken out of the default, the partition created, put back through
     the ledger (where they now land in the new partition). The ledger is locked meanwhile, so
     no concurrent insert can slip a row into the default in between."""
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     this_month = month_start(today)
     due = {add_months(this_month, i) for i in range(months_ahead + 1)}
     rows = conn.execute(
-        sql.SQL("SELECT DISTINCT date_trunc('month', ts AT TIME ZONE 'UTC')::date FROM {}")
-        .format(sql.Identifier(DEFAULT_PARTITION))).fetchall()
+        sql.SQL("SELECT DISTINCT date_trunc('month', ts AT TIME ZONE 'UTC')::date FROM {}").format(
+            sql.Identifier(DEFAULT_PARTITION)
+        )
+    ).fetchall()
     due |= {month for (month,) in rows}
     created: list[str] = []
     for month in sorted(due - set(partitions(conn))):
@@ -270,15 +283,22 @@ def _create_partition(conn: psycopg.Connection, month: date) -> None:
     low, high = _utc(month), _utc(add_months(month, 1))
     conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
     conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(LEDGER)))
-    conn.execute(sql.SQL("CREATE TEMP TABLE twllm_moving (LIKE {}) ON COMMIT DROP")
-                 .format(sql.Identifier(LEDGER)))
+    conn.execute(sql.SQL("CREATE TEMP TABLE twllm_moving (LIKE {}) ON COMMIT DROP").format(sql.Identifier(LEDGER)))
     conn.execute(
-        sql.SQL("WITH moved AS (DELETE FROM {} WHERE ts >= %s AND ts < %s RETURNING *) "
-                "INSERT INTO twllm_moving SELECT * FROM moved").format(sql.Identifier(DEFAULT_PARTITION)),
-        (low, high))
-    conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
-        sql.Identifier(partition_name(month)), sql.Identifier(LEDGER),
-        sql.Literal(low.strftime("%Y-%m-%d %H:%M:%S+00")), sql.Literal(high.strftime("%Y-%m-%d %H:%M:%S+00"))))
+        sql.SQL(
+            "WITH moved AS (DELETE FROM {} WHERE ts >= %s AND ts < %s RETURNING *) "
+            "INSERT INTO twllm_moving SELECT * FROM moved"
+        ).format(sql.Identifier(DEFAULT_PARTITION)),
+        (low, high),
+    )
+    conn.execute(
+        sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+            sql.Identifier(partition_name(month)),
+            sql.Identifier(LEDGER),
+            sql.Literal(low.strftime("%Y-%m-%d %H:%M:%S+00")),
+            sql.Literal(high.strftime("%Y-%m-%d %H:%M:%S+00")),
+        )
+    )
     conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM twllm_moving").format(sql.Identifier(LEDGER)))
 
 
@@ -311,7 +331,7 @@ def apply_retention(conn: psycopg.Connection, keep_days: int, today: date | None
     partitions are dropped."""
     if keep_days < 1:
         raise RuntimeFailure(f"retention must keep at least 1 day, not {keep_days}")
-    horizon = retention_horizon(keep_days, today or datetime.now(timezone.utc).date())
+    horizon = retention_horizon(keep_days, today or datetime.now(UTC).date())
     cutoff = _utc(horizon)
     with conn.transaction():
         _lock(conn)
@@ -319,8 +339,7 @@ def apply_retention(conn: psycopg.Connection, keep_days: int, today: date | None
         # Blocks inserts (a row slipping in between the roll-up and the drop would be lost), not reads.
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(sql.Identifier(LEDGER)))
         rolled = conn.execute(_ROLL_UP, {"cutoff": cutoff, "error_status": ERROR_STATUS}).fetchone()
-        dropped = tuple(name for month, name in sorted(partitions(conn).items())
-                        if add_months(month, 1) <= horizon)
+        dropped = tuple(name for month, name in sorted(partitions(conn).items()) if add_months(month, 1) <= horizon)
         for name in dropped:
             conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
         conn.execute(sql.SQL("DELETE FROM {} WHERE ts < %s").format(sql.Identifier(LEDGER)), (cutoff,))
@@ -349,7 +368,7 @@ SELECT count(*) FROM spend_ledger WHERE ts < %(cutoff)s""")
 
 
 def _utc(day: date) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 def _table_exists(conn: psycopg.Connection, name: str) -> bool:

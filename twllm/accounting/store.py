@@ -16,10 +16,11 @@ the month, ``total`` since the key (or the first key it was rotated from) was ma
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Sequence
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -56,8 +57,13 @@ class Tenant:
     """The guard policy of the tenant's keys that name none themselves."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "created_at": self.created_at.isoformat(),
-                "active_keys": self.active_keys, "guard_policy": self.guard_policy}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "created_at": self.created_at.isoformat(),
+            "active_keys": self.active_keys,
+            "guard_policy": self.guard_policy,
+        }
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class KeySettings:
     guard_policy: str | None = None
     """A policy of the spec's guard.policies; None: the tenant's."""
 
-    def checked(self) -> "KeySettings":
+    def checked(self) -> KeySettings:
         """These settings validated, with defaults filled in; AccountsError says what is wrong."""
         models = self.models
         if models is not None:
@@ -93,14 +99,16 @@ class KeySettings:
         elif period is not None:
             raise AccountsError("--period needs --budget", hint="e.g. --budget 500 --period monthly")
         if period is not None and period not in PERIODS:
-            raise AccountsError(f"unknown budget period {period!r}{did_you_mean(period, PERIODS)}",
-                                hint=f"one of: {', '.join(PERIODS)}")
+            raise AccountsError(
+                f"unknown budget period {period!r}{did_you_mean(period, PERIODS)}", hint=f"one of: {', '.join(PERIODS)}"
+            )
         if self.expires_in is not None and self.expires_in <= timedelta(0):
             raise AccountsError("--expires must be a positive duration")
         if self.guard_policy is not None and not POLICY_NAME.match(self.guard_policy):
             raise AccountsError(f"invalid guard policy name {self.guard_policy!r}")
-        return KeySettings(self.name, models, self.rpm, self.tpm, self.budget, period, self.expires_in,
-                           self.guard_policy)
+        return KeySettings(
+            self.name, models, self.rpm, self.tpm, self.budget, period, self.expires_in, self.guard_policy
+        )
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,7 @@ class KeyRecord:
 
     def status(self, now: datetime | None = None) -> str:
         """active | revoked | expired."""
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         if self.revoked_at is not None and self.revoked_at <= now:
             return "revoked"
         if self.expires_at is not None and self.expires_at <= now:
@@ -142,14 +150,22 @@ class KeyRecord:
     def to_dict(self, now: datetime | None = None) -> dict[str, Any]:
         stamp = lambda t: t.isoformat() if t is not None else None  # noqa: E731
         return {
-            "id": self.id, "prefix": self.prefix, "tenant": self.tenant, "name": self.name,
-            "status": self.status(now), "models": list(self.models) if self.models is not None else None,
-            "rpm": self.rpm, "tpm": self.tpm,
+            "id": self.id,
+            "prefix": self.prefix,
+            "tenant": self.tenant,
+            "name": self.name,
+            "status": self.status(now),
+            "models": list(self.models) if self.models is not None else None,
+            "rpm": self.rpm,
+            "tpm": self.tpm,
             "budget": float(self.budget) if self.budget is not None else None,
             "budget_period": self.budget_period,
-            "spend": float(self.spend), "spend_period": self.spend_period,
-            "expires_at": stamp(self.expires_at), "revoked_at": stamp(self.revoked_at),
-            "rotated_from": self.rotated_from, "created_at": stamp(self.created_at),
+            "spend": float(self.spend),
+            "spend_period": self.spend_period,
+            "expires_at": stamp(self.expires_at),
+            "revoked_at": stamp(self.revoked_at),
+            "rotated_from": self.rotated_from,
+            "created_at": stamp(self.created_at),
             "guard_policy": self.guard_policy,
         }
 
@@ -162,8 +178,9 @@ def parse_duration(text: str) -> timedelta:
     cleaned = text.strip().lower()
     parts = _DURATION_PART.findall(cleaned)
     if not parts or _DURATION_PART.sub("", cleaned).strip():
-        raise AccountsError(f"not a duration: {text!r}",
-                            hint="a number and a unit: 30d, 12h, 90m, 2w, 45s (or combined: 1d12h)")
+        raise AccountsError(
+            f"not a duration: {text!r}", hint="a number and a unit: 30d, 12h, 90m, 2w, 45s (or combined: 1d12h)"
+        )
     total = timedelta()
     for amount, unit in parts:
         total += timedelta(**{_UNITS[unit]: int(amount)})
@@ -193,13 +210,17 @@ def parse_models(text: str) -> tuple[str, ...]:
 
 def create_tenant(conn: psycopg.Connection, name: str, guard_policy: str | None = None) -> Tenant:
     if not TENANT_NAME.match(name):
-        raise AccountsError(f"invalid tenant name {name!r}",
-                            hint="1-64 characters: letters, digits, '.', '_', '-'; starting with a letter or digit")
+        raise AccountsError(
+            f"invalid tenant name {name!r}",
+            hint="1-64 characters: letters, digits, '.', '_', '-'; starting with a letter or digit",
+        )
     if guard_policy is not None and not POLICY_NAME.match(guard_policy):
         raise AccountsError(f"invalid guard policy name {guard_policy!r}")
     try:
-        row = conn.execute("INSERT INTO tenants (name, guard_policy) VALUES (%s, %s) "
-                           "RETURNING id, name, created_at", (name, guard_policy)).fetchone()
+        row = conn.execute(
+            "INSERT INTO tenants (name, guard_policy) VALUES (%s, %s) RETURNING id, name, created_at",
+            (name, guard_policy),
+        ).fetchone()
     except psycopg.errors.UniqueViolation:
         raise AccountsError(f"tenant {name!r} already exists", hint="twllm tenants list") from None
     return Tenant(*row, guard_policy=guard_policy)
@@ -218,17 +239,19 @@ def list_tenants(conn: psycopg.Connection) -> list[Tenant]:
     rows = conn.execute(
         "SELECT t.id, t.name, t.created_at, count(k.id) FILTER (WHERE k.revoked_at IS NULL "
         "AND (k.expires_at IS NULL OR k.expires_at > now())), t.guard_policy "
-        "FROM tenants t LEFT JOIN api_keys k ON k.tenant_id = t.id GROUP BY t.id ORDER BY t.name").fetchall()
+        "FROM tenants t LEFT JOIN api_keys k ON k.tenant_id = t.id GROUP BY t.id ORDER BY t.name"
+    ).fetchall()
     return [Tenant(*row) for row in rows]
 
 
 def get_tenant(conn: psycopg.Connection, name: str) -> Tenant:
-    row = conn.execute("SELECT id, name, created_at, 0, guard_policy FROM tenants WHERE name = %s",
-                       (name,)).fetchone()
+    row = conn.execute("SELECT id, name, created_at, 0, guard_policy FROM tenants WHERE name = %s", (name,)).fetchone()
     if row is None:
         known = [r[0] for r in conn.execute("SELECT name FROM tenants").fetchall()]
-        raise AccountsError(f"no tenant {name!r}{did_you_mean(name, known)}",
-                            hint=f"twllm tenants create {name}" if not known else "twllm tenants list")
+        raise AccountsError(
+            f"no tenant {name!r}{did_you_mean(name, known)}",
+            hint=f"twllm tenants create {name}" if not known else "twllm tenants list",
+        )
     return Tenant(*row)
 
 
@@ -238,11 +261,11 @@ def get_tenant(conn: psycopg.Connection, name: str) -> Tenant:
 _KEY_COLUMNS = sql.SQL(
     "SELECT k.id, k.prefix, t.name, k.tenant_id, k.name, k.models, k.rpm, k.tpm, k.budget, "
     "k.budget_period, k.expires_at, k.revoked_at, k.rotated_from, k.created_at, k.guard_policy "
-    "FROM api_keys k JOIN tenants t ON t.id = k.tenant_id")
+    "FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+)
 
 
-def create_key(conn: psycopg.Connection, tenant: str,
-               settings: KeySettings = KeySettings()) -> tuple[KeyRecord, str]:
+def create_key(conn: psycopg.Connection, tenant: str, settings: KeySettings = KeySettings()) -> tuple[KeyRecord, str]:
     """A new key for ``tenant``: its record and its secret (shown once; only its hash is kept)."""
     s = settings.checked()
     with conn.transaction():
@@ -251,21 +274,39 @@ def create_key(conn: psycopg.Connection, tenant: str,
     return find_key(conn, str(key_id)), secret
 
 
-def _insert_key(conn: psycopg.Connection, tenant_id: int, s: KeySettings, *,
-                rotated_from: int | None = None, expires_at: datetime | None = None) -> tuple[str, int]:
+def _insert_key(
+    conn: psycopg.Connection,
+    tenant_id: int,
+    s: KeySettings,
+    *,
+    rotated_from: int | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[str, int]:
     secret = generate_key()
     row = conn.execute(
         "INSERT INTO api_keys (tenant_id, key_hash, prefix, name, models, rpm, tpm, budget, budget_period, "
         "expires_at, rotated_from, guard_policy) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, "
         "coalesce(%s::timestamptz, now() + %s::interval), %s, %s) RETURNING id",
-        (tenant_id, hash_key(secret), display_prefix(secret), s.name,
-         list(s.models) if s.models is not None else None, s.rpm, s.tpm, s.budget, s.budget_period,
-         expires_at, s.expires_in, rotated_from, s.guard_policy)).fetchone()
+        (
+            tenant_id,
+            hash_key(secret),
+            display_prefix(secret),
+            s.name,
+            list(s.models) if s.models is not None else None,
+            s.rpm,
+            s.tpm,
+            s.budget,
+            s.budget_period,
+            expires_at,
+            s.expires_in,
+            rotated_from,
+            s.guard_policy,
+        ),
+    ).fetchone()
     return secret, row[0]
 
 
-def list_keys(conn: psycopg.Connection, tenant: str | None = None,
-              now: datetime | None = None) -> list[KeyRecord]:
+def list_keys(conn: psycopg.Connection, tenant: str | None = None, now: datetime | None = None) -> list[KeyRecord]:
     """Every key (of ``tenant``), newest first, with its spend in the current period."""
     where, params = sql.SQL(""), []
     if tenant is not None:
@@ -284,11 +325,14 @@ def find_key(conn: psycopg.Connection, ref: str, now: datetime | None = None) ->
         rows = conn.execute(_KEY_COLUMNS + sql.SQL(" WHERE k.key_hash = %s"), (hash_key(ref),)).fetchall()
     elif ref.startswith(KEY_PREFIX) and len(ref) >= _MIN_PREFIX:
         # Only the first PREFIX_CHARS characters are stored; more of the secret cannot be checked.
-        rows = conn.execute(_KEY_COLUMNS + sql.SQL(" WHERE starts_with(k.prefix, %s) ORDER BY k.id"),
-                            (ref[:PREFIX_CHARS],)).fetchall()
+        rows = conn.execute(
+            _KEY_COLUMNS + sql.SQL(" WHERE starts_with(k.prefix, %s) ORDER BY k.id"), (ref[:PREFIX_CHARS],)
+        ).fetchall()
     else:
-        raise AccountsError(f"{ref!r} is not a key id, a key prefix or a whole key",
-                            hint=f"use the id or the prefix ({KEY_PREFIX}…) that `twllm keys list` shows")
+        raise AccountsError(
+            f"{ref!r} is not a key id, a key prefix or a whole key",
+            hint=f"use the id or the prefix ({KEY_PREFIX}…) that `twllm keys list` shows",
+        )
     if not rows:
         raise AccountsError(f"no key {ref!r}", hint="twllm keys list")
     if len(rows) > 1:
@@ -300,8 +344,9 @@ def find_key(conn: psycopg.Connection, ref: str, now: datetime | None = None) ->
 def revoke_key(conn: psycopg.Connection, ref: str) -> tuple[KeyRecord, bool]:
     """Revoke a key now; the record and whether it was active until now (False: already revoked)."""
     key = find_key(conn, ref)
-    row = conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL "
-                       "RETURNING id", (key.id,)).fetchone()
+    row = conn.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL RETURNING id", (key.id,)
+    ).fetchone()
     return find_key(conn, str(key.id)), row is not None
 
 
@@ -314,10 +359,13 @@ def rotate_key(conn: psycopg.Connection, ref: str) -> tuple[KeyRecord, str, KeyR
         row = conn.execute(_KEY_COLUMNS + sql.SQL(" WHERE k.id = %s FOR UPDATE OF k"), (found.id,)).fetchone()
         old = _record(row)  # re-read under the lock: a concurrent rotate may have revoked it
         if old.status() != "active":
-            raise AccountsError(f"key {old.prefix} (id {old.id}) is {old.status()}; only active keys are rotated",
-                                hint=f"twllm keys create --tenant {old.tenant}")
-        settings = KeySettings(old.name, old.models, old.rpm, old.tpm, old.budget, old.budget_period,
-                               guard_policy=old.guard_policy)
+            raise AccountsError(
+                f"key {old.prefix} (id {old.id}) is {old.status()}; only active keys are rotated",
+                hint=f"twllm keys create --tenant {old.tenant}",
+            )
+        settings = KeySettings(
+            old.name, old.models, old.rpm, old.tpm, old.budget, old.budget_period, guard_policy=old.guard_policy
+        )
         secret, new_id = _insert_key(conn, old.tenant_id, settings, rotated_from=old.id, expires_at=old.expires_at)
         conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (old.id,))
     return find_key(conn, str(new_id)), secret, find_key(conn, str(old.id))
@@ -334,7 +382,7 @@ def _record(row: Sequence[Any]) -> KeyRecord:
 
 def period_start(period: str | None, now: datetime) -> datetime | None:
     """When the current budget period began (UTC); None for 'total' (since the beginning)."""
-    now = now.astimezone(timezone.utc)
+    now = now.astimezone(UTC)
     if period == "total":
         return None
     if period == "daily":
@@ -364,15 +412,17 @@ GROUP BY c.root""")
 _PERIOD_SPEND = PERIOD_SPEND  # the name twllm.accounting.limits imports today
 
 
-def period_spend(conn: psycopg.Connection, keys: Sequence[tuple[int, str | None]],
-                 now: datetime | None = None) -> dict[int, Decimal]:
+def period_spend(
+    conn: psycopg.Connection, keys: Sequence[tuple[int, str | None]], now: datetime | None = None
+) -> dict[int, Decimal]:
     """Cost of each (key id, budget period) in its current period, the keys it was rotated
     from included; ledger and roll-up together (a request is in exactly one of them)."""
     if not keys:
         return {}
-    now = now or datetime.now(timezone.utc)
-    rows = conn.execute(PERIOD_SPEND, {"ids": [k for k, _ in keys],
-                                        "since": [period_start(p, now) for _, p in keys]}).fetchall()
+    now = now or datetime.now(UTC)
+    rows = conn.execute(
+        PERIOD_SPEND, {"ids": [k for k, _ in keys], "since": [period_start(p, now) for _, p in keys]}
+    ).fetchall()
     return {root: Decimal(total) for root, total in rows}
 
 

@@ -14,7 +14,7 @@ model, time) travels as a query parameter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -69,16 +69,24 @@ class UsageRow:
         return self.prompt_tokens + self.completion_tokens
 
     def to_dict(self, by: str) -> dict[str, Any]:
-        return {by: self.group, "requests": self.requests, "errors": self.errors,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens, "cost": float(self.cost), "currency": self.currency}
+        return {
+            by: self.group,
+            "requests": self.requests,
+            "errors": self.errors,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "cost": float(self.cost),
+            "currency": self.currency,
+        }
 
 
 def build_query(by: str, where: UsageFilter) -> tuple[sql.Composed, dict[str, Any]]:
     """The report's SQL and its parameters. Only names from GROUPS choose SQL fragments."""
     if by not in _GROUP_SQL:
-        raise AccountsError(f"cannot group usage by {by!r}{did_you_mean(by, GROUPS)}",
-                            hint=f"one of: {', '.join(GROUPS)}")
+        raise AccountsError(
+            f"cannot group usage by {by!r}{did_you_mean(by, GROUPS)}", hint=f"one of: {', '.join(GROUPS)}"
+        )
     ledger_group, daily_group, label = _GROUP_SQL[by]
     params: dict[str, Any] = {"error_status": ERROR_STATUS, "master": MASTER_KEY_LABEL}
     ledger_where: list[sql.Composable] = [sql.SQL("true")]
@@ -91,7 +99,7 @@ def build_query(by: str, where: UsageFilter) -> tuple[sql.Composed, dict[str, An
             daily_where.append(condition)
     if where.since is not None:
         params["since"] = where.since
-        params["since_day"] = where.since.astimezone(timezone.utc).date()
+        params["since_day"] = where.since.astimezone(UTC).date()
         ledger_where.append(sql.SQL("ts >= %(since)s"))
         daily_where.append(sql.SQL("day >= %(since_day)s"))
     query = sql.SQL("""
@@ -109,26 +117,39 @@ FROM (
     FROM spend_daily WHERE {daily_where} GROUP BY 1, 2
 ) u {join}
 GROUP BY 1, 2""").format(
-        label=sql.SQL(label), ledger_group=sql.SQL(ledger_group), daily_group=sql.SQL(daily_group),
-        ledger_where=sql.SQL(" AND ").join(ledger_where), daily_where=sql.SQL(" AND ").join(daily_where),
-        join=sql.SQL(_LABEL_JOIN.get(by, "")))
+        label=sql.SQL(label),
+        ledger_group=sql.SQL(ledger_group),
+        daily_group=sql.SQL(daily_group),
+        ledger_where=sql.SQL(" AND ").join(ledger_where),
+        daily_where=sql.SQL(" AND ").join(daily_where),
+        join=sql.SQL(_LABEL_JOIN.get(by, "")),
+    )
     return query, params
 
 
-def usage(conn: psycopg.Connection, *, tenant: str | None = None, key: str | None = None,
-          model: str | None = None, since: timedelta | None = timedelta(days=7), by: str = "day",
-          now: datetime | None = None) -> list[UsageRow]:
+def usage(
+    conn: psycopg.Connection,
+    *,
+    tenant: str | None = None,
+    key: str | None = None,
+    model: str | None = None,
+    since: timedelta | None = timedelta(days=7),
+    by: str = "day",
+    now: datetime | None = None,
+) -> list[UsageRow]:
     """Usage in the window ``since`` back from ``now`` (None: all of it), one row per group and
     currency: days in order, the others by cost (highest first)."""
     where = UsageFilter(
         tenant_id=get_tenant(conn, tenant).id if tenant is not None else None,
         key_id=find_key(conn, key).id if key is not None else None,
         model=model,
-        since=(now or datetime.now(timezone.utc)) - since if since is not None else None,
+        since=(now or datetime.now(UTC)) - since if since is not None else None,
     )
     query, params = build_query(by, where)
-    rows = [UsageRow(str(g), cur.strip(), int(req), int(err), int(pt or 0), int(ct or 0), Decimal(cost or 0))
-            for g, cur, req, err, pt, ct, cost in conn.execute(query, params).fetchall()]
+    rows = [
+        UsageRow(str(g), cur.strip(), int(req), int(err), int(pt or 0), int(ct or 0), Decimal(cost or 0))
+        for g, cur, req, err, pt, ct, cost in conn.execute(query, params).fetchall()
+    ]
     if by == "day":
         return sorted(rows, key=lambda r: (r.group, r.currency))
     return sorted(rows, key=lambda r: (-r.cost, r.group, r.currency))

@@ -36,10 +36,10 @@ import yaml
 from twllm.bench import report
 from twllm.bench.load import LoadSettings
 from twllm.bench.runner import Load, run_locust
-from twllm.plan.build import ENGINE_KEY_ENV, Plan
-from twllm.spec.resolve import LoadedSpec
-from twllm.runtime.state import StateDir
 from twllm.errors import RuntimeFailure
+from twllm.plan.build import ENGINE_KEY_ENV, Plan
+from twllm.runtime.state import StateDir
+from twllm.spec.resolve import LoadedSpec
 
 TARGETS = ("direct", "litellm", "twllm", "twllm+guard")
 GUARD_STAGES = ["pii"]
@@ -77,8 +77,15 @@ class Proxy:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
         self.name, self.log = name, log
         with log.open("wb") as out:
-            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def stop(self) -> None:
         from twllm.runtime.supervisor import stop_group
@@ -101,8 +108,9 @@ def wait_for_chat(target: Target, timeout: float = READY_TIMEOUT_S, proxy: Proxy
             raise RuntimeFailure(f"{target.name}: the proxy exited ({proxy.proc.returncode}); its log:\n{proxy.tail()}")
         attempts += 1
         try:
-            reply = httpx.post(f"{target.endpoint}/chat/completions", json=body, headers=headers, timeout=60,
-                               trust_env=False)
+            reply = httpx.post(
+                f"{target.endpoint}/chat/completions", json=body, headers=headers, timeout=60, trust_env=False
+            )
             if reply.status_code == 200:
                 return attempts
             last = f"HTTP {reply.status_code}"
@@ -114,8 +122,14 @@ def wait_for_chat(target: Target, timeout: float = READY_TIMEOUT_S, proxy: Proxy
 
 def proxy_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWLLM_") and k != "DATABASE_URL"}
-    env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true",
-                "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "LITELLM_OFFLINE_MODE": "true",
+            "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -135,25 +149,38 @@ def start_bare_litellm(plan: Plan, model: str, secrets_env: dict[str, str], work
     config = folder / "litellm_config.yaml"
     config.write_text(yaml.safe_dump(bare_litellm_config(plan, model), sort_keys=False, allow_unicode=True))
     port = free_port()
-    argv = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(config), "--host", "127.0.0.1",
-            "--port", str(port), "--num_workers", str(plan.gateway.workers)]
+    argv = [
+        sys.executable,
+        "-m",
+        "litellm.proxy.proxy_cli",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        str(plan.gateway.workers),
+    ]
     if plan.gateway.workers > 1:
         argv += ["--timeout_worker_healthcheck", "120"]
     return Proxy("litellm", argv, proxy_env(secrets_env), folder, folder / "proxy.log"), f"http://127.0.0.1:{port}/v1"
 
 
-def start_guard_gateway(loaded: LoadedSpec, plan: Plan, secrets_env: dict[str, str], database_url: str,
-                        work: Path) -> tuple[Proxy, str, bool]:
+def start_guard_gateway(
+    loaded: LoadedSpec, plan: Plan, secrets_env: dict[str, str], database_url: str, work: Path
+) -> tuple[Proxy, str, bool]:
     """A second twllm gateway rendered from the spec with PII guards on input and output.
 
     Returns the proxy, its endpoint, and whether its LiteLLM config differs from the guard-less
     render (False: this build's renderer does not wire guards into the gateway yet)."""
-    from twllm.runtime.gateway import gateway_launch
     from twllm.render.gateway_config import LITELLM_CONFIG, render
+    from twllm.runtime.gateway import gateway_launch
 
     spec = loaded.spec
-    guarded = spec.model_copy(update={"guard": spec.guard.model_copy(update={"input": list(GUARD_STAGES),
-                                                                            "output": list(GUARD_STAGES)})})
+    guarded = spec.model_copy(
+        update={"guard": spec.guard.model_copy(update={"input": list(GUARD_STAGES), "output": list(GUARD_STAGES)})}
+    )
     unguarded = spec.model_copy(update={"guard": spec.guard.model_copy(update={"input": [], "output": []})})
     folder, plain = work / "gateway-guard", work / "gateway-noguard"
     render(plan, guarded, folder)
@@ -162,8 +189,7 @@ def start_guard_gateway(loaded: LoadedSpec, plan: Plan, secrets_env: dict[str, s
     port = free_port()
     gw = dataclasses.replace(plan.gateway, host="127.0.0.1", port=port, url=f"http://127.0.0.1:{port}/v1")
     launch = gateway_launch(gw, folder, secrets_env, database_url, work / "spool-guard")
-    return (Proxy("twllm+guard", launch.argv, proxy_env(launch.env), folder, work / "gateway-guard.log"),
-            gw.url, wired)
+    return (Proxy("twllm+guard", launch.argv, proxy_env(launch.env), folder, work / "gateway-guard.log"), gw.url, wired)
 
 
 # --- the comparison -----------------------------------------------------------------------------
@@ -196,10 +222,15 @@ class Comparison:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings, "targets": {n: {"endpoint": t.endpoint, "model": t.model, "note": t.note}
-                                                       for n, t in self.targets.items()},
-                "summary": {n: s.to_dict() for n, s in self.summaries.items()}, "ratios": self.ratios(),
-                "rounds": self.rounds, "ledger": self.ledger, "notes": self.notes}
+        return {
+            "settings": self.settings,
+            "targets": {n: {"endpoint": t.endpoint, "model": t.model, "note": t.note} for n, t in self.targets.items()},
+            "summary": {n: s.to_dict() for n, s in self.summaries.items()},
+            "ratios": self.ratios(),
+            "rounds": self.rounds,
+            "ledger": self.ledger,
+            "notes": self.notes,
+        }
 
 
 def _pct(s: report.ModelSummary, metric: str, p: str) -> float | None:
@@ -210,47 +241,78 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def run_rounds(targets: dict[str, Target], settings: LoadSettings, load: Load, rounds: int, out: Path,
-               say: Say, prompt_set: str = "zh-tw") -> tuple[dict[str, report.ModelSummary], list[dict]]:
+def run_rounds(
+    targets: dict[str, Target],
+    settings: LoadSettings,
+    load: Load,
+    rounds: int,
+    out: Path,
+    say: Say,
+    prompt_set: str = "zh-tw",
+) -> tuple[dict[str, report.ModelSummary], list[dict]]:
     names = list(targets)
     pooled: dict[str, list[dict]] = {n: [] for n in names}
     durations: dict[str, float] = {n: 0.0 for n in names}
     per_round = []
     for number in range(rounds):
-        order = names[number % len(names):] + names[:number % len(names)]
+        order = names[number % len(names) :] + names[: number % len(names)]
         entry: dict[str, dict[str, float]] = {}
         for name in order:
             t = targets[name]
-            result = run_locust(t.endpoint, dataclasses.replace(settings, models=(t.model,)), load,
-                                out / f"round{number + 1}", name=name.replace("+", "-"), api_key=t.api_key,
-                                prompt_set=prompt_set)
+            result = run_locust(
+                t.endpoint,
+                dataclasses.replace(settings, models=(t.model,)),
+                load,
+                out / f"round{number + 1}",
+                name=name.replace("+", "-"),
+                api_key=t.api_key,
+                prompt_set=prompt_set,
+            )
             header, samples = report.read_samples(result.samples_file)
             duration = float(header["stopped"]) - float(header["started"])
             pooled[name] += samples
             durations[name] += duration
             (s,) = result.summaries or [report.ModelSummary(t.model, "chat", 0, 0, duration, 0)]
-            entry[name] = {"e2el_p50_ms": _pct(s, "e2el", "p50") or 0.0, "ttft_p50_ms": _pct(s, "ttft", "p50") or 0.0,
-                           "output_tokens_per_s": s.output_tokens_per_s, "requests": s.requests, "errors": s.errors}
-            say(f"round {number + 1}/{rounds} {name:<12} {s.requests:5d} requests, {s.errors} errors, "
+            entry[name] = {
+                "e2el_p50_ms": _pct(s, "e2el", "p50") or 0.0,
+                "ttft_p50_ms": _pct(s, "ttft", "p50") or 0.0,
+                "output_tokens_per_s": s.output_tokens_per_s,
+                "requests": s.requests,
+                "errors": s.errors,
+            }
+            say(
+                f"round {number + 1}/{rounds} {name:<12} {s.requests:5d} requests, {s.errors} errors, "
                 f"E2EL p50 {entry[name]['e2el_p50_ms']:.1f} ms, TTFT p50 {entry[name]['ttft_p50_ms']:.1f} ms, "
-                f"{s.output_tokens_per_s:.1f} output tok/s")
+                f"{s.output_tokens_per_s:.1f} output tok/s"
+            )
         per_round.append(entry)
     summaries = {}
     for name in names:
         found = report.summarize(pooled[name], durations[name])
-        summaries[name] = found[0] if found else report.ModelSummary(targets[name].model, "chat", 0, 0,
-                                                                     durations[name], 0)
+        summaries[name] = (
+            found[0] if found else report.ModelSummary(targets[name].model, "chat", 0, 0, durations[name], 0)
+        )
     return summaries, per_round
 
 
-def compare(loaded: LoadedSpec, plan: Plan, settings: LoadSettings, load: Load, rounds: int, out: Path, say: Say,
-            model: str | None = None, targets: tuple[str, ...] = TARGETS, keep: bool = False,
-            prompt_set: str = "zh-tw") -> Comparison:
+def compare(
+    loaded: LoadedSpec,
+    plan: Plan,
+    settings: LoadSettings,
+    load: Load,
+    rounds: int,
+    out: Path,
+    say: Say,
+    model: str | None = None,
+    targets: tuple[str, ...] = TARGETS,
+    keep: bool = False,
+    prompt_set: str = "zh-tw",
+) -> Comparison:
     """Deploy (or use the running deployment), start the extra proxies, run the rounds, clean up."""
     from twllm.accounting import store
     from twllm.accounting.dburl import connect
-    from twllm.runtime.database_url import database_url
     from twllm.runtime.control import deploy, stop
+    from twllm.runtime.database_url import database_url
 
     unknown = set(targets) - set(TARGETS)
     if unknown:
@@ -305,8 +367,10 @@ def compare(loaded: LoadedSpec, plan: Plan, settings: LoadSettings, load: Load, 
             note = "guard input [pii], output [pii]"
             if not wired:
                 note += " — NOT wired: this build renders the same LiteLLM config with and without guards"
-                notes.append("twllm+guard: the renderer does not put guard hooks into the LiteLLM config yet, "
-                             "so this target ran the same hooks as twllm")
+                notes.append(
+                    "twllm+guard: the renderer does not put guard hooks into the LiteLLM config yet, "
+                    "so this target ran the same hooks as twllm"
+                )
             chosen["twllm+guard"] = Target("twllm+guard", url, model, tenant_key, note)
         proxy_of = {p.name: p for p in proxies}
         probes = {}
@@ -319,11 +383,24 @@ def compare(loaded: LoadedSpec, plan: Plan, settings: LoadSettings, load: Load, 
         sent = sum(s.requests for n, s in summaries.items() if n.startswith("twllm"))
         sent += sum(probes[n] for n in chosen if n.startswith("twllm"))
         stored = _ledger_rows(db_url, key_record.id, sent)
-        result = Comparison(chosen, summaries, per_round, {
-            "model": model, "rounds": rounds, "users": load.users, "duration": load.duration,
-            "max_tokens": settings.max_tokens, "stream": settings.stream, "ignore_eos": settings.ignore_eos,
-            "gateway_workers": plan.gateway.workers, "spec": str(loaded.path) if loaded.path else None,
-        }, {"tenant_key_requests": sent, "ledger_rows": stored}, notes)
+        result = Comparison(
+            chosen,
+            summaries,
+            per_round,
+            {
+                "model": model,
+                "rounds": rounds,
+                "users": load.users,
+                "duration": load.duration,
+                "max_tokens": settings.max_tokens,
+                "stream": settings.stream,
+                "ignore_eos": settings.ignore_eos,
+                "gateway_workers": plan.gateway.workers,
+                "spec": str(loaded.path) if loaded.path else None,
+            },
+            {"tenant_key_requests": sent, "ledger_rows": stored},
+            notes,
+        )
     finally:
         for proxy in proxies:
             proxy.stop()
@@ -355,39 +432,53 @@ def _f(value: float | None, digits: int = 1) -> str:
 
 def table(result: Comparison) -> str:
     s, r = result.summaries, result.ratios()
-    head = (f"{'target':<13}{'requests':>9}{'errors':>7}{'E2EL p50':>10}{'E2EL p90':>10}{'TTFT p50':>10}"
-            f"{'TTFT p90':>10}{'out tok/s':>11}{'req/s':>8}")
+    head = (
+        f"{'target':<13}{'requests':>9}{'errors':>7}{'E2EL p50':>10}{'E2EL p90':>10}{'TTFT p50':>10}"
+        f"{'TTFT p90':>10}{'out tok/s':>11}{'req/s':>8}"
+    )
     lines = ["four-way comparison (latencies in ms)", head, "-" * len(head)]
     for name, m in s.items():
-        lines.append(f"{name:<13}{m.requests:>9}{m.errors:>7}{_f(_pct(m, 'e2el', 'p50')):>10}"
-                     f"{_f(_pct(m, 'e2el', 'p90')):>10}{_f(_pct(m, 'ttft', 'p50')):>10}{_f(_pct(m, 'ttft', 'p90')):>10}"
-                     f"{m.output_tokens_per_s:>11.1f}{m.requests_per_s:>8.2f}")
+        lines.append(
+            f"{name:<13}{m.requests:>9}{m.errors:>7}{_f(_pct(m, 'e2el', 'p50')):>10}"
+            f"{_f(_pct(m, 'e2el', 'p90')):>10}{_f(_pct(m, 'ttft', 'p50')):>10}{_f(_pct(m, 'ttft', 'p90')):>10}"
+            f"{m.output_tokens_per_s:>11.1f}{m.requests_per_s:>8.2f}"
+        )
     for base in ("direct", "litellm"):
         if base not in s:
             continue
-        head = (f"{'× ' + base:<13}{'E2EL p50':>10}{'E2EL p90':>10}{'TTFT p50':>10}{'TTFT p90':>10}"
-                f"{'out tok/s':>11}{'req/s':>8}")
+        head = (
+            f"{'× ' + base:<13}{'E2EL p50':>10}{'E2EL p90':>10}{'TTFT p50':>10}{'TTFT p90':>10}"
+            f"{'out tok/s':>11}{'req/s':>8}"
+        )
         lines += ["", f"ratios vs {base}", head, "-" * len(head)]
         for name in s:
             if name == base:
                 continue
             x = r[name]
-            lines.append(f"{name:<13}{_f(x.get(f'e2el_p50_vs_{base}'), 3):>10}{_f(x.get(f'e2el_p90_vs_{base}'), 3):>10}"
-                         f"{_f(x.get(f'ttft_p50_vs_{base}'), 3):>10}{_f(x.get(f'ttft_p90_vs_{base}'), 3):>10}"
-                         f"{_f(x.get(f'toks_vs_{base}'), 3):>11}{_f(x.get(f'rps_vs_{base}'), 3):>8}")
+            lines.append(
+                f"{name:<13}{_f(x.get(f'e2el_p50_vs_{base}'), 3):>10}{_f(x.get(f'e2el_p90_vs_{base}'), 3):>10}"
+                f"{_f(x.get(f'ttft_p50_vs_{base}'), 3):>10}{_f(x.get(f'ttft_p90_vs_{base}'), 3):>10}"
+                f"{_f(x.get(f'toks_vs_{base}'), 3):>11}{_f(x.get(f'rps_vs_{base}'), 3):>8}"
+            )
     lines.append("")
     gw = r.get("twllm", {})
     if gw.get("e2el_p50_vs_litellm") is not None:
         v = gw["e2el_p50_vs_litellm"]
-        lines.append(f"target: twllm E2EL p50 ≤ {TARGET_P50_VS_LITELLM}× litellm: {v:.3f} "
-                     f"({'met' if v <= TARGET_P50_VS_LITELLM else 'missed'})")
+        lines.append(
+            f"target: twllm E2EL p50 ≤ {TARGET_P50_VS_LITELLM}× litellm: {v:.3f} "
+            f"({'met' if v <= TARGET_P50_VS_LITELLM else 'missed'})"
+        )
     if gw.get("toks_vs_direct") is not None:
         v = gw["toks_vs_direct"]
-        lines.append(f"target: twllm output tok/s ≥ {TARGET_TOKS_VS_DIRECT}× direct (at concurrency 16; "
-                     f"this run {result.settings['users']}): {v:.3f} ({'met' if v >= TARGET_TOKS_VS_DIRECT else 'missed'})")
+        lines.append(
+            f"target: twllm output tok/s ≥ {TARGET_TOKS_VS_DIRECT}× direct (at concurrency 16; "
+            f"this run {result.settings['users']}): {v:.3f} ({'met' if v >= TARGET_TOKS_VS_DIRECT else 'missed'})"
+        )
     if result.ledger:
-        lines.append(f"ledger rows for the tenant key: {result.ledger['ledger_rows']} of "
-                     f"{result.ledger['tenant_key_requests']} requests sent with it")
+        lines.append(
+            f"ledger rows for the tenant key: {result.ledger['ledger_rows']} of "
+            f"{result.ledger['tenant_key_requests']} requests sent with it"
+        )
     for name, t in result.targets.items():
         if t.note:
             lines.append(f"{name}: {t.note}")
@@ -403,16 +494,25 @@ def chart(result: Comparison, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(result.summaries)
-    panels = [("E2EL p50 (ms)", lambda m: _pct(m, "e2el", "p50")), ("E2EL p90 (ms)", lambda m: _pct(m, "e2el", "p90")),
-              ("TTFT p50 (ms)", lambda m: _pct(m, "ttft", "p50")), ("output tokens/s", lambda m: m.output_tokens_per_s)]
+    panels = [
+        ("E2EL p50 (ms)", lambda m: _pct(m, "e2el", "p50")),
+        ("E2EL p90 (ms)", lambda m: _pct(m, "e2el", "p90")),
+        ("TTFT p50 (ms)", lambda m: _pct(m, "ttft", "p50")),
+        ("output tokens/s", lambda m: m.output_tokens_per_s),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
     for ax, (title, value) in zip(axes, panels):
-        ax.bar(range(len(names)), [value(result.summaries[n]) or 0.0 for n in names],
-               color=["tab:gray", "tab:blue", "tab:green", "tab:orange"][:len(names)])
+        ax.bar(
+            range(len(names)),
+            [value(result.summaries[n]) or 0.0 for n in names],
+            color=["tab:gray", "tab:blue", "tab:green", "tab:orange"][: len(names)],
+        )
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_title(title)
-    fig.suptitle(f"twllm bench compare: {result.settings['model']}, {result.settings['users']} users, "
-                 f"{result.settings['rounds']} rounds x {result.settings['duration']}")
+    fig.suptitle(
+        f"twllm bench compare: {result.settings['model']}, {result.settings['users']} users, "
+        f"{result.settings['rounds']} rounds x {result.settings['duration']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -38,18 +38,38 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("--models", "TWLLM_BENCH_MODELS", "", "Chat models to load, comma separated (client-facing names)."),
-    Option("--embeddings-model", "TWLLM_BENCH_EMBEDDINGS_MODEL", "",
-           "An embeddings model to load as well (one request in the rotation with the chat models)."),
+    Option(
+        "--embeddings-model",
+        "TWLLM_BENCH_EMBEDDINGS_MODEL",
+        "",
+        "An embeddings model to load as well (one request in the rotation with the chat models).",
+    ),
     Option("--max-tokens", "TWLLM_BENCH_MAX_TOKENS", "64", "max_tokens of every chat completion."),
     Option("--stream", "TWLLM_BENCH_STREAM", "on", "on: streamed chat completions (TTFT, ITL measured); off: plain."),
-    Option("--ignore-eos", "TWLLM_BENCH_IGNORE_EOS", "on",
-           "on: ask vLLM to generate exactly max_tokens (its ignore_eos parameter), as vLLM's own benchmarks do."),
-    Option("--prompt-set", "TWLLM_BENCH_PROMPT_SET", "zh-tw",
-           "zh-tw (built in) or a YAML/JSON file with a `prompts` list of {id, category, prompt} or strings."),
-    Option("--api-key-env", "TWLLM_BENCH_API_KEY_ENV", "TWLLM_BENCH_API_KEY",
-           "Name of the environment variable holding the API key (the key itself is never logged)."),
-    Option("--samples-file", "TWLLM_BENCH_SAMPLES_FILE", "",
-           "Write every request's measurements here (JSON lines) when the run ends."),
+    Option(
+        "--ignore-eos",
+        "TWLLM_BENCH_IGNORE_EOS",
+        "on",
+        "on: ask vLLM to generate exactly max_tokens (its ignore_eos parameter), as vLLM's own benchmarks do.",
+    ),
+    Option(
+        "--prompt-set",
+        "TWLLM_BENCH_PROMPT_SET",
+        "zh-tw",
+        "zh-tw (built in) or a YAML/JSON file with a `prompts` list of {id, category, prompt} or strings.",
+    ),
+    Option(
+        "--api-key-env",
+        "TWLLM_BENCH_API_KEY_ENV",
+        "TWLLM_BENCH_API_KEY",
+        "Name of the environment variable holding the API key (the key itself is never logged).",
+    ),
+    Option(
+        "--samples-file",
+        "TWLLM_BENCH_SAMPLES_FILE",
+        "",
+        "Write every request's measurements here (JSON lines) when the run ends.",
+    ),
 )
 
 DEFAULT_API_KEY_ENV = "TWLLM_BENCH_API_KEY"
@@ -81,7 +101,7 @@ class LoadSettings:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
 
     @classmethod
-    def from_options(cls, values: Mapping[str, Any]) -> "LoadSettings":
+    def from_options(cls, values: Mapping[str, Any]) -> LoadSettings:
         """From locust's parsed options (attribute names: models, max_tokens, ...)."""
         return cls(
             models=tuple(m.strip() for m in str(values.get("models") or "").split(",") if m.strip()),
@@ -214,7 +234,9 @@ class StreamResult:
     error: str | None = None
 
 
-def read_stream(chunks: Iterable[bytes | str], started: float, clock: Callable[[], float] = time.perf_counter) -> StreamResult:
+def read_stream(
+    chunks: Iterable[bytes | str], started: float, clock: Callable[[], float] = time.perf_counter
+) -> StreamResult:
     """Read an OpenAI server-sent-event stream; ``started`` is ``clock()`` when the request was sent.
 
     A token arrives with each ``data:`` event whose delta carries text; TTFT is the first such

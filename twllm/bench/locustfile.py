@@ -84,9 +84,13 @@ def stream_lines(resp) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
 
 def write_samples(path: Path, samples: list[Sample], run: dict[str, float], settings: LoadSettings | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"kind": "run", "started": run.get("started"), "stopped": run.get("stopped", time.time()),
-              "max_tokens": settings.max_tokens if settings else None,
-              "stream": settings.stream if settings else None}
+    header = {
+        "kind": "run",
+        "started": run.get("started"),
+        "stopped": run.get("stopped", time.time()),
+        "max_tokens": settings.max_tokens if settings else None,
+        "stream": settings.stream if settings else None,
+    }
     with path.open("w", encoding="utf-8") as out:
         out.write(json.dumps(header) + "\n")
         for sample in samples:
@@ -126,8 +130,14 @@ class OpenAIUser(FastHttpUser):
         body = chat_body(self.settings, model, prompt)
         wall = time.time()
         started = time.perf_counter()
-        with self.client.post(f"{self.base}/chat/completions", json=body, headers=self.headers,
-                              name=f"chat {model}", stream=self.settings.stream, catch_response=True) as resp:
+        with self.client.post(
+            f"{self.base}/chat/completions",
+            json=body,
+            headers=self.headers,
+            name=f"chat {model}",
+            stream=self.settings.stream,
+            catch_response=True,
+        ) as resp:
             sample = Sample("chat", model, wall, ok=False, e2el_ms=0.0, status=resp.status_code or None)
             error = None
             if resp.status_code != 200:
@@ -165,8 +175,13 @@ class OpenAIUser(FastHttpUser):
     def embed(self, model: str, prompt: str) -> None:
         wall = time.time()
         started = time.perf_counter()
-        with self.client.post(f"{self.base}/embeddings", json=embeddings_body(model, prompt), headers=self.headers,
-                              name=f"embeddings {model}", catch_response=True) as resp:
+        with self.client.post(
+            f"{self.base}/embeddings",
+            json=embeddings_body(model, prompt),
+            headers=self.headers,
+            name=f"embeddings {model}",
+            catch_response=True,
+        ) as resp:
             error = None
             if resp.status_code != 200:
                 error = f"HTTP {resp.status_code}: {redact((resp.text or '')[:300], self.secret)}"
@@ -181,9 +196,13 @@ class OpenAIUser(FastHttpUser):
                 resp.failure(error)
             else:
                 resp.success()
-        _samples.append(Sample("embed", model, wall, ok=error is None, e2el_ms=elapsed,
-                               status=resp.status_code or None, error=error))
+        _samples.append(
+            Sample(
+                "embed", model, wall, ok=error is None, e2el_ms=elapsed, status=resp.status_code or None, error=error
+            )
+        )
 
     def metric(self, kind: str, model: str, value_ms: float, length: int) -> None:
-        events.request.fire(request_type=kind, name=model, response_time=value_ms, response_length=length,
-                            exception=None, context={})
+        events.request.fire(
+            request_type=kind, name=model, response_time=value_ms, response_length=length, exception=None, context={}
+        )

@@ -56,8 +56,12 @@ class ModelSummary:
         return self.output_tokens / self.duration_s if self.duration_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "error_rate": self.error_rate, "requests_per_s": self.requests_per_s,
-                "output_tokens_per_s": self.output_tokens_per_s}
+        return {
+            **asdict(self),
+            "error_rate": self.error_rate,
+            "requests_per_s": self.requests_per_s,
+            "output_tokens_per_s": self.output_tokens_per_s,
+        }
 
 
 def read_samples(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -89,13 +93,24 @@ def summarize(samples: list[dict[str, Any]], duration_s: float) -> list[ModelSum
             "itl": [gap for s in good for gap in s.get("itl_ms") or ()],
             "tpot": [s["tpot_ms"] for s in good if s.get("tpot_ms") is not None],
         }
-        latency = {name: {**{f"p{p}": percentile(v, p) for p in PERCENTILES},
-                          "mean": sum(v) / len(v) if v else None}
-                   for name, v in values.items() if v}
+        latency = {
+            name: {**{f"p{p}": percentile(v, p) for p in PERCENTILES}, "mean": sum(v) / len(v) if v else None}
+            for name, v in values.items()
+            if v
+        }
         errors = [s.get("error") or f"HTTP {s.get('status')}" for s in items if not s["ok"]]
-        out.append(ModelSummary(model=model, kind=kind, requests=len(items), errors=len(errors), duration_s=duration_s,
-                                output_tokens=sum(int(s.get("output_tokens") or 0) for s in good),
-                                latency_ms=latency, error_examples=sorted(set(errors))[:3]))
+        out.append(
+            ModelSummary(
+                model=model,
+                kind=kind,
+                requests=len(items),
+                errors=len(errors),
+                duration_s=duration_s,
+                output_tokens=sum(int(s.get("output_tokens") or 0) for s in good),
+                latency_ms=latency,
+                error_examples=sorted(set(errors))[:3],
+            )
+        )
     return out
 
 
@@ -113,8 +128,10 @@ def locust_counts(csv_prefix: Path) -> dict[str, dict[str, int]]:
         for row in csv.DictReader(handle):
             if row.get("Name") == "Aggregated":
                 continue
-            counts[f"{row['Type']} {row['Name']}"] = {"requests": int(row["Request Count"]),
-                                                      "failures": int(row["Failure Count"])}
+            counts[f"{row['Type']} {row['Name']}"] = {
+                "requests": int(row["Request Count"]),
+                "failures": int(row["Failure Count"]),
+            }
     return counts
 
 
@@ -135,14 +152,18 @@ def table(summaries: list[ModelSummary]) -> str:
         for metric in METRICS:
             if metric in s.latency_ms:
                 m = s.latency_ms[metric]
-                lines.append(f"{s.model:<24}{metric.upper():<8}{_ms(m['p50']):>10}{_ms(m['p90']):>10}"
-                             f"{_ms(m['p99']):>10}{_ms(m['mean']):>10}")
+                lines.append(
+                    f"{s.model:<24}{metric.upper():<8}{_ms(m['p50']):>10}{_ms(m['p90']):>10}"
+                    f"{_ms(m['p99']):>10}{_ms(m['mean']):>10}"
+                )
     lines.append("")
     head2 = f"{'model':<24}{'kind':<7}{'requests':>9}{'errors':>8}{'error %':>9}{'req/s':>9}{'out tok/s':>11}"
     lines += [head2, "-" * len(head2)]
     for s in summaries:
-        lines.append(f"{s.model:<24}{s.kind:<7}{s.requests:>9}{s.errors:>8}{s.error_rate * 100:>9.2f}"
-                     f"{s.requests_per_s:>9.2f}{s.output_tokens_per_s:>11.1f}")
+        lines.append(
+            f"{s.model:<24}{s.kind:<7}{s.requests:>9}{s.errors:>8}{s.error_rate * 100:>9.2f}"
+            f"{s.requests_per_s:>9.2f}{s.output_tokens_per_s:>11.1f}"
+        )
     for s in summaries:
         for example in s.error_examples:
             lines.append(f"  {s.model} error: {example}")
@@ -166,8 +187,9 @@ def chart(summaries: list[ModelSummary], path: Path, title: str = "twllm load te
         for i, s in enumerate(summaries):
             values = [(s.latency_ms.get(metric) or {}).get(f"p{p}") or 0.0 for p in PERCENTILES]
             ax.bar([x + i * width for x in range(len(PERCENTILES))], values, width, label=s.model)
-        ax.set_xticks([x + width * (len(summaries) - 1) / 2 for x in range(len(PERCENTILES))],
-                      [f"p{p}" for p in PERCENTILES])
+        ax.set_xticks(
+            [x + width * (len(summaries) - 1) / 2 for x in range(len(PERCENTILES))], [f"p{p}" for p in PERCENTILES]
+        )
         ax.set_title(f"{metric.upper()} (ms)")
     ax = axes[0][-1]
     ax.bar(range(len(summaries)), [s.output_tokens_per_s for s in summaries], color="tab:green")

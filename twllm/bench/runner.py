@@ -50,23 +50,64 @@ class RunResult:
     log: Path
 
 
-def locust_argv(endpoint: str, settings: LoadSettings, load: Load, csv_prefix: Path, samples_file: Path,
-                python: str = sys.executable) -> list[str]:
+def locust_argv(
+    endpoint: str,
+    settings: LoadSettings,
+    load: Load,
+    csv_prefix: Path,
+    samples_file: Path,
+    python: str = sys.executable,
+) -> list[str]:
     """The locust command line (no secret in it: the key travels in ``settings.api_key_env``)."""
-    argv = [python, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-            "--host", endpoint.rstrip("/"), "-u", str(load.users), "-r", str(load.spawn_rate or load.users),
-            "-t", load.duration, "--stop-timeout", str(STOP_TIMEOUT_S), "--csv", str(csv_prefix),
-            "--loglevel", "WARNING",
-            "--models", ",".join(settings.models), "--max-tokens", str(settings.max_tokens),
-            "--stream", "on" if settings.stream else "off", "--ignore-eos", "on" if settings.ignore_eos else "off",
-            "--api-key-env", settings.api_key_env, "--samples-file", str(samples_file)]
+    argv = [
+        python,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--only-summary",
+        "--host",
+        endpoint.rstrip("/"),
+        "-u",
+        str(load.users),
+        "-r",
+        str(load.spawn_rate or load.users),
+        "-t",
+        load.duration,
+        "--stop-timeout",
+        str(STOP_TIMEOUT_S),
+        "--csv",
+        str(csv_prefix),
+        "--loglevel",
+        "WARNING",
+        "--models",
+        ",".join(settings.models),
+        "--max-tokens",
+        str(settings.max_tokens),
+        "--stream",
+        "on" if settings.stream else "off",
+        "--ignore-eos",
+        "on" if settings.ignore_eos else "off",
+        "--api-key-env",
+        settings.api_key_env,
+        "--samples-file",
+        str(samples_file),
+    ]
     if settings.embeddings_model:
         argv += ["--embeddings-model", settings.embeddings_model]
     return argv
 
 
-def run_locust(endpoint: str, settings: LoadSettings, load: Load, out: Path, name: str = "run",
-               api_key: str | None = None, prompt_set: str = "zh-tw") -> RunResult:
+def run_locust(
+    endpoint: str,
+    settings: LoadSettings,
+    load: Load,
+    out: Path,
+    name: str = "run",
+    api_key: str | None = None,
+    prompt_set: str = "zh-tw",
+) -> RunResult:
     """One headless locust run against ``endpoint``; files go to ``out`` as ``<name>_*``.
 
     ``api_key`` (if given) is put into the child's ``settings.api_key_env``; otherwise the child
@@ -85,7 +126,14 @@ def run_locust(endpoint: str, settings: LoadSettings, load: Load, out: Path, nam
     # locust exits 1 when any request failed; that is a finding, not a broken run.
     if not samples_file.exists() or not Path(f"{csv_prefix}_stats.csv").exists():
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-        raise RuntimeFailure(f"locust did not complete (exit {proc.returncode}); its log {log} ends:\n  "
-                             + "\n  ".join(tail))
-    return RunResult(csv_prefix, samples_file, report.summarize_file(samples_file),
-                     report.locust_counts(csv_prefix), proc.returncode, log)
+        raise RuntimeFailure(
+            f"locust did not complete (exit {proc.returncode}); its log {log} ends:\n  " + "\n  ".join(tail)
+        )
+    return RunResult(
+        csv_prefix,
+        samples_file,
+        report.summarize_file(samples_file),
+        report.locust_counts(csv_prefix),
+        proc.returncode,
+        log,
+    )

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import psycopg
 import typer
@@ -20,24 +20,27 @@ import typer
 from twllm.accounting import migrate as migrations
 from twllm.accounting import store
 from twllm.accounting.dburl import connect
-from twllm.runtime.database_url import database_url
 from twllm.accounting.store import KeyRecord, KeySettings
-from twllm.accounting.usage import GROUPS, totals, usage as usage_report
-from twllm.cli.output import stderr
-from twllm.cli.output import table
+from twllm.accounting.usage import GROUPS, totals
+from twllm.accounting.usage import usage as usage_report
+from twllm.cli.output import stderr, table
 from twllm.cli.runtime_cmds import CONFIG_FIND, STATE_DIR_FIND, find_state_dir
-from twllm.runtime.state import StateDir
 from twllm.errors import RuntimeFailure, did_you_mean
+from twllm.runtime.database_url import database_url
+from twllm.runtime.state import StateDir
 
 JSON = typer.Option(False, "--json", help="Write one JSON document to stdout.")
-GUARD_POLICY = typer.Option(None, "--guard-policy", help="A policy of the spec's guard.policies (default: the gateway-wide guard settings).")
-SHOWN_ONCE = ("this is the only time the key is shown: store it now "
-              "(twllm keeps only its hash; a lost key is rotated, not recovered)")
+GUARD_POLICY = typer.Option(
+    None, "--guard-policy", help="A policy of the spec's guard.policies (default: the gateway-wide guard settings)."
+)
+SHOWN_ONCE = (
+    "this is the only time the key is shown: store it now "
+    "(twllm keeps only its hash; a lost key is rotated, not recovered)"
+)
 
 tenants_app = typer.Typer(help="Tenants: the customers API keys belong to.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of tenants: create, list, revoke, rotate.", no_args_is_help=True)
-db_app = typer.Typer(help="The deployment's database: schema migrations and ledger maintenance.",
-                     no_args_is_help=True)
+db_app = typer.Typer(help="The deployment's database: schema migrations and ledger maintenance.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -51,8 +54,9 @@ def register(app: typer.Typer) -> None:
 
 
 @contextmanager
-def _database(state_dir: Path | None, config: Path | None, *,
-              check_schema: bool = True) -> Iterator[tuple[psycopg.Connection, StateDir]]:
+def _database(
+    state_dir: Path | None, config: Path | None, *, check_schema: bool = True
+) -> Iterator[tuple[psycopg.Connection, StateDir]]:
     sd = find_state_dir(state_dir, config)
     try:
         with connect(database_url(sd)) as conn:
@@ -79,10 +83,13 @@ def _when(value: Any) -> str:
 
 
 @tenants_app.command("create")
-def tenants_create(name: str = typer.Argument(..., help="Tenant name: letters, digits, '.', '_', '-'."),
-                   guard_policy: Optional[str] = GUARD_POLICY,
-                   state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
-                   json_out: bool = JSON) -> None:
+def tenants_create(
+    name: str = typer.Argument(..., help="Tenant name: letters, digits, '.', '_', '-'."),
+    guard_policy: str | None = GUARD_POLICY,
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    json_out: bool = JSON,
+) -> None:
     """Create a tenant."""
     with _database(state_dir, config) as (conn, sd):
         _check_policy(sd, guard_policy)
@@ -90,15 +97,19 @@ def tenants_create(name: str = typer.Argument(..., help="Tenant name: letters, d
     if json_out:
         _emit_json(tenant.to_dict())
     else:
-        typer.echo(f"✓ tenant {tenant.name} created (id {tenant.id}); "
-                   f"next: twllm keys create --tenant {tenant.name}")
+        typer.echo(f"✓ tenant {tenant.name} created (id {tenant.id}); next: twllm keys create --tenant {tenant.name}")
 
 
 @tenants_app.command("set-policy")
-def tenants_set_policy(name: str = typer.Argument(..., help="The tenant."),
-                       policy: Optional[str] = typer.Argument(None, help="A policy of the spec's guard.policies; omit it to use the gateway-wide settings."),
-                       state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
-                       json_out: bool = JSON) -> None:
+def tenants_set_policy(
+    name: str = typer.Argument(..., help="The tenant."),
+    policy: str | None = typer.Argument(
+        None, help="A policy of the spec's guard.policies; omit it to use the gateway-wide settings."
+    ),
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    json_out: bool = JSON,
+) -> None:
     """Set the guard policy of a tenant's keys (those without one of their own); applies within 5 s."""
     with _database(state_dir, config) as (conn, sd):
         _check_policy(sd, policy)
@@ -117,12 +128,14 @@ def _check_policy(sd: StateDir, policy: str | None) -> None:
     if known is not None and policy not in known:
         raise store.AccountsError(
             f"no guard policy {policy!r} in the deployment's spec{did_you_mean(policy, known)}",
-            hint=f"define it under guard.policies; defined: {', '.join(sorted(known)) or 'none'}")
+            hint=f"define it under guard.policies; defined: {', '.join(sorted(known)) or 'none'}",
+        )
 
 
 @tenants_app.command("list")
-def tenants_list(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
-                 json_out: bool = JSON) -> None:
+def tenants_list(
+    state_dir: Path | None = STATE_DIR_FIND, config: Path | None = CONFIG_FIND, json_out: bool = JSON
+) -> None:
     """Every tenant with its number of active keys."""
     with _database(state_dir, config) as (conn, _):
         tenants = store.list_tenants(conn)
@@ -132,8 +145,10 @@ def tenants_list(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Pa
     if not tenants:
         stderr.print("no tenants yet; create one with: twllm tenants create NAME")
         return
-    table(("tenant", "id", "active keys", "created"),
-          [(t.name, str(t.id), str(t.active_keys), _when(t.created_at)) for t in tenants])
+    table(
+        ("tenant", "id", "active keys", "created"),
+        [(t.name, str(t.id), str(t.active_keys), _when(t.created_at)) for t in tenants],
+    )
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -142,22 +157,32 @@ def tenants_list(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Pa
 @keys_app.command("create")
 def keys_create(
     tenant: str = typer.Option(..., "--tenant", help="The tenant the key belongs to.", show_default=False),
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated model names the key may use (default: every model)."),
-    rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute (default: unlimited)."),
-    tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute, prompt and completion (default: unlimited)."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="Spend limit per period, in the models' price currency."),
-    period: Optional[str] = typer.Option(None, "--period", help="Budget period: daily, monthly or total (default with --budget: monthly)."),
-    expires: Optional[str] = typer.Option(None, "--expires", help="Lifetime, e.g. 30d, 12h, 90m (default: never expires)."),
-    name: Optional[str] = typer.Option(None, "--name", help="A label for people, e.g. 'acme-prod'."),
-    guard_policy: Optional[str] = GUARD_POLICY,
-    state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
+    models: str | None = typer.Option(
+        None, "--models", help="Comma-separated model names the key may use (default: every model)."
+    ),
+    rpm: int | None = typer.Option(None, "--rpm", help="Requests per minute (default: unlimited)."),
+    tpm: int | None = typer.Option(
+        None, "--tpm", help="Tokens per minute, prompt and completion (default: unlimited)."
+    ),
+    budget: str | None = typer.Option(None, "--budget", help="Spend limit per period, in the models' price currency."),
+    period: str | None = typer.Option(
+        None, "--period", help="Budget period: daily, monthly or total (default with --budget: monthly)."
+    ),
+    expires: str | None = typer.Option(
+        None, "--expires", help="Lifetime, e.g. 30d, 12h, 90m (default: never expires)."
+    ),
+    name: str | None = typer.Option(None, "--name", help="A label for people, e.g. 'acme-prod'."),
+    guard_policy: str | None = GUARD_POLICY,
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
     json_out: bool = JSON,
 ) -> None:
     """Create a key; prints its secret once (stdout), the details on stderr."""
     settings = KeySettings(
         name=name,
         models=store.parse_models(models) if models is not None else None,
-        rpm=rpm, tpm=tpm,
+        rpm=rpm,
+        tpm=tpm,
         budget=store.parse_amount(budget) if budget is not None else None,
         budget_period=period,
         expires_in=store.parse_duration(expires) if expires is not None else None,
@@ -171,9 +196,12 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(tenant: Optional[str] = typer.Option(None, "--tenant", help="Only this tenant's keys."),
-              state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
-              json_out: bool = JSON) -> None:
+def keys_list(
+    tenant: str | None = typer.Option(None, "--tenant", help="Only this tenant's keys."),
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    json_out: bool = JSON,
+) -> None:
     """Every key (revoked and expired ones too) with its limits and its spend this period."""
     with _database(state_dir, config) as (conn, _):
         keys = store.list_keys(conn, tenant)
@@ -183,18 +211,34 @@ def keys_list(tenant: Optional[str] = typer.Option(None, "--tenant", help="Only 
     if not keys:
         stderr.print("no keys yet; create one with: twllm keys create --tenant NAME")
         return
-    table(("id", "prefix", "tenant", "name", "status", "models", "rpm", "tpm", "budget", "spend", "expires"),
-          [(str(k.id), k.prefix, k.tenant, k.name or "-", k.status(),
-            ",".join(k.models) if k.models is not None else "all",
-            str(k.rpm or "-"), str(k.tpm or "-"),
-            f"{_money(k.budget)}/{k.budget_period}" if k.budget is not None else "-",
-            f"{_money(k.spend)} ({k.spend_period})", _when(k.expires_at)) for k in keys])
+    table(
+        ("id", "prefix", "tenant", "name", "status", "models", "rpm", "tpm", "budget", "spend", "expires"),
+        [
+            (
+                str(k.id),
+                k.prefix,
+                k.tenant,
+                k.name or "-",
+                k.status(),
+                ",".join(k.models) if k.models is not None else "all",
+                str(k.rpm or "-"),
+                str(k.tpm or "-"),
+                f"{_money(k.budget)}/{k.budget_period}" if k.budget is not None else "-",
+                f"{_money(k.spend)} ({k.spend_period})",
+                _when(k.expires_at),
+            )
+            for k in keys
+        ],
+    )
 
 
 @keys_app.command("revoke")
-def keys_revoke(key: str = typer.Argument(..., help="The key's id or prefix (see `twllm keys list`)."),
-                state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
-                json_out: bool = JSON) -> None:
+def keys_revoke(
+    key: str = typer.Argument(..., help="The key's id or prefix (see `twllm keys list`)."),
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    json_out: bool = JSON,
+) -> None:
     """Revoke a key at once (the gateway stops accepting it within its key-cache time)."""
     with _database(state_dir, config) as (conn, _):
         record, changed = store.revoke_key(conn, key)
@@ -207,9 +251,12 @@ def keys_revoke(key: str = typer.Argument(..., help="The key's id or prefix (see
 
 
 @keys_app.command("rotate")
-def keys_rotate(key: str = typer.Argument(..., help="The key's id or prefix (see `twllm keys list`)."),
-                state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
-                json_out: bool = JSON) -> None:
+def keys_rotate(
+    key: str = typer.Argument(..., help="The key's id or prefix (see `twllm keys list`)."),
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    json_out: bool = JSON,
+) -> None:
     """Replace a key with a new one of the same settings and expiry; the old key is revoked at once."""
     with _database(state_dir, config) as (conn, _):
         new, secret, old = store.rotate_key(conn, key)
@@ -226,8 +273,7 @@ def _print_secret(key: KeyRecord, secret: str, json_out: bool, *, verb: str) -> 
             limits.append(f"budget {_money(key.budget)}/{key.budget_period}")
         if key.expires_at is not None:
             limits.append(f"expires {_when(key.expires_at)} UTC")
-        stderr.print(f"✓ key {key.id} ({key.prefix}) for tenant {key.tenant} {verb} {'; '.join(limits)}",
-                     markup=False)
+        stderr.print(f"✓ key {key.id} ({key.prefix}) for tenant {key.tenant} {verb} {'; '.join(limits)}", markup=False)
         typer.echo(secret)
     stderr.print(f"[bold yellow]warning:[/] {SHOWN_ONCE}")
 
@@ -244,12 +290,13 @@ def _warn_unknown_models(sd: StateDir, models: tuple[str, ...] | None) -> None:
 
 
 def usage(
-    tenant: Optional[str] = typer.Option(None, "--tenant", help="Only this tenant's requests."),
-    key: Optional[str] = typer.Option(None, "--key", help="Only this key's requests (id or prefix)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Only requests for this model (the name clients use)."),
+    tenant: str | None = typer.Option(None, "--tenant", help="Only this tenant's requests."),
+    key: str | None = typer.Option(None, "--key", help="Only this key's requests (id or prefix)."),
+    model: str | None = typer.Option(None, "--model", help="Only requests for this model (the name clients use)."),
     since: str = typer.Option("7d", "--since", help="How far back: 7d, 24h, 90m … or 'all'."),
     by: str = typer.Option("day", "--by", help=f"Group by: {', '.join(GROUPS)}."),
-    state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
     json_out: bool = JSON,
     csv_out: bool = typer.Option(False, "--csv", help="Write CSV to stdout."),
 ) -> None:
@@ -261,8 +308,14 @@ def usage(
         rows = usage_report(conn, tenant=tenant, key=key, model=model, since=window, by=by)
     sums = totals(rows)
     if json_out:
-        _emit_json({"by": by, "since": since, "rows": [r.to_dict(by) for r in rows],
-                    "totals": [{k: v for k, v in r.to_dict(by).items() if k != by} for r in sums]})
+        _emit_json(
+            {
+                "by": by,
+                "since": since,
+                "rows": [r.to_dict(by) for r in rows],
+                "totals": [{k: v for k, v in r.to_dict(by).items() if k != by} for r in sums],
+            }
+        )
     elif csv_out:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow([by, "requests", "errors", "prompt_tokens", "completion_tokens", "cost", "currency"])
@@ -271,18 +324,33 @@ def usage(
     elif not rows:
         stderr.print(f"no requests in the last {since}" if window else "no requests recorded")
     else:
-        table((by, "requests", "errors", "prompt tokens", "completion tokens", "cost", "currency"),
-              [(r.group, str(r.requests), str(r.errors), str(r.prompt_tokens), str(r.completion_tokens),
-                _money(r.cost), r.currency) for r in (*rows, *sums)])
+        table(
+            (by, "requests", "errors", "prompt tokens", "completion tokens", "cost", "currency"),
+            [
+                (
+                    r.group,
+                    str(r.requests),
+                    str(r.errors),
+                    str(r.prompt_tokens),
+                    str(r.completion_tokens),
+                    _money(r.cost),
+                    r.currency,
+                )
+                for r in (*rows, *sums)
+            ],
+        )
 
 
 # --- db -----------------------------------------------------------------------------------------
 
 
 @db_app.command("migrate")
-def db_migrate(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
-               dry_run: bool = typer.Option(False, "--dry-run", help="Only list the migrations not applied yet."),
-               json_out: bool = JSON) -> None:
+def db_migrate(
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list the migrations not applied yet."),
+    json_out: bool = JSON,
+) -> None:
     """Apply the schema migrations not applied yet (safe to run any number of times)."""
     url = database_url(find_state_dir(state_dir, config))
     names = migrations.pending(url) if dry_run else migrations.migrate(url)
@@ -295,19 +363,41 @@ def db_migrate(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path
 
 
 @db_app.command("maintain")
-def db_maintain(keep_days: Optional[int] = typer.Option(None, "--keep-days", min=1, help="Roll up and drop ledger months entirely older than this many days (default: keep everything)."),
-                months_ahead: int = typer.Option(2, "--months-ahead", min=0, max=24, help="Monthly ledger partitions to create ahead of this one."),
-                state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
-                json_out: bool = JSON) -> None:
+def db_maintain(
+    keep_days: int | None = typer.Option(
+        None,
+        "--keep-days",
+        min=1,
+        help="Roll up and drop ledger months entirely older than this many days (default: keep everything).",
+    ),
+    months_ahead: int = typer.Option(
+        2, "--months-ahead", min=0, max=24, help="Monthly ledger partitions to create ahead of this one."
+    ),
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    json_out: bool = JSON,
+) -> None:
     """Create the ledger's coming monthly partitions and apply retention (run it daily, e.g. from cron)."""
     with _database(state_dir, config) as (conn, _):
         created = migrations.ensure_partitions(conn, months_ahead)
         kept = migrations.apply_retention(conn, keep_days) if keep_days is not None else None
     if json_out:
-        _emit_json({"created": created, "retention": None if kept is None else {
-            "horizon": kept.horizon.isoformat(), "rolled_up_rows": kept.rolled_up_rows, "dropped": list(kept.dropped)}})
+        _emit_json(
+            {
+                "created": created,
+                "retention": None
+                if kept is None
+                else {
+                    "horizon": kept.horizon.isoformat(),
+                    "rolled_up_rows": kept.rolled_up_rows,
+                    "dropped": list(kept.dropped),
+                },
+            }
+        )
         return
     typer.echo("partitions created: " + (", ".join(created) or "none needed"))
     if kept is not None:
-        typer.echo(f"retention: ledger keeps {kept.horizon.isoformat()} onwards; {kept.rolled_up_rows} rows rolled "
-                   f"up into spend_daily; dropped: {', '.join(kept.dropped) or 'none'}")
+        typer.echo(
+            f"retention: ledger keeps {kept.horizon.isoformat()} onwards; {kept.rolled_up_rows} rows rolled "
+            f"up into spend_daily; dropped: {', '.join(kept.dropped) or 'none'}"
+        )

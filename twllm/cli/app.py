@@ -6,6 +6,7 @@ import sys
 import traceback
 
 import typer
+
 # typer 0.29 vendors click as typer._click; its exceptions are not the `click` package's.
 from typer._click import exceptions as click_errors
 
@@ -33,7 +34,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     _state["debug"] = debug or Settings.from_env().debug
 
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
-    except Exception as error:  # noqa: BLE001 - the one place unexpected errors are shown
+    except Exception as error:
         if _state["debug"] or "--debug" in args:
             traceback.print_exc()
         stderr.print(f"[bold red]internal error:[/] {type(error).__name__}: ", end="")

@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
 from twllm.cli.output import table as _table
-from twllm.runtime.hardware import inventory
-from twllm.plan.build import Plan, make_plan
-from twllm.spec.resolve import LoadedSpec, load_spec
-from twllm.spec.json_schema import spec_json_schema
-from twllm.render.gateway_config import render as render_files
 from twllm.model_registry import load_registry
+from twllm.plan.build import Plan, make_plan
+from twllm.render.gateway_config import render as render_files
+from twllm.runtime.hardware import inventory
 from twllm.settings import Settings
+from twllm.spec.json_schema import spec_json_schema
+from twllm.spec.resolve import LoadedSpec, load_spec
 
 stdout = Console(highlight=False, soft_wrap=True)
 
 CONFIG = typer.Option(..., "--config", "-c", help="The deployment spec (YAML).", show_default=False)
 JSON = typer.Option(False, "--json", help="Write one JSON document to stdout.")
-GPUS = typer.Option(None, "--gpus", min=0, help="Plan for this many GPUs instead of those detected (NVML) or the spec's hardware.gpus.")
-STATE_DIR = typer.Option(None, "--state-dir", help="State directory (default: the spec's state_dir, $TWLLM_STATE_DIR, or a per-user folder).")
+GPUS = typer.Option(
+    None, "--gpus", min=0, help="Plan for this many GPUs instead of those detected (NVML) or the spec's hardware.gpus."
+)
+STATE_DIR = typer.Option(
+    None, "--state-dir", help="State directory (default: the spec's state_dir, $TWLLM_STATE_DIR, or a per-user folder)."
+)
 
 models_app = typer.Typer(help="The model registry: what twllm knows how to serve.", no_args_is_help=True)
 
@@ -53,32 +56,58 @@ def validate(config: Path = CONFIG, json_out: bool = JSON) -> None:
     loaded = load_spec(config)
     spec = loaded.spec
     if json_out:
-        _emit_json({"valid": True, "file": str(config), "name": spec.name,
-                    "models": [{"name": m.name, "engine": m.engine, "device": m.device, "task": m.task,
-                                "replicas": m.spec.replicas} for m in loaded.models]})
+        _emit_json(
+            {
+                "valid": True,
+                "file": str(config),
+                "name": spec.name,
+                "models": [
+                    {
+                        "name": m.name,
+                        "engine": m.engine,
+                        "device": m.device,
+                        "task": m.task,
+                        "replicas": m.spec.replicas,
+                    }
+                    for m in loaded.models
+                ],
+            }
+        )
         return
     stdout.print(f"[green]✓[/] {config} is valid: deployment '{spec.name}', {len(spec.models)} model(s)")
 
 
-def plan(config: Path = CONFIG, json_out: bool = JSON, gpus: Optional[int] = GPUS, state_dir: Optional[Path] = STATE_DIR) -> None:
+def plan(
+    config: Path = CONFIG, json_out: bool = JSON, gpus: int | None = GPUS, state_dir: Path | None = STATE_DIR
+) -> None:
     """Show every process, port, GPU and route the spec turns into (changes nothing)."""
     _, the_plan = build_plan(config, gpus, state_dir)
     if json_out:
         _emit_json(the_plan.to_dict())
         return
     stdout.print(f"{the_plan.name}: gateway {the_plan.gateway.url} ({the_plan.gateway.workers} worker(s))")
-    _table(("component", "engine", "device", "serves", "port", "GPUs"),
-           [(e.id, e.engine, e.device, ", ".join(e.models), str(e.port), ",".join(map(str, e.gpus)) or "-")
-            for e in the_plan.engines])
+    _table(
+        ("component", "engine", "device", "serves", "port", "GPUs"),
+        [
+            (e.id, e.engine, e.device, ", ".join(e.models), str(e.port), ",".join(map(str, e.gpus)) or "-")
+            for e in the_plan.engines
+        ],
+    )
     db = the_plan.database
-    stdout.print(f"database: {'embedded in ' + str(db.data_dir) if db.embedded else 'external'}; "
-                 f"GPUs planned: {sum(len(e.gpus) for e in the_plan.engines)} of {the_plan.gpus_total}")
+    stdout.print(
+        f"database: {'embedded in ' + str(db.data_dir) if db.embedded else 'external'}; "
+        f"GPUs planned: {sum(len(e.gpus) for e in the_plan.engines)} of {the_plan.gpus_total}"
+    )
     for note in the_plan.notes:
         stdout.print(f"[yellow]note:[/] {note}")
 
 
-def render(config: Path = CONFIG, out: Path = typer.Option(..., "--out", help="Folder to write the files into."),
-           gpus: Optional[int] = GPUS, state_dir: Optional[Path] = STATE_DIR) -> None:
+def render(
+    config: Path = CONFIG,
+    out: Path = typer.Option(..., "--out", help="Folder to write the files into."),
+    gpus: int | None = GPUS,
+    state_dir: Path | None = STATE_DIR,
+) -> None:
     """Write the LiteLLM proxy config, the gateway settings and the plan into a folder."""
     loaded, the_plan = build_plan(config, gpus, state_dir)
     for path in render_files(the_plan, loaded.spec, out):
@@ -91,21 +120,36 @@ def schema() -> None:
 
 
 @models_app.command("list")
-def models_list(json_out: bool = JSON, task: Optional[str] = typer.Option(None, "--task", help="Only chat, embed, guard or classify models.")) -> None:
+def models_list(
+    json_out: bool = JSON,
+    task: str | None = typer.Option(None, "--task", help="Only chat, embed, guard or classify models."),
+) -> None:
     """List the registry's models."""
     entries = [e for e in load_registry().entries if task is None or e.task == task]
     if json_out:
         _emit_json([e.model_dump(mode="json") for e in entries])
         return
     columns = ("id", "task", "params", "context", "bf16 GiB", "ollama", "licence")
-    rows = [(e.id, e.task, f"{e.params_b:g}B", str(e.context_length), f"{e.weight_gib('bfloat16'):.1f}",
-             e.ollama_tag or "-", e.license + (" (gated)" if e.gated else "")) for e in entries]
+    rows = [
+        (
+            e.id,
+            e.task,
+            f"{e.params_b:g}B",
+            str(e.context_length),
+            f"{e.weight_gib('bfloat16'):.1f}",
+            e.ollama_tag or "-",
+            e.license + (" (gated)" if e.gated else ""),
+        )
+        for e in entries
+    ]
     _table(columns, rows)
 
 
 @models_app.command("show")
-def models_show(model_id: str = typer.Argument(..., metavar="ID", help="Registry id (see `twllm models list`)."),
-                json_out: bool = JSON) -> None:
+def models_show(
+    model_id: str = typer.Argument(..., metavar="ID", help="Registry id (see `twllm models list`)."),
+    json_out: bool = JSON,
+) -> None:
     """Show one registry entry."""
     entry = load_registry().get(model_id)
     data = entry.model_dump(mode="json")

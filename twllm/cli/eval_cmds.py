@@ -7,12 +7,10 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
-from twllm.cli.output import stderr
-from twllm.cli.output import table
+from twllm.cli.output import stderr, table
 from twllm.errors import RuntimeFailure
 
 eval_app = typer.Typer(help="Measure the deployment's answers: zh-tw.", no_args_is_help=True)
@@ -31,14 +29,27 @@ def _eval() -> None:
 
 @eval_app.command("zh-tw")
 def zh_tw(
-    endpoint: str = typer.Option(..., "--endpoint", help="OpenAI-compatible base URL: the gateway or an engine, with or without /v1.", show_default=False),
-    models: List[str] = typer.Option(..., "--model", help="Model to ask; repeat for several.", show_default=False),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="YAML file of prompts (prompts: [{id, category, prompt}]); default: the 105 built-in zh-TW prompts."),
-    out: Path = typer.Option(Path("zh-tw-eval"), "--out", help="Folder for zh_tw_eval.csv, zh_tw_summary.csv and zh_tw_eval.png."),
-    api_key_env: str = typer.Option("TWLLM_MASTER_KEY", "--api-key-env", help="Environment variable holding the API key (never printed or written)."),
+    endpoint: str = typer.Option(
+        ...,
+        "--endpoint",
+        help="OpenAI-compatible base URL: the gateway or an engine, with or without /v1.",
+        show_default=False,
+    ),
+    models: list[str] = typer.Option(..., "--model", help="Model to ask; repeat for several.", show_default=False),
+    prompts_file: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="YAML file of prompts (prompts: [{id, category, prompt}]); default: the 105 built-in zh-TW prompts.",
+    ),
+    out: Path = typer.Option(
+        Path("zh-tw-eval"), "--out", help="Folder for zh_tw_eval.csv, zh_tw_summary.csv and zh_tw_eval.png."
+    ),
+    api_key_env: str = typer.Option(
+        "TWLLM_MASTER_KEY", "--api-key-env", help="Environment variable holding the API key (never printed or written)."
+    ),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="max_tokens of each request."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, max=64, help="Requests in flight at once."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Send only the first N prompts."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Send only the first N prompts."),
     timeout: float = typer.Option(120.0, "--timeout", min=1, help="Seconds to wait for one answer."),
     json_out: bool = typer.Option(False, "--json", help="Write the per-model figures as one JSON document to stdout."),
 ) -> None:
@@ -54,28 +65,57 @@ def zh_tw(
     with Endpoint(endpoint, os.environ.get(api_key_env) or None, timeout_s=timeout) as client:
         client.check_models(models)
         stderr.print(f"asking {len(models)} model(s) {len(prompts)} prompts each at {client.url}")
-        answers = run_eval(client, models, prompts, max_tokens=max_tokens, concurrency=concurrency,
-                           progress=_progress)
+        answers = run_eval(client, models, prompts, max_tokens=max_tokens, concurrency=concurrency, progress=_progress)
     summaries = summarize(answers)
     eval_csv, summary_csv = write_csvs(answers, summaries, out)
     chart = draw_chart(summaries, out / "zh_tw_eval.png")
     if json_out:
-        document = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(s).items()}
-                    for s in summaries]
-        typer.echo(json.dumps({"models": document, "files": [str(eval_csv), str(summary_csv), str(chart)]},
-                              indent=2, ensure_ascii=False))
+        document = [
+            {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(s).items()}
+            for s in summaries
+        ]
+        typer.echo(
+            json.dumps(
+                {"models": document, "files": [str(eval_csv), str(summary_csv), str(chart)]},
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
     else:
-        table(("model", "answers", "errors", "simplified before", "after", "mainland terms before", "after",
-               "p50 ms", "p90 ms"),
-              [(s.model, str(s.answers), str(s.errors), percent(s.simplified_before), percent(s.simplified_after),
-                percent(s.mainland_before), percent(s.mainland_after), milliseconds(s.latency_p50_ms),
-                milliseconds(s.latency_p90_ms)) for s in summaries])
+        table(
+            (
+                "model",
+                "answers",
+                "errors",
+                "simplified before",
+                "after",
+                "mainland terms before",
+                "after",
+                "p50 ms",
+                "p90 ms",
+            ),
+            [
+                (
+                    s.model,
+                    str(s.answers),
+                    str(s.errors),
+                    percent(s.simplified_before),
+                    percent(s.simplified_after),
+                    percent(s.mainland_before),
+                    percent(s.mainland_after),
+                    milliseconds(s.latency_p50_ms),
+                    milliseconds(s.latency_p90_ms),
+                )
+                for s in summaries
+            ],
+        )
         stderr.print(f"wrote {eval_csv}, {summary_csv} and {chart}")
     silent = [s.model for s in summaries if s.answers == 0]
     if silent:
         first = next(a.error for a in answers if a.model == silent[0] and a.error)
-        raise RuntimeFailure(f"no answer from {', '.join(silent)}; first error: {first}",
-                             hint=f"every request's error is in {eval_csv}")
+        raise RuntimeFailure(
+            f"no answer from {', '.join(silent)}; first error: {first}", hint=f"every request's error is in {eval_csv}"
+        )
 
 
 def _progress(model: str, done: int, total: int) -> None:

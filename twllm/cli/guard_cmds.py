@@ -6,15 +6,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from twllm.spec.resolve import load_spec
 from twllm.errors import did_you_mean
+from twllm.spec.resolve import load_spec
 
-guard_app = typer.Typer(help="The Safety Guard: PII masking, Llama Guard and Prompt Guard checks.",
-                        no_args_is_help=True)
+guard_app = typer.Typer(
+    help="The Safety Guard: PII masking, Llama Guard and Prompt Guard checks.", no_args_is_help=True
+)
 
 
 @guard_app.callback()
@@ -27,8 +27,12 @@ def check(
     text: str = typer.Argument(..., metavar="TEXT|-", help="The text to check; '-' reads it from stdin."),
     config: Path = typer.Option(..., "--config", "-c", help="The deployment spec (YAML).", show_default=False),
     stage: str = typer.Option("input", "--stage", help="Run the spec's input or output stages."),
-    model: Optional[str] = typer.Option(None, "--model", help="Check as for this model of the spec (its own guard settings)."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="Check as for a tenant or key with this policy of guard.policies."),
+    model: str | None = typer.Option(
+        None, "--model", help="Check as for this model of the spec (its own guard settings)."
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="Check as for a tenant or key with this policy of guard.policies."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Write one JSON document to stdout."),
 ) -> None:
     """Run the configured guard stages on TEXT and print the verdict, categories and resulting text.
@@ -46,12 +50,17 @@ def check(
     loaded = load_spec(config)
     names = [m.name for m in loaded.spec.models]
     if model is not None and model not in names:
-        raise typer.BadParameter(f"no model '{model}' in {config}{did_you_mean(model, names)}; "
-                                 f"the spec has: {', '.join(names)}", param_hint="--model")
+        raise typer.BadParameter(
+            f"no model '{model}' in {config}{did_you_mean(model, names)}; the spec has: {', '.join(names)}",
+            param_hint="--model",
+        )
     known = sorted(loaded.spec.guard.policies)
     if policy is not None and policy not in known:
-        raise typer.BadParameter(f"no guard policy '{policy}' in {config}{did_you_mean(policy, known)}; "
-                                 f"defined: {', '.join(known) or 'none'}", param_hint="--policy")
+        raise typer.BadParameter(
+            f"no guard policy '{policy}' in {config}{did_you_mean(policy, known)}; "
+            f"defined: {', '.join(known) or 'none'}",
+            param_hint="--policy",
+        )
     if text == "-":
         text = sys.stdin.read()
     policies = GuardPolicies.from_spec(loaded.spec)
@@ -70,7 +79,6 @@ def check(
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"text: {result.text}")
-
 
 
 def _running_remote(config: Path) -> dict:

@@ -6,25 +6,33 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from twllm.cli.output import stderr
 from twllm.cli.commands import CONFIG, GPUS, JSON, STATE_DIR, _state_dir, build_plan
-from twllm.runtime.logs import tail
-from twllm.spec.resolve import load_spec
-from twllm.runtime.control import NotReady, deploy as run_deploy, status as read_status, stop as run_stop
-from twllm.runtime.state import DeploymentState, StateDir
+from twllm.cli.output import stderr
 from twllm.errors import RuntimeFailure
+from twllm.runtime.control import NotReady
+from twllm.runtime.control import deploy as run_deploy
+from twllm.runtime.control import status as read_status
+from twllm.runtime.control import stop as run_stop
+from twllm.runtime.logs import tail
+from twllm.runtime.state import DeploymentState, StateDir
 from twllm.settings import Settings
+from twllm.spec.resolve import load_spec
 
 stdout = Console(highlight=False, soft_wrap=True)
-STATE_DIR_FIND = typer.Option(None, "--state-dir", help="State directory of the deployment (default: from --config, $TWLLM_STATE_DIR, or the only per-user deployment).")
-CONFIG_FIND = typer.Option(None, "--config", "-c", help="The spec the deployment was made from (to find its state directory).")
+STATE_DIR_FIND = typer.Option(
+    None,
+    "--state-dir",
+    help="State directory of the deployment (default: from --config, $TWLLM_STATE_DIR, or the only per-user deployment).",
+)
+CONFIG_FIND = typer.Option(
+    None, "--config", "-c", help="The spec the deployment was made from (to find its state directory)."
+)
 
 
 class _Progress:
@@ -54,17 +62,24 @@ class _Progress:
             key = f"{c.status}|{c.detail}"
             if self.seen.get(c.name) != key:
                 self.seen[c.name] = key
-                stderr.print(f"[{time.monotonic() - self.started:6.1f} s] {c.name}: {c.status}"
-                             + (f" — {c.detail}" if c.detail else ""), markup=False)
+                stderr.print(
+                    f"[{time.monotonic() - self.started:6.1f} s] {c.name}: {c.status}"
+                    + (f" — {c.detail}" if c.detail else ""),
+                    markup=False,
+                )
 
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()
 
 
-def deploy(config: Path = CONFIG, state_dir: Optional[Path] = STATE_DIR, gpus: Optional[int] = GPUS,
-           foreground: bool = typer.Option(False, "--foreground", help="Stay attached; Ctrl-C stops everything."),
-           json_out: bool = JSON) -> None:
+def deploy(
+    config: Path = CONFIG,
+    state_dir: Path | None = STATE_DIR,
+    gpus: int | None = GPUS,
+    foreground: bool = typer.Option(False, "--foreground", help="Stay attached; Ctrl-C stops everything."),
+    json_out: bool = JSON,
+) -> None:
     """Start the deployment (or apply a changed spec to the running one) and wait until it answers."""
     loaded, plan = build_plan(config, gpus, state_dir)  # an invalid spec stops here: nothing changes
     sd = StateDir(Path(plan.state_dir))
@@ -103,12 +118,19 @@ def _print_ready(plan, sd: StateDir, result) -> None:
     stdout.print(f"  models:    {', '.join(sorted({r.model_name for r in plan.routes}))}")
     stdout.print("  try it:")
     if gw.probe_model:
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "你好，請自我介紹"}]}, ensure_ascii=False)
-        stdout.print(f"    curl {gw.url}/chat/completions -H \"Authorization: Bearer ${gw.master_key_env}\" "
-                     f"-H 'Content-Type: application/json' -d '{body}'", markup=False)
+        body = json.dumps(
+            {"model": model, "messages": [{"role": "user", "content": "你好，請自我介紹"}]}, ensure_ascii=False
+        )
+        stdout.print(
+            f'    curl {gw.url}/chat/completions -H "Authorization: Bearer ${gw.master_key_env}" '
+            f"-H 'Content-Type: application/json' -d '{body}'",
+            markup=False,
+        )
     else:
-        stdout.print(f"    curl {gw.url}/models -H \"Authorization: Bearer ${gw.master_key_env}\"", markup=False)
-    stdout.print(f"  next:      twllm status --state-dir {sd.root}   ·   twllm stop --state-dir {sd.root}", markup=False)
+        stdout.print(f'    curl {gw.url}/models -H "Authorization: Bearer ${gw.master_key_env}"', markup=False)
+    stdout.print(
+        f"  next:      twllm status --state-dir {sd.root}   ·   twllm stop --state-dir {sd.root}", markup=False
+    )
 
 
 def _stay_attached(sd: StateDir) -> None:
@@ -134,11 +156,13 @@ def find_state_dir(state_dir: Path | None, config: Path | None) -> StateDir:
     found = sorted(p for p in root.glob("*") if (p / "state.json").exists()) if root.exists() else []
     if len(found) == 1:
         return StateDir(found[0])
-    raise RuntimeFailure("which deployment? " + ("none found" if not found else f"{len(found)} found in {root}"),
-                         hint="pass --state-dir DIR or --config FILE")
+    raise RuntimeFailure(
+        "which deployment? " + ("none found" if not found else f"{len(found)} found in {root}"),
+        hint="pass --state-dir DIR or --config FILE",
+    )
 
 
-def status(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND, json_out: bool = JSON) -> None:
+def status(state_dir: Path | None = STATE_DIR_FIND, config: Path | None = CONFIG_FIND, json_out: bool = JSON) -> None:
     """Each component's health, restarts, uptime and port, and the gateway's URL."""
     sd = find_state_dir(state_dir, config)
     info = read_status(sd)
@@ -150,14 +174,20 @@ def status(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = 
         stdout.print(f"  error: {info['error']}", markup=False)
     for c in info["components"]:
         uptime = f"{c['uptime_s']:.0f} s" if c["uptime_s"] is not None else "-"
-        stdout.print(f"  {c['name']:<28} {c['status']:<12} port {c['port'] or '-':<6} restarts {c['restarts']:<3} "
-                     f"up {uptime:<8} {c['detail']}", markup=False)
+        stdout.print(
+            f"  {c['name']:<28} {c['status']:<12} port {c['port'] or '-':<6} restarts {c['restarts']:<3} "
+            f"up {uptime:<8} {c['detail']}",
+            markup=False,
+        )
 
 
-def logs(component: str = typer.Argument(..., help="Component name (see `twllm status`), or 'supervisor'."),
-         state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND,
-         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
-         lines: int = typer.Option(100, "--lines", "-n", help="How many lines to show first.")) -> None:
+def logs(
+    component: str = typer.Argument(..., help="Component name (see `twllm status`), or 'supervisor'."),
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+    lines: int = typer.Option(100, "--lines", "-n", help="How many lines to show first."),
+) -> None:
     """Print a component's log."""
     sd = find_state_dir(state_dir, config)
     path = sd.supervisor_log if component == "supervisor" else sd.log_of(component)
@@ -181,7 +211,7 @@ def logs(component: str = typer.Argument(..., help="Component name (see `twllm s
                 return
 
 
-def stop(state_dir: Optional[Path] = STATE_DIR_FIND, config: Optional[Path] = CONFIG_FIND, json_out: bool = JSON) -> None:
+def stop(state_dir: Path | None = STATE_DIR_FIND, config: Path | None = CONFIG_FIND, json_out: bool = JSON) -> None:
     """Stop the gateway, then the engines, then the database."""
     sd = find_state_dir(state_dir, config)
     state = run_stop(sd)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from twllm.errors import RuntimeFailure
 from twllm.settings import Settings
@@ -125,13 +125,15 @@ def script_env(base: dict[str, str] | None = None) -> dict[str, str]:
     # These would tie the engine's interpreter to twllm's own venv and mix its packages in.
     for name in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
         env.pop(name, None)
-    env.update({
-        "OMP_NUM_THREADS": "1",  # tiny models: more threads only add synchronisation (FACTS.md)
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",  # tiny models: more threads only add synchronisation (FACTS.md)
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -143,13 +145,18 @@ def _run_script(python: Path, args: list[str]) -> str:
     """Run the build script with `python`; its stdout, or RuntimeFailure with its stderr's tail."""
     argv = [str(python), str(SCRIPT), *args]
     try:
-        done = subprocess.run(argv, env=script_env(), capture_output=True, text=True,
-                              timeout=BUILD_TIMEOUT_S, check=False)
+        done = subprocess.run(
+            argv, env=script_env(), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+        )
     except FileNotFoundError:
-        raise RuntimeFailure(f"the engine Python {python} does not exist",
-                             hint=f"{INSTALL_HINT}, or pass --python with an existing interpreter") from None
+        raise RuntimeFailure(
+            f"the engine Python {python} does not exist",
+            hint=f"{INSTALL_HINT}, or pass --python with an existing interpreter",
+        ) from None
     except subprocess.TimeoutExpired:
-        raise RuntimeFailure(f"building the demo model ({args[0]}) took over {BUILD_TIMEOUT_S:.0f} s and was stopped") from None
+        raise RuntimeFailure(
+            f"building the demo model ({args[0]}) took over {BUILD_TIMEOUT_S:.0f} s and was stopped"
+        ) from None
     if done.returncode != 0:
         tail = _tail(done.stderr) or _tail(done.stdout) or "(no output)"
         hint = None

@@ -27,12 +27,12 @@ import sys
 if sys.path and sys.path[0] and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 MARKER = "twllm-demo.json"
 CHAT_KIND = "demo-chat"
@@ -74,14 +74,11 @@ CORPUS = [
     "週末很多人到夜市吃小吃、逛街，也有人去陽明山健行。",
     "這是一個示範用的語言模型，權重是隨機產生的，不會回答問題。它的用途是確認部署、"
     "路由、防護與監控在沒有網路的環境下也能正常運作。",
-    "請在星期五之前把會議紀錄整理好，列出決議事項，並寄給所有同仁。"
-    "如果有任何問題，歡迎在群組裡提出，我們會盡快回覆。",
-    "今天天氣晴朗，午後可能有雷陣雨，出門記得帶傘、多喝水。"
-    "如果雨勢太大，建議改搭公車或捷運，注意行車安全。",
+    "請在星期五之前把會議紀錄整理好，列出決議事項，並寄給所有同仁。如果有任何問題，歡迎在群組裡提出，我們會盡快回覆。",
+    "今天天氣晴朗，午後可能有雷陣雨，出門記得帶傘、多喝水。如果雨勢太大，建議改搭公車或捷運，注意行車安全。",
     "您好，我想申請圖書館借書證。請攜帶身分證到任何一間分館，在服務臺填寫申請表，"
     "館員會協助您完成手續。軟體、資訊、程式與伺服器都是常見的電腦用語。",
-    "健保卡、悠遊卡、統一編號、手機號碼與電子郵件都屬於個人資料，"
-    "請妥善保管，不要隨意提供給陌生人。謝謝您的配合！",
+    "健保卡、悠遊卡、統一編號、手機號碼與電子郵件都屬於個人資料，請妥善保管，不要隨意提供給陌生人。謝謝您的配合！",
     "Numbers and symbols: 0 1 2 3 4 5 6 7 8 9, 100%, $25.50, 2026-11-01, 09:30, "
     "e-mail: demo@example.tw, (a + b) * c = d; \"quotes\" and 'apostrophes'?!",
 ]
@@ -142,7 +139,6 @@ def build_tokenizer():
 def build_chat(out: Path, seed: int) -> dict:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -167,17 +163,27 @@ def build_chat(out: Path, seed: int) -> dict:
     )
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS], eos_token_id=[ids[EOT], ids[EOS]], pad_token_id=ids[PAD],
+        bos_token_id=ids[BOS],
+        eos_token_id=[ids[EOT], ids[EOS]],
+        pad_token_id=ids[PAD],
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
-    (out / "README.md").write_text(README.format(
-        seed=seed, layers=config.num_hidden_layers, hidden=config.hidden_size,
-        heads=config.num_attention_heads, head_dim=config.head_dim,
-        intermediate=config.intermediate_size, params=params,
-        max_len=config.max_position_embeddings, vocab=len(tokenizer),
-    ), encoding="utf-8")
+    (out / "README.md").write_text(
+        README.format(
+            seed=seed,
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            intermediate=config.intermediate_size,
+            params=params,
+            max_len=config.max_position_embeddings,
+            vocab=len(tokenizer),
+        ),
+        encoding="utf-8",
+    )
     return {"kind": CHAT_KIND, "version": VERSION, "seed": seed}
 
 

@@ -24,9 +24,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from twllm.gateway import errors, failfast, streams
 
@@ -42,7 +43,8 @@ SETTINGS_ENV = "TWLLM_GATEWAY_SETTINGS"
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 
 ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (method, re.compile(pattern)) for method, pattern in (
+    (method, re.compile(pattern))
+    for method, pattern in (
         ("POST", r"/(?:v1/)?chat/completions"),
         ("POST", r"/(?:v1/)?completions"),
         ("POST", r"/(?:v1/)?embeddings"),
@@ -81,8 +83,10 @@ class HttpSettings:
         if not path:
             return cls()
         data = json.loads(Path(path).read_text(encoding="utf-8")).get("http") or {}
-        return cls(max_request_bytes=int(data.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
-                   cors_origins=tuple(data.get("cors_origins") or ()))
+        return cls(
+            max_request_bytes=int(data.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
+            cors_origins=tuple(data.get("cors_origins") or ()),
+        )
 
 
 def allowed(method: str, path: str) -> bool | None:
@@ -127,8 +131,7 @@ class Shield:
                 await send_error(send, errors.make(404, f"Invalid URL ({method} {path}).", "not_found"))
             return
         if verdict is False:
-            await send_error(send, errors.make(405, f"Method {method} is not allowed on {path}.",
-                                               "method_not_allowed"))
+            await send_error(send, errors.make(405, f"Method {method} is not allowed on {path}.", "method_not_allowed"))
             return
         if method in ("POST", "PUT", "PATCH"):
             receive = await self._limited(scope, receive, send)
@@ -140,8 +143,9 @@ class Shield:
         """``receive`` for a body within the limit, or None once 413 has been sent."""
         limit = self.settings.max_request_bytes
         length = _header(scope, b"content-length")
-        too_large = errors.make(413, f"The request body is larger than this gateway's limit of {limit} bytes.",
-                                "request_too_large")
+        too_large = errors.make(
+            413, f"The request body is larger than this gateway's limit of {limit} bytes.", "request_too_large"
+        )
         if length is not None:
             try:
                 size = int(length)
@@ -232,9 +236,12 @@ class _Rewriter:
         public = errors.public_error(self._start["status"], raw)
         note_error(self._method, self._path, public)
         body = public.encoded()
-        keep = [(k, v) for k, v in self._start.get("headers", ())
-                if k.lower() not in (b"content-length", b"content-type")
-                and not (public.headers and k.lower() == b"retry-after")]
+        keep = [
+            (k, v)
+            for k, v in self._start.get("headers", ())
+            if k.lower() not in (b"content-length", b"content-type")
+            and not (public.headers and k.lower() == b"retry-after")
+        ]
         keep += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         keep += [(k.lower().encode(), v.encode()) for k, v in public.headers.items()]
         await self._send({"type": "http.response.start", "status": public.status, "headers": keep})
@@ -287,9 +294,14 @@ class ClientErrorLogFilter(logging.Filter):
         if status is None or errors.UNAVAILABLE.search(text) or errors.TIMEOUT.search(text):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text = None, None
-            record.msg, record.args = "twllm gateway: a model's engine could not answer (%s, %s): %s", (
-                type(exc).__name__, "unreachable" if errors.UNAVAILABLE.search(text) else "timeout",
-                errors.scrub(text)[:200] or "-")
+            record.msg, record.args = (
+                "twllm gateway: a model's engine could not answer (%s, %s): %s",
+                (
+                    type(exc).__name__,
+                    "unreachable" if errors.UNAVAILABLE.search(text) else "timeout",
+                    errors.scrub(text)[:200] or "-",
+                ),
+            )
         return True
 
 
@@ -320,9 +332,13 @@ def build(settings: HttpSettings | None = None) -> ASGIApp:
     settings = settings or HttpSettings.from_env()
     shielded: ASGIApp = Shield(proxy_app, settings)
     if settings.cors_origins:
-        return CORSMiddleware(shielded, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                              allow_headers=["*"],
-                              max_age=600)
+        return CORSMiddleware(
+            shielded,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            max_age=600,
+        )
     return _NoCors(shielded)
 
 
@@ -334,8 +350,14 @@ class _NoCors:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
-            await send_error(send, errors.make(403, "Cross-origin requests are not allowed by this gateway "
-                                                    "(gateway.cors_origins).", "cors_not_allowed"))
+            await send_error(
+                send,
+                errors.make(
+                    403,
+                    "Cross-origin requests are not allowed by this gateway (gateway.cors_origins).",
+                    "cors_not_allowed",
+                ),
+            )
             return
         await self.app(scope, receive, send)
 

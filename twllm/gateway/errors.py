@@ -31,9 +31,16 @@ RETRY_AFTER_S = 5
 """What ``Retry-After`` says when no engine of a model can be reached."""
 
 TYPES = {
-    400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
-    404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout", 409: "invalid_request_error",
-    413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
 }
 """``error.type`` by status, as OpenAI's API uses them (anything 5xx: server_error)."""
@@ -65,22 +72,32 @@ FORBIDDEN = re.compile(INTERNALS.pattern + r"|(?i:\bsk-[a-z0-9_-]{16,})")
 """INTERNALS, or anything shaped like a whole key (twllm's own messages name a key by its
 12-character prefix, which the client sent)."""
 
-_CONTEXT = re.compile(r"maximum context length|context length|context window|too many tokens|is too long|"
-                      r"exceeds the (?:model'?s? )?max|max_model_len|longer than the maximum", re.IGNORECASE)
+_CONTEXT = re.compile(
+    r"maximum context length|context length|context window|too many tokens|is too long|"
+    r"exceeds the (?:model'?s? )?max|max_model_len|longer than the maximum",
+    re.IGNORECASE,
+)
 UNAVAILABLE = re.compile(
     r"Cannot connect|Connect call failed|stopped before the answer was complete|Response payload is not completed|"
     r"TransferEncodingError|ClientPayloadError|Connection refused|ConnectError|All connection attempts failed|"
     r"Server disconnected|RemoteProtocolError|ConnectionReset|Connection reset|No deployments available|"
     r"No healthy deployment|ServiceUnavailable|peer closed connection|incomplete chunked read|ReadError",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 TIMEOUT = re.compile(r"\bTimeout\b|timed out|ReadTimeout", re.IGNORECASE)
-_UNKNOWN_MODEL = re.compile(r"Invalid model name passed in model=([^\s.,'\"]+)|model[= ]'?([^\s'\"]+)'? (?:does not|not) "
-                            r"(?:exist|found)", re.IGNORECASE)
+_UNKNOWN_MODEL = re.compile(
+    r"Invalid model name passed in model=([^\s.,'\"]+)|model[= ]'?([^\s'\"]+)'? (?:does not|not) "
+    r"(?:exist|found)",
+    re.IGNORECASE,
+)
 _PREFIX = re.compile(r"^(?:litellm\.)?[A-Za-z_]*(?:Error|Exception)\s*[:\-]\s*", re.IGNORECASE)
 _PROVIDER = re.compile(r"^\s*[A-Za-z_]*Exception\s*-\s*")
 _STATUS_PREFIX = re.compile(r"^Error code:\s*\d{3}\s*-\s*")
-_LITELLM_TAIL = re.compile(r"\.?\s*(?:Received Model Group|Available Model Group Fallbacks|LiteLLM Retried|"
-                           r"model_group|No fallback model group found).*$", re.IGNORECASE | re.DOTALL)
+_LITELLM_TAIL = re.compile(
+    r"\.?\s*(?:Received Model Group|Available Model Group Fallbacks|LiteLLM Retried|"
+    r"model_group|No fallback model group found).*$",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 @dataclass
@@ -105,16 +122,33 @@ def type_for(status: int) -> str:
     return TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def make(status: int, message: str | None = None, code: str | None = None, param: str | None = None,
-         type_: str | None = None, headers: dict[str, str] | None = None) -> PublicError:
+def make(
+    status: int,
+    message: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    type_: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> PublicError:
     """An error for ``status`` (its plain sentence when no message is given)."""
-    return PublicError(status, message or PLAIN.get(status, PLAIN[500 if status >= 500 else 400]),
-                       type_ or type_for(status), param, code, dict(headers or {}))
+    return PublicError(
+        status,
+        message or PLAIN.get(status, PLAIN[500 if status >= 500 else 400]),
+        type_ or type_for(status),
+        param,
+        code,
+        dict(headers or {}),
+    )
 
 
 def unavailable() -> PublicError:
-    return make(503, "No engine of this model is available right now; retry later.", "engine_unavailable",
-                type_="server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return make(
+        503,
+        "No engine of this model is available right now; retry later.",
+        "engine_unavailable",
+        type_="server_error",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def public_error(status: int, body: bytes | str | dict[str, Any] | None) -> PublicError:
@@ -125,8 +159,13 @@ def public_error(status: int, body: bytes | str | dict[str, Any] | None) -> Publ
     code_text = str(code) if code is not None else None
     ours = code_text is not None and not code_text.isdigit() and not FORBIDDEN.search(raw)
     if ours:  # twllm's own refusals (auth, limits, guard) and already-clean errors
-        return PublicError(status, raw or PLAIN.get(status, PLAIN[400]), _clean_type(error.get("type"), status),
-                           _param(error.get("param")), code_text)
+        return PublicError(
+            status,
+            raw or PLAIN.get(status, PLAIN[400]),
+            _clean_type(error.get("type"), status),
+            _param(error.get("param")),
+            code_text,
+        )
     inner_status, inner = _engine_error(raw)
     if UNAVAILABLE.search(raw) and (status >= 500 or status == 429 or inner_status is None):
         return unavailable()
@@ -136,8 +175,12 @@ def public_error(status: int, body: bytes | str | dict[str, Any] | None) -> Publ
         status = inner_status
     message = scrub(inner.get("message") if inner else raw)
     if _CONTEXT.search(raw) and status < 500:
-        return make(400, message or "The prompt is longer than the model's context window.",
-                    "context_length_exceeded", _param(inner.get("param")) if inner else "messages")
+        return make(
+            400,
+            message or "The prompt is longer than the model's context window.",
+            "context_length_exceeded",
+            _param(inner.get("param")) if inner else "messages",
+        )
     unknown = _UNKNOWN_MODEL.search(raw)
     if unknown and status in (400, 404):
         name = unknown.group(1) or unknown.group(2)

@@ -36,17 +36,18 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, AsyncGenerator, Mapping, get_args
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any, get_args
 
 from litellm.integrations.custom_guardrail import CustomGuardrail
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
 from twllm.accounting.gateway_config import SETTINGS_ENV
-from twllm.spec.schema import PiiEntity
 from twllm.gateway.streams import faithful
 from twllm.guard.pipeline import GuardPipeline, GuardResult, ModelCache
 from twllm.guard.policy import GuardPolicies, UnknownPolicy
 from twllm.guard.streaming import OutputStream, StreamBlocked
+from twllm.spec.schema import PiiEntity
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,13 @@ class GuardBlocked(ProxyException):
     """A request or answer the guard refused: HTTP 400, OpenAI-style body, our ``code``."""
 
     def __init__(self, result: GuardResult, code: str) -> None:
-        super().__init__(message=result.message or "blocked by the Safety Guard", type="invalid_request_error",
-                         param=None, code=400, openai_code=code)
+        super().__init__(
+            message=result.message or "blocked by the Safety Guard",
+            type="invalid_request_error",
+            param=None,
+            code=400,
+            openai_code=code,
+        )
         self.status_code = 400  # what a stream's error event reads
         self.result = result
 
@@ -161,7 +167,7 @@ class GuardState:
         if event is not None:
             try:
                 await asyncio.wait_for(event.wait(), wait_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.pending.pop(call_id, None)
         return self.records.pop(call_id, None)
 
@@ -200,8 +206,11 @@ def _texts(content: Any) -> list[tuple[Any, str]]:
     if isinstance(content, str):
         return [(None, content)]
     if isinstance(content, list):
-        return [(i, part.get("text") or "") for i, part in enumerate(content)
-                if isinstance(part, Mapping) and part.get("type") == "text"]
+        return [
+            (i, part.get("text") or "")
+            for i, part in enumerate(content)
+            if isinstance(part, Mapping) and part.get("type") == "text"
+        ]
     return []
 
 
@@ -234,8 +243,9 @@ class TwllmGuardrail(CustomGuardrail):
         threading.Thread(target=_warm_up, name="twllm-guard-warm-up", daemon=True).start()
 
     # --- input --------------------------------------------------------------------------------
-    async def async_pre_call_hook(self, user_api_key_dict: UserAPIKeyAuth, cache: Any, data: dict,
-                                  call_type: str) -> dict | None:
+    async def async_pre_call_hook(
+        self, user_api_key_dict: UserAPIKeyAuth, cache: Any, data: dict, call_type: str
+    ) -> dict | None:
         if call_type not in CHAT_CALLS and call_type not in EMBED_CALLS:
             return data
         st = state()
@@ -244,9 +254,18 @@ class TwllmGuardrail(CustomGuardrail):
             pipeline = st.pipeline(model, _policy_of(user_api_key_dict))
         except UnknownPolicy as exc:
             log.error("twllm guard: the key's guard policy %s is not defined in the spec", exc)
-            raise GuardBlocked(GuardResult("block", [], "", message=(
-                "此金鑰的安全政策未設定，已拒絕。 Blocked: this key's guard policy is not defined "
-                "in the deployment's spec.")), "guard_failed") from None
+            raise GuardBlocked(
+                GuardResult(
+                    "block",
+                    [],
+                    "",
+                    message=(
+                        "此金鑰的安全政策未設定，已拒絕。 Blocked: this key's guard policy is not defined "
+                        "in the deployment's spec."
+                    ),
+                ),
+                "guard_failed",
+            ) from None
         call_id = _call_id(data)
         if call_type in EMBED_CALLS:  # texts to embed: personal data is masked, nothing else runs
             if "pii" in pipeline.stages("input"):
@@ -280,8 +299,13 @@ class TwllmGuardrail(CustomGuardrail):
             return _screen_messages(pipeline, data)
         return _screen_field(pipeline, data, "prompt")
 
-    async def async_post_call_failure_hook(self, request_data: dict, original_exception: Exception,
-                                           user_api_key_dict: UserAPIKeyAuth, traceback_str: str | None = None) -> None:
+    async def async_post_call_failure_hook(
+        self,
+        request_data: dict,
+        original_exception: Exception,
+        user_api_key_dict: UserAPIKeyAuth,
+        traceback_str: str | None = None,
+    ) -> None:
         """The call failed (the engine refused it, or could not be reached): no output verdict
         will come, so the spend logger must not wait for one (it would hold the error back)."""
         if _state is not None and _state.pid == os.getpid():
@@ -289,8 +313,7 @@ class TwllmGuardrail(CustomGuardrail):
         return None
 
     # --- output -------------------------------------------------------------------------------
-    async def async_post_call_success_hook(self, data: dict, user_api_key_dict: UserAPIKeyAuth,
-                                           response: Any) -> Any:
+    async def async_post_call_success_hook(self, data: dict, user_api_key_dict: UserAPIKeyAuth, response: Any) -> Any:
         choices = getattr(response, "choices", None)
         if not choices or data.get("stream"):
             return response
@@ -302,8 +325,11 @@ class TwllmGuardrail(CustomGuardrail):
             return response  # refused before the call
         if not pipeline.stages("output"):
             return response
-        messages = data.get("messages") if isinstance(data.get("messages"), list) else \
-            [{"role": "user", "content": data.get("prompt") if isinstance(data.get("prompt"), str) else ""}]
+        messages = (
+            data.get("messages")
+            if isinstance(data.get("messages"), list)
+            else [{"role": "user", "content": data.get("prompt") if isinstance(data.get("prompt"), str) else ""}]
+        )
         try:
             result = await _run(pipeline, "output", _screen_choices, pipeline, choices, messages)
         except BaseException:
@@ -314,8 +340,9 @@ class TwllmGuardrail(CustomGuardrail):
             raise GuardBlocked(result, block_code(result))
         return response
 
-    async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: UserAPIKeyAuth, response: Any,
-                                                      request_data: dict) -> AsyncGenerator[Any, None]:
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict: UserAPIKeyAuth, response: Any, request_data: dict
+    ) -> AsyncGenerator[Any, None]:
         st = state()
         call_id = _call_id(request_data)
         chunks = faithful(response, request_data)
@@ -359,21 +386,30 @@ class TwllmGuardrail(CustomGuardrail):
                     if delta is not None:
                         if text is not None or piece:
                             delta.content = piece
-                        keep = keep or bool(piece) or bool(finish) or not text \
-                            or bool(getattr(delta, "role", None)) or bool(getattr(delta, "tool_calls", None)) \
+                        keep = (
+                            keep
+                            or bool(piece)
+                            or bool(finish)
+                            or not text
+                            or bool(getattr(delta, "role", None))
+                            or bool(getattr(delta, "tool_calls", None))
                             or bool(getattr(choice, "logprobs", None))
+                        )
                     else:
                         if text is not None or piece:
                             choice.text = piece
-                        keep = keep or bool(piece) or bool(finish) or not text \
-                            or bool(getattr(choice, "logprobs", None))
+                        keep = (
+                            keep or bool(piece) or bool(finish) or not text or bool(getattr(choice, "logprobs", None))
+                        )
                 if keep:
                     yield chunk
             for stream in streams.values():  # a stream that ended without a finish_reason
                 rest = await call(stream.flush)
                 if rest:
-                    log.warning("twllm guard: a stream ended without finish_reason; %d characters held "
-                                "back were not sent", len(rest))
+                    log.warning(
+                        "twllm guard: a stream ended without finish_reason; %d characters held back were not sent",
+                        len(rest),
+                    )
             finished = True
         except StreamBlocked as blocked:
             # The stream has started: an error event ends it. Handed to the proxy as a ready SSE
@@ -449,15 +485,16 @@ def _warm_up() -> None:
         for name in dict.fromkeys([*pipeline.stages("input"), *pipeline.stages("output")]):
             if name in ("llama_guard", "prompt_guard"):
                 pipeline._model(name)
-    except Exception as exc:  # noqa: BLE001 - the requests will meet the failure policy
+    except Exception as exc:
         log.warning("twllm guard: could not load the guard models ahead of requests: %s", exc)
 
 
 def _screen_messages(pipeline: GuardPipeline, data: dict) -> GuardResult:
     """Input stages on the last user turn; the PII stage alone on earlier user/system turns."""
     messages = data["messages"] = copy.deepcopy(data["messages"])
-    last_user = max((i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "user"),
-                    default=None)
+    last_user = max(
+        (i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "user"), default=None
+    )
     results: list[GuardResult] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("user", "system", "developer"):
@@ -517,6 +554,12 @@ def _combine(results: list[GuardResult]) -> GuardResult:
     for r in results:
         for k, v in r.latency_ms.items():
             latency[k] = latency.get(k, 0.0) + v
-    return GuardResult(worst.verdict, categories, worst.text, [f for r in results for f in r.findings],
-                       [n for r in results for n in r.notes], latency, worst.message)
-
+    return GuardResult(
+        worst.verdict,
+        categories,
+        worst.text,
+        [f for r in results for f in r.findings],
+        [n for r in results for n in r.notes],
+        latency,
+        worst.message,
+    )

@@ -191,7 +191,8 @@ def content_text(content: Any) -> str:
         return content
     if isinstance(content, Sequence):
         return "\n".join(
-            part["text"] for part in content
+            part["text"]
+            for part in content
             if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
         )
     raise TypeError(f"message content must be a string, a list of parts or None, not {type(content).__name__}")
@@ -320,19 +321,21 @@ class GuardCheck:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" becomes "cuda" when torch sees a GPU, else "cpu"; "cuda" without one is an error."""
+    """ "auto" becomes "cuda" when torch sees a GPU, else "cpu"; "cuda" without one is an error."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeFailure(f"guard device {device!r} asked for, but torch sees no CUDA GPU",
-                             hint="use device 'cpu' or 'auto', or install a CUDA build of torch")
+        raise RuntimeFailure(
+            f"guard device {device!r} asked for, but torch sees no CUDA GPU",
+            hint="use device 'cpu' or 'auto', or install a CUDA build of torch",
+        )
     return device
 
 
 def resolve_dtype(dtype: Any, device: str) -> Any:
-    """"auto" is bfloat16 on a GPU and float32 on CPU; names like "float16" become torch dtypes."""
+    """ "auto" is bfloat16 on a GPU and float32 on CPU; names like "float16" become torch dtypes."""
     import torch
 
     if dtype is None or dtype == "auto":
@@ -351,8 +354,9 @@ def import_torch_stack() -> tuple[Any, Any]:
         import torch
         import transformers
     except ImportError as exc:
-        raise RuntimeFailure(f"the in-process guard models need torch and transformers ({exc})",
-                             hint="pip install 'twllm[guard]'") from exc
+        raise RuntimeFailure(
+            f"the in-process guard models need torch and transformers ({exc})", hint="pip install 'twllm[guard]'"
+        ) from exc
     return torch, transformers
 
 
@@ -379,16 +383,19 @@ class LlamaGuard:
         if "sanitize_control_tokens" not in inspect.signature(base).parameters:
             # Older versions hand the flag to the template, which ignores it: users could then
             # write control tokens into their messages and forge the guard's answer.
-            raise RuntimeFailure(f"transformers {transformers.__version__} cannot keep control tokens "
-                                 "out of user messages; the Llama Guard checks need 5.20 or newer",
-                                 hint="pip install 'twllm[guard]'")
+            raise RuntimeFailure(
+                f"transformers {transformers.__version__} cannot keep control tokens "
+                "out of user messages; the Llama Guard checks need 5.20 or newer",
+                hint="pip install 'twllm[guard]'",
+            )
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(model))
             self.model = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=self.dtype)
         except OSError as exc:
-            raise RuntimeFailure(f"cannot load the Llama Guard model {model}: {exc}",
-                                 hint="give a folder saved with save_pretrained, or a hub id when "
-                                      "the hub is reachable") from exc
+            raise RuntimeFailure(
+                f"cannot load the Llama Guard model {model}: {exc}",
+                hint="give a folder saved with save_pretrained, or a hub id when the hub is reachable",
+            ) from exc
         self.model.to(self.device).eval()
         context = getattr(self.model.config, "max_position_embeddings", None)
         if max_prompt_tokens is None and context:
@@ -419,14 +426,19 @@ class LlamaGuard:
         while True:
             inputs = self.tokenizer.apply_chat_template(
                 **_chat_arguments(turns, excluded, self.tokenizer),
-                tokenize=True, return_dict=True, return_tensors="pt", sanitize_control_tokens=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                sanitize_control_tokens=True,
             )
             length = inputs["input_ids"].shape[-1]
             if self.max_prompt_tokens is None or length <= self.max_prompt_tokens:
                 return dict(inputs)
             if len(turns) <= (1 if turns[-1].role == "user" else 2):
-                raise ValueError(f"the checked message makes a {length}-token prompt; the guard model "
-                                 f"takes at most {self.max_prompt_tokens}")
+                raise ValueError(
+                    f"the checked message makes a {length}-token prompt; the guard model "
+                    f"takes at most {self.max_prompt_tokens}"
+                )
             turns = turns[2:]
 
     def _check(self, turns: list[Turn], excluded: Iterable[str]) -> GuardCheck:
@@ -436,9 +448,12 @@ class LlamaGuard:
         with self._lock, self._torch.inference_mode():
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             generated = self.model.generate(
-                **inputs, do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=self._pad_id,
+                **inputs,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self._pad_id,
             )
-        new_tokens = generated[0, inputs["input_ids"].shape[-1]:]
+        new_tokens = generated[0, inputs["input_ids"].shape[-1] :]
         output = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
         verdict = parse_verdict(output, excluded)
         return GuardCheck(verdict, (time.perf_counter() - start) * 1000, output)

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from string import ascii_letters, digits
 from types import MappingProxyType
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from twllm.guard.tw_ids import business_id_ok, id_kind, luhn_ok
 
@@ -40,19 +40,34 @@ MaskStyle = Literal["label", "zh", "stars"]
 
 # Overlapping candidates: the longer wins; at equal length, the earlier entity in this order.
 ENTITIES: tuple[str, ...] = (
-    "tw_national_id", "tw_resident_id", "credit_card", "tw_nhi_card", "bank_account",
-    "tw_business_id", "tw_phone", "email", "tw_address",
+    "tw_national_id",
+    "tw_resident_id",
+    "credit_card",
+    "tw_nhi_card",
+    "bank_account",
+    "tw_business_id",
+    "tw_phone",
+    "email",
+    "tw_address",
 )
 ALL: frozenset[str] = frozenset(ENTITIES)
 
 # style="label": the entity name itself, which reads the same to a model prompted in Chinese or
 # English and to a log reader.
 PLACEHOLDERS: Mapping[str, str] = MappingProxyType({e: f"[{e}]" for e in ENTITIES})
-PLACEHOLDERS_ZH: Mapping[str, str] = MappingProxyType({
-    "tw_national_id": "[身分證字號]", "tw_resident_id": "[居留證號]", "tw_business_id": "[統一編號]",
-    "credit_card": "[信用卡號]", "tw_nhi_card": "[健保卡號]", "bank_account": "[銀行帳號]",
-    "tw_phone": "[電話號碼]", "email": "[電子郵件]", "tw_address": "[地址]",
-})
+PLACEHOLDERS_ZH: Mapping[str, str] = MappingProxyType(
+    {
+        "tw_national_id": "[身分證字號]",
+        "tw_resident_id": "[居留證號]",
+        "tw_business_id": "[統一編號]",
+        "credit_card": "[信用卡號]",
+        "tw_nhi_card": "[健保卡號]",
+        "bank_account": "[銀行帳號]",
+        "tw_phone": "[電話號碼]",
+        "email": "[電子郵件]",
+        "tw_address": "[地址]",
+    }
+)
 
 KEYWORD_WINDOW = 12
 """A keyword must end at most this many characters before an NHI card or bank account number."""
@@ -68,8 +83,7 @@ MAX_READ = 150
 # Other full-width punctuation (，：！) is left alone: it never sits inside an entity, and
 # translating only what matters keeps folding cheap on Chinese text.
 _FOLD: dict[int, int] = {
-    cp: cp - 0xFEE0
-    for cp in (*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B))
+    cp: cp - 0xFEE0 for cp in (*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B))
 }
 _FOLD.update({ord(c): ord(c) - 0xFEE0 for c in "＋－（）＠．＿％"})
 _FOLD.update({0x3000: 0x20, 0x00A0: 0x20, 0xFE62: 0x2B})
@@ -112,9 +126,7 @@ Scanner = Callable[[str, int, frozenset, list], None]
 # --- national ID / resident certificate -------------------------------------------------------
 # Searched from the second character, which is rarer in text than a letter; the lookbehinds then
 # require a letter before it and a boundary before that letter.
-_ID_RE = re.compile(
-    r"[12ABCDabcd89](?<=[A-Za-z].)(?<![0-9A-Za-z]..)(?<![0-9][-.]..)[0-9]{8}" + _RB, re.ASCII
-)
+_ID_RE = re.compile(r"[12ABCDabcd89](?<=[A-Za-z].)(?<![0-9A-Za-z]..)(?<![0-9][-.]..)[0-9]{8}" + _RB, re.ASCII)
 
 
 def _scan_ids(t: str, lo: int, want: frozenset, out: list) -> None:
@@ -144,8 +156,19 @@ def _scan_business(t: str, lo: int, want: frozenset, out: list) -> None:
 # Area code (without the trunk 0) -> digits of the local number. 037 Miaoli, 049 Nantou,
 # 082 Kinmen, 0826 Wuqiu, 0836 Matsu, 089 Taitung; 04 is 8 digits in Taichung, 7 in Changhua.
 _AREAS: dict[str, tuple[int, ...]] = {
-    "826": (5,), "836": (5,), "37": (6,), "49": (7,), "82": (6,), "89": (6,),
-    "2": (8,), "3": (7,), "4": (8, 7), "5": (7,), "6": (7,), "7": (7,), "8": (7,),
+    "826": (5,),
+    "836": (5,),
+    "37": (6,),
+    "49": (7,),
+    "82": (6,),
+    "89": (6,),
+    "2": (8,),
+    "3": (7,),
+    "4": (8, 7),
+    "5": (7,),
+    "6": (7,),
+    "7": (7,),
+    "8": (7,),
 }
 _LOCAL = {
     8: r"[2-9][0-9]{3}[ -]?[0-9]{4}",
@@ -153,9 +176,7 @@ _LOCAL = {
     6: r"[2-9][0-9](?:[0-9][ -]?[0-9]{3}|[ -]?[0-9]{4})",
     5: r"[2-9][ -]?[0-9]{4}",
 }
-_AREA_BODY = "|".join(
-    rf"{area}\)?[ -]?(?:{'|'.join(_LOCAL[n] for n in lengths)})" for area, lengths in _AREAS.items()
-)
+_AREA_BODY = "|".join(rf"{area}\)?[ -]?(?:{'|'.join(_LOCAL[n] for n in lengths)})" for area, lengths in _AREAS.items())
 _MOBILE = r"9[0-9]{2}[ -]?[0-9]{3}[ -]?[0-9]{3}"
 _TOLL_FREE = r"80[09][ -]?[0-9]{3}[ -]?[0-9]{3}"
 _AFTER_886 = rf"[ -]?(?:\(0\)[ -]?)?(?:{_MOBILE}|\(?(?:{_AREA_BODY}))"
@@ -214,9 +235,7 @@ _BANK_KW = _keywords(
 )
 _KW_MAX = 25  # longest keyword ("national health insurance")
 _SENTENCE_END = re.compile(r"[。！？!?;；\n]")
-_NHI_RE = re.compile(
-    rf"[0-9]{_LB_GROUPED}[0-9]{{3}}[ -]?[0-9]{{4}}[ -]?[0-9]{{4}}{_RB_GROUPED}", re.ASCII
-)
+_NHI_RE = re.compile(rf"[0-9]{_LB_GROUPED}[0-9]{{3}}[ -]?[0-9]{{4}}[ -]?[0-9]{{4}}{_RB_GROUPED}", re.ASCII)
 _BANK_RE = re.compile(rf"[0-9]{_LB_GROUPED}(?:[ -]?[0-9]){{9,15}}{_RB_GROUPED}", re.ASCII)
 
 
@@ -311,21 +330,52 @@ def _seq(*parts: _Rx) -> _Rx:
 
 _CJK = "\u4e00-\u9fff"
 _NUM_ZH = "一二三四五六七八九十"
-_CITY_NAMES = ("臺北", "台北", "新北", "桃園", "臺中", "台中", "臺南", "台南", "高雄", "基隆", "新竹", "嘉義", "苗栗",
-               "彰化", "南投", "雲林", "屏東", "宜蘭", "花蓮", "臺東", "台東", "澎湖", "金門", "連江")
+_CITY_NAMES = (
+    "臺北",
+    "台北",
+    "新北",
+    "桃園",
+    "臺中",
+    "台中",
+    "臺南",
+    "台南",
+    "高雄",
+    "基隆",
+    "新竹",
+    "嘉義",
+    "苗栗",
+    "彰化",
+    "南投",
+    "雲林",
+    "屏東",
+    "宜蘭",
+    "花蓮",
+    "臺東",
+    "台東",
+    "澎湖",
+    "金門",
+    "連江",
+)
 _CITY_PARTS = _seq(_alt(*map(_lit, _CITY_NAMES)), _cls("市縣"))
 _CITY = _CITY_PARTS.full
-_ROAD = _seq(_cls(_CJK, 1, 7, lazy=True), _alt(_lit("大道"), _lit("路"), _lit("街")),
-             _opt(_seq(_cls(_NUM_ZH + "0-9", 1, 2), _lit("段"))))
+_ROAD = _seq(
+    _cls(_CJK, 1, 7, lazy=True),
+    _alt(_lit("大道"), _lit("路"), _lit("街")),
+    _opt(_seq(_cls(_NUM_ZH + "0-9", 1, 2), _lit("段"))),
+)
 _SUB = _opt(_seq(_lit("之"), _cls("0-9", 1, 3)))  # 之1
 _ADDRESS = _seq(
     _CITY_PARTS,
-    _cls(_CJK, 1, 3, lazy=True), _cls("區鄉鎮市"),  # district
+    _cls(_CJK, 1, 3, lazy=True),
+    _cls("區鄉鎮市"),  # district
     _opt(_seq(_cls(_CJK, 1, 3, lazy=True), _cls("里村"))),  # village
     _alt(_seq(_alt(_cls("0-9", 1, 3), _cls(_NUM_ZH, 1, 3)), _lit("鄰"), _opt(_ROAD)), _ROAD),  # 鄰 and/or road
     _opt(_seq(_cls("0-9", 1, 4), _SUB, _lit("巷"))),
     _opt(_seq(_cls("0-9", 1, 4), _SUB, _lit("弄"))),
-    _cls("0-9", 1, 5), _opt(_seq(_cls("-之"), _cls("0-9", 1, 4))), _lit("號"), _SUB,
+    _cls("0-9", 1, 5),
+    _opt(_seq(_cls("-之"), _cls("0-9", 1, 4))),
+    _lit("號"),
+    _SUB,
     _opt(_seq(_alt(_cls("0-9", 1, 3), _cls(_NUM_ZH, 1, 3)), _lit("樓"), _SUB)),
     _opt(_seq(_cls("0-9", 1, 4), _lit("室"))),
 )
@@ -438,7 +488,7 @@ def mask(text: str, findings: Iterable[Finding], style: MaskStyle = "label") -> 
     for f in sorted(findings, key=lambda f: f.start):
         if f.start < at or f.end > len(text) or f.start > f.end:
             raise ValueError(f"findings overlap or fall outside the text at {f.start}:{f.end}")
-        parts += (text[at:f.start], _placeholder(f, style))
+        parts += (text[at : f.start], _placeholder(f, style))
         at = f.end
     parts.append(text[at:])
     return "".join(parts)
@@ -509,10 +559,14 @@ class PiiPolicy:
 # addresses, CJK ideographs). Any other character is a "stop": no candidate contains it, so a
 # stream can be cut right after it.
 _INNER: dict[str, str] = {
-    "tw_national_id": ascii_letters + digits, "tw_resident_id": ascii_letters + digits,
-    "tw_business_id": digits, "tw_phone": digits + "+()-",
+    "tw_national_id": ascii_letters + digits,
+    "tw_resident_id": ascii_letters + digits,
+    "tw_business_id": digits,
+    "tw_phone": digits + "+()-",
     "email": ascii_letters + digits + "._%+-@",
-    "credit_card": digits + "-", "tw_nhi_card": digits + "-", "bank_account": digits + "-",
+    "credit_card": digits + "-",
+    "tw_nhi_card": digits + "-",
+    "bank_account": digits + "-",
     "tw_address": digits + "-",
 }
 _SPACED = frozenset({"tw_phone", "credit_card", "tw_nhi_card", "bank_account", "tw_address"})
@@ -604,10 +658,7 @@ class StreamMasker:
         if cands is None and self._want and _MAYBE_PII.search(t, lo, cut):
             cands = _candidates(t, self._want, lo)
         # Candidates starting before the cut end before it: the cut is never inside one.
-        found = tuple(
-            Finding(c[2], c[0] - lo, c[1] - lo, c[3])
-            for c in _resolve(c for c in cands or () if c[0] < cut)
-        )
+        found = tuple(Finding(c[2], c[0] - lo, c[1] - lo, c[3]) for c in _resolve(c for c in cands or () if c[0] < cut))
         out = self._raw[lo:cut]
         if found:
             out = self.policy._result(out, found).text

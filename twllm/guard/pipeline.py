@@ -14,29 +14,40 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Literal
 
-from twllm.spec.schema import GuardSpec
 from twllm.guard.llama_guard import CATEGORIES
 from twllm.guard.pii import PLACEHOLDERS_ZH, PiiPolicy
+from twllm.spec.schema import GuardSpec
 
 Stage = Literal["input", "output"]
 Verdict = Literal["allow", "mask", "block"]
 
 CATEGORIES_ZH: Mapping[str, str] = {
-    "S1": "暴力犯罪", "S2": "非暴力犯罪", "S3": "性相關犯罪", "S4": "兒童性剝削", "S5": "誹謗",
-    "S6": "專業建議", "S7": "隱私", "S8": "智慧財產權", "S9": "無差別殺傷性武器", "S10": "仇恨",
-    "S11": "自殺與自我傷害", "S12": "性內容", "S13": "選舉", "S14": "程式碼直譯器濫用",
+    "S1": "暴力犯罪",
+    "S2": "非暴力犯罪",
+    "S3": "性相關犯罪",
+    "S4": "兒童性剝削",
+    "S5": "誹謗",
+    "S6": "專業建議",
+    "S7": "隱私",
+    "S8": "智慧財產權",
+    "S9": "無差別殺傷性武器",
+    "S10": "仇恨",
+    "S11": "自殺與自我傷害",
+    "S12": "性內容",
+    "S13": "選舉",
+    "S14": "程式碼直譯器濫用",
 }
 """Traditional Chinese names of the Llama Guard categories, for block messages."""
 
 PROMPT_INJECTION = "prompt_injection"
 """The category a Prompt Guard block carries."""
-
 
 
 @dataclass(frozen=True)
@@ -60,9 +71,15 @@ class GuardResult:
         return self.verdict == "block"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "categories": list(self.categories), "text": self.text,
-                "message": self.message, "findings": list(self.findings), "notes": list(self.notes),
-                "latency_ms": dict(self.latency_ms)}
+        return {
+            "verdict": self.verdict,
+            "categories": list(self.categories),
+            "text": self.text,
+            "message": self.message,
+            "findings": list(self.findings),
+            "notes": list(self.notes),
+            "latency_ms": dict(self.latency_ms),
+        }
 
 
 @dataclass
@@ -98,7 +115,9 @@ def pii_message(entities: Iterable[str], stage: Stage) -> str:
     zh_what, en_what = _subject(stage)
     names = list(dict.fromkeys(entities))
     zh = "、".join(PLACEHOLDERS_ZH.get(e, e).strip("[]") for e in names)
-    return f"{zh_what}含有個人資料（{zh}），已拒絕。 Blocked: the {en_what} contains personal data ({', '.join(names)})."
+    return (
+        f"{zh_what}含有個人資料（{zh}），已拒絕。 Blocked: the {en_what} contains personal data ({', '.join(names)})."
+    )
 
 
 def injection_message() -> str:
@@ -107,8 +126,10 @@ def injection_message() -> str:
 
 def failure_message(stage_name: str, stage: Stage) -> str:
     zh_what, en_what = _subject(stage)
-    return (f"安全檢查（{stage_name}）無法完成，已拒絕此{zh_what}。 "
-            f"This {en_what} was blocked: the safety check ({stage_name}) failed.")
+    return (
+        f"安全檢查（{stage_name}）無法完成，已拒絕此{zh_what}。 "
+        f"This {en_what} was blocked: the safety check ({stage_name}) failed."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,12 +174,14 @@ class GuardPipeline:
         self._load_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._stages: dict[str, Callable[[str, Stage, list | None], _Outcome]] = {
-            "pii": self._pii, "llama_guard": self._llama_guard,
-            "prompt_guard": self._prompt_guard, "zh_tw": self._zh_tw,
+            "pii": self._pii,
+            "llama_guard": self._llama_guard,
+            "prompt_guard": self._prompt_guard,
+            "zh_tw": self._zh_tw,
         }
 
     @classmethod
-    def from_spec(cls, guard_spec: GuardSpec, *, model_paths: Mapping[str, str] | None = None) -> "GuardPipeline":
+    def from_spec(cls, guard_spec: GuardSpec, *, model_paths: Mapping[str, str] | None = None) -> GuardPipeline:
         return cls(guard_spec, model_paths=model_paths)
 
     def stages(self, stage: Stage) -> list[str]:
@@ -166,8 +189,13 @@ class GuardPipeline:
             raise ValueError(f"stage must be 'input' or 'output', not {stage!r}")
         return list(self.spec.input if stage == "input" else self.spec.output)
 
-    def run(self, text: str, stage: Stage = "input", messages: list[Mapping[str, Any]] | None = None,
-            only: Iterable[str] | None = None) -> GuardResult:
+    def run(
+        self,
+        text: str,
+        stage: Stage = "input",
+        messages: list[Mapping[str, Any]] | None = None,
+        only: Iterable[str] | None = None,
+    ) -> GuardResult:
         """Run the stages of ``stage`` on ``text``. ``messages``: the conversation (for Llama Guard:
         context of an input check, the question of an output check). ``only``: run just these of
         the configured stages."""
@@ -185,7 +213,7 @@ class GuardPipeline:
             start = time.perf_counter()
             try:
                 outcome = self._stages[name](text, stage, messages)
-            except Exception as exc:  # noqa: BLE001 - any guard failure goes through the failure policy
+            except Exception as exc:
                 outcome = self._failed(name, stage, text, exc)
             latency[name] = (time.perf_counter() - start) * 1000
             text = outcome.text
@@ -283,8 +311,9 @@ class GuardPipeline:
         from twllm.guard.prompt_guard import PromptGuard
 
         threshold = self.spec.prompt_guard.threshold
-        return self._cache.get(("prompt_guard", location, threshold),
-                               lambda: PromptGuard(location, threshold=threshold))
+        return self._cache.get(
+            ("prompt_guard", location, threshold), lambda: PromptGuard(location, threshold=threshold)
+        )
 
     def _with_timeout(self, call: Callable[[], Any], timeout_s: float) -> Any:
         """Run ``call`` for at most ``timeout_s`` (TimeoutError after; the check itself finishes in

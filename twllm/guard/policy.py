@@ -66,11 +66,19 @@ class GuardPolicies:
     def from_settings(cls, guard: Mapping[str, Any] | None) -> GuardPolicies:
         """From gateway.json's ``guard`` section (see ``guard_settings``)."""
         guard = dict(guard or {})
-        models = {name: ModelGuard(override=dict(m.get("override") or {}), zh_tw=m.get("zh_tw"),
-                                   system_prompt=m.get("system_prompt"), task=m.get("task") or "chat")
-                  for name, m in (guard.get("models") or {}).items()}
-        remote = {name: RemoteGuard(model=name, api_bases=tuple(r["api_bases"]), api_key_env=r.get("api_key_env"))
-                  for name, r in (guard.get("remote") or {}).items()}
+        models = {
+            name: ModelGuard(
+                override=dict(m.get("override") or {}),
+                zh_tw=m.get("zh_tw"),
+                system_prompt=m.get("system_prompt"),
+                task=m.get("task") or "chat",
+            )
+            for name, m in (guard.get("models") or {}).items()
+        }
+        remote = {
+            name: RemoteGuard(model=name, api_bases=tuple(r["api_bases"]), api_key_env=r.get("api_key_env"))
+            for name, r in (guard.get("remote") or {}).items()
+        }
         return cls(guard.get("base") or {}, models=models, policies=guard.get("policies") or {}, remote=remote)
 
     @classmethod
@@ -90,8 +98,9 @@ class GuardPolicies:
         own = self.models.get(model or "")
         if policy and policy not in self.policies:
             raise UnknownPolicy(policy)
-        spec = layered(self.base, (own.override, own.zh_tw) if own is not None else None,
-                       self.policies[policy] if policy else None)
+        spec = layered(
+            self.base, (own.override, own.zh_tw) if own is not None else None, self.policies[policy] if policy else None
+        )
         with self._lock:
             self._cache[key] = spec
         return spec

@@ -68,13 +68,12 @@ class PromptGuard:
         self.batch_size = batch_size
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(model))
-            self.model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                str(model), dtype=self.dtype
-            )
+            self.model = transformers.AutoModelForSequenceClassification.from_pretrained(str(model), dtype=self.dtype)
         except OSError as exc:
-            raise RuntimeFailure(f"cannot load the Prompt Guard model {model}: {exc}",
-                                 hint="give a folder saved with save_pretrained, or a hub id when "
-                                      "the hub is reachable") from exc
+            raise RuntimeFailure(
+                f"cannot load the Prompt Guard model {model}: {exc}",
+                hint="give a folder saved with save_pretrained, or a hub id when the hub is reachable",
+            ) from exc
         self.model.to(self.device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", window) or window
         self.window = min(window, limit)
@@ -85,8 +84,14 @@ class PromptGuard:
     def windows(self, text: str) -> dict[str, Any]:
         """The tokenized windows of ``text`` (special tokens included), as padded tensors."""
         encoded = self.tokenizer(
-            text, truncation=True, max_length=self.window, stride=self.overlap,
-            return_overflowing_tokens=True, padding=True, return_tensors="pt", split_special_tokens=True,
+            text,
+            truncation=True,
+            max_length=self.window,
+            stride=self.overlap,
+            return_overflowing_tokens=True,
+            padding=True,
+            return_tensors="pt",
+            split_special_tokens=True,
         )
         encoded.pop("overflow_to_sample_mapping", None)
         return dict(encoded)
@@ -99,7 +104,7 @@ class PromptGuard:
         scores = []
         with self._lock, self._torch.inference_mode():
             for first in range(0, count, self.batch_size):
-                batch = {k: v[first:first + self.batch_size].to(self.device) for k, v in inputs.items()}
+                batch = {k: v[first : first + self.batch_size].to(self.device) for k, v in inputs.items()}
                 probabilities = self.model(**batch).logits.float().softmax(dim=-1)
                 scores.append(1.0 - probabilities[:, self.benign])
         score = float(self._torch.cat(scores).max())

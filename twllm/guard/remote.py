@@ -18,7 +18,8 @@ import os
 import re
 import threading
 import time
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import httpx
 
@@ -35,8 +36,12 @@ def _strip_control(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
         if isinstance(content, str):
             content = CONTROL_TOKEN.sub("", content)
         elif isinstance(content, list):
-            content = [{**part, "text": CONTROL_TOKEN.sub("", part.get("text") or "")}
-                       if isinstance(part, Mapping) and part.get("type") == "text" else part for part in content]
+            content = [
+                {**part, "text": CONTROL_TOKEN.sub("", part.get("text") or "")}
+                if isinstance(part, Mapping) and part.get("type") == "text"
+                else part
+                for part in content
+            ]
         cleaned.append({**message, "content": content})
     return cleaned
 
@@ -44,8 +49,9 @@ def _strip_control(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
 class RemoteLlamaGuard:
     """``check_input`` / ``check_output`` like ``LlamaGuard``, answered by an engine."""
 
-    def __init__(self, api_bases: Iterable[str], model: str, *, api_key: str | None = None,
-                 timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, api_bases: Iterable[str], model: str, *, api_key: str | None = None, timeout_s: float = 30.0
+    ) -> None:
         self.api_bases = [b.rstrip("/") for b in api_bases]
         if not self.api_bases:
             raise ValueError(f"no engine serves the guard model {model!r}")
@@ -64,8 +70,9 @@ class RemoteLlamaGuard:
     def check_input(self, messages: Iterable[Mapping[str, Any]], excluded: Iterable[str] = ()) -> GuardCheck:
         return self._check(build_prompt(_strip_control(messages), "user", check_categories(excluded)), excluded)
 
-    def check_output(self, messages: Iterable[Mapping[str, Any]], answer: str,
-                     excluded: Iterable[str] = ()) -> GuardCheck:
+    def check_output(
+        self, messages: Iterable[Mapping[str, Any]], answer: str, excluded: Iterable[str] = ()
+    ) -> GuardCheck:
         if not answer.strip():
             return GuardCheck(Verdict(safe=True), 0.0, "")
         conversation = _strip_control([*messages, {"role": "assistant", "content": answer.strip()}])
@@ -75,9 +82,15 @@ class RemoteLlamaGuard:
         start = time.perf_counter()
         with self._lock:
             base = self.api_bases[next(self._next)]
-        response = self._client.post(f"{base}/completions", json={
-            "model": self.model, "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
-        })
+        response = self._client.post(
+            f"{base}/completions",
+            json={
+                "model": self.model,
+                "prompt": prompt,
+                "max_tokens": MAX_NEW_TOKENS,
+                "temperature": 0,
+            },
+        )
         response.raise_for_status()
         output = response.json()["choices"][0]["text"]
         return GuardCheck(parse_verdict(output, excluded), (time.perf_counter() - start) * 1000, output)

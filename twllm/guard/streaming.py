@@ -33,7 +33,8 @@ ends the stream with the pipeline's bilingual message.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twllm.guard.pii import StreamMasker
 from twllm.guard.pipeline import GuardPipeline, GuardResult, pii_message
@@ -53,8 +54,9 @@ class StreamBlocked(Exception):
 class OutputStream:
     """One streamed answer (one choice) through the pipeline's output stages."""
 
-    def __init__(self, pipeline: GuardPipeline, messages: list[Mapping[str, Any]] | None = None,
-                 window: int = 200) -> None:
+    def __init__(
+        self, pipeline: GuardPipeline, messages: list[Mapping[str, Any]] | None = None, window: int = 200
+    ) -> None:
         self.pipeline = pipeline
         self.messages = list(messages or [])
         self.window = window
@@ -93,6 +95,7 @@ class OutputStream:
             self._zh_in += text
             self._zh_out += out
             return out
+
         return run
 
     def _tracked_flush(self, flush: Callable[[], str]) -> Callable[[], str]:
@@ -100,6 +103,7 @@ class OutputStream:
             out = flush()
             self._zh_out += out
             return out
+
         return run
 
     @property
@@ -147,8 +151,15 @@ class OutputStream:
         self._notes += [n for n in result.notes if n not in self._notes]
         if result.blocked:
             self._categories += [c for c in result.categories if c not in self._categories]
-            self._blocked = GuardResult("block", list(self._categories), self.released, self._findings(),
-                                        list(self._notes), self._latency(), result.message)
+            self._blocked = GuardResult(
+                "block",
+                list(self._categories),
+                self.released,
+                self._findings(),
+                list(self._notes),
+                self._latency(),
+                result.message,
+            )
             self._held = ""
             raise StreamBlocked(self._blocked)
         out, self._held = self._held, ""
@@ -160,8 +171,15 @@ class OutputStream:
             return
         entities = [f.entity for f in self._masker.findings if self.pipeline.pii.action_for(f.entity) == "block"]
         self._categories += [e for e in dict.fromkeys(entities) if e not in self._categories]
-        self._blocked = GuardResult("block", list(self._categories), self.released, self._findings(),
-                                    list(self._notes), self._latency(), pii_message(entities, "output"))
+        self._blocked = GuardResult(
+            "block",
+            list(self._categories),
+            self.released,
+            self._findings(),
+            list(self._notes),
+            self._latency(),
+            pii_message(entities, "output"),
+        )
         self._held = ""
         raise StreamBlocked(self._blocked)
 
@@ -183,8 +201,9 @@ class OutputStream:
         masked = bool(acted) or self._normalised()
         if self._normalised():
             findings = findings + [{"entity": "zh_hans", "rule": "opencc_s2twp"}]
-        return GuardResult("mask" if masked else "allow", categories, self.released, findings,
-                           list(self._notes), self._latency())
+        return GuardResult(
+            "mask" if masked else "allow", categories, self.released, findings, list(self._notes), self._latency()
+        )
 
     def _normalised(self) -> bool:
         return self._zh_in != self._zh_out

@@ -54,8 +54,7 @@ class ModelEntry(BaseModel):
     )
     display_name: str = Field(description="Human-readable name for listings.")
     hf_repo: str = Field(
-        description="Exact Hugging Face repository id, 'owner/name' "
-        "(e.g. 'taide/Llama-3.1-TAIDE-LX-8B-Chat')."
+        description="Exact Hugging Face repository id, 'owner/name' (e.g. 'taide/Llama-3.1-TAIDE-LX-8B-Chat')."
     )
     ollama_tag: str | None = Field(
         default=None,
@@ -67,17 +66,11 @@ class ModelEntry(BaseModel):
         "'guard' (Llama Guard-style safety classifier that generates a verdict), "
         "'classify' (sequence classifier such as Prompt Guard)."
     )
-    architecture: str = Field(
-        description="`architectures[0]` of the model's HF config (e.g. 'LlamaForCausalLM')."
-    )
-    context_length: int = Field(
-        gt=0, description="Maximum context in tokens, per the model card or config."
-    )
+    architecture: str = Field(description="`architectures[0]` of the model's HF config (e.g. 'LlamaForCausalLM').")
+    context_length: int = Field(gt=0, description="Maximum context in tokens, per the model card or config.")
     params_b: float = Field(gt=0, description="Parameter count in billions.")
     default_dtype: DType = Field(description="Dtype the published weights are stored in.")
-    embedding_dim: int | None = Field(
-        default=None, gt=0, description="Output vector size; set for embed models only."
-    )
+    embedding_dim: int | None = Field(default=None, gt=0, description="Output vector size; set for embed models only.")
     engine_args: dict[str, EngineArgValue] = Field(
         default_factory=dict,
         description="Default vLLM flags: kebab-case names without leading dashes, "
@@ -90,23 +83,18 @@ class ModelEntry(BaseModel):
     )
     license: str = Field(description="Licence the weights are released under.")
     gated: bool = Field(description="Whether the HF repo requires accepting terms before download.")
-    zh_tw: str = Field(
-        description="Short note on Traditional Chinese / Taiwan usage of this model."
-    )
+    zh_tw: str = Field(description="Short note on Traditional Chinese / Taiwan usage of this model.")
     source: str = Field(description="URL of the model card the facts come from.")
     unverified: list[str] = Field(
         default_factory=list,
-        description="Names of fields whose value could not be confirmed from the model's own "
-        "card or config.",
+        description="Names of fields whose value could not be confirmed from the model's own card or config.",
     )
 
     @field_validator("id", "family")
     @classmethod
     def _slug(cls, value: str) -> str:
         if not _ID_RE.match(value):
-            raise ValueError(
-                f"'{value}' is not a lowercase slug (letters, digits, '.' and '-' between them)"
-            )
+            raise ValueError(f"'{value}' is not a lowercase slug (letters, digits, '.' and '-' between them)")
         return value
 
     @field_validator("hf_repo")
@@ -121,9 +109,7 @@ class ModelEntry(BaseModel):
     def _kebab_flags(cls, value: dict[str, EngineArgValue]) -> dict[str, EngineArgValue]:
         bad = [name for name in value if not _FLAG_RE.match(name)]
         if bad:
-            raise ValueError(
-                f"flag names must be kebab-case without leading dashes: {', '.join(bad)}"
-            )
+            raise ValueError(f"flag names must be kebab-case without leading dashes: {', '.join(bad)}")
         return value
 
     @field_validator("source")

@@ -36,8 +36,7 @@ class Registry:
         for entry in entries:
             if entry.id in by_id:
                 raise RegistryError(
-                    f"duplicate model id '{entry.id}' "
-                    f"(families '{by_id[entry.id].family}' and '{entry.family}')"
+                    f"duplicate model id '{entry.id}' (families '{by_id[entry.id].family}' and '{entry.family}')"
                 )
             by_id[entry.id] = entry
         self._entries = tuple(sorted(by_id.values(), key=lambda e: (e.family, e.id)))
@@ -126,9 +125,7 @@ def _build(files: Iterable[Traversable]) -> Registry:
         for item in _load_file(file, problems):
             first = seen.get(item.entry.id)
             if first is not None:
-                problems.append(
-                    f"{item.where}: duplicate model id '{item.entry.id}' (first defined at {first})"
-                )
+                problems.append(f"{item.where}: duplicate model id '{item.entry.id}' (first defined at {first})")
                 continue
             seen[item.entry.id] = item.where
             located.append(item)
@@ -149,11 +146,7 @@ def _load_file(file: Traversable, problems: list[str]) -> list[_Located]:
     except (YAMLError, UnicodeDecodeError, OSError) as exc:
         problems.append(f"{name}: cannot read YAML: {exc}".replace("\n", " "))
         return []
-    if (
-        not isinstance(data, dict)
-        or set(data) != {"models"}
-        or not isinstance(data["models"], list)
-    ):
+    if not isinstance(data, dict) or set(data) != {"models"} or not isinstance(data["models"], list):
         problems.append(f"{name}: expected a single top-level key 'models' holding a list")
         return []
     out: list[_Located] = []
@@ -165,9 +158,7 @@ def _load_file(file: Traversable, problems: list[str]) -> list[_Located]:
         model_id = raw.get("id") if isinstance(raw.get("id"), str) else None
         if "family" in raw:
             where = _where(name, _line_of_key(raw, "family") or entry_line, index, model_id)
-            problems.append(
-                f"{where}.family: not allowed; the family is the file name ('{family}')"
-            )
+            problems.append(f"{where}.family: not allowed; the family is the file name ('{family}')")
             continue
         try:
             entry = ModelEntry.model_validate({**_plain(raw), "family": family})

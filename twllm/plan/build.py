@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twllm.plan.placement import GpuInventory, place_replicas
-from twllm.spec.resolve import LoadedSpec, ResolvedModel
 from twllm.errors import PlanError
+from twllm.plan.placement import GpuInventory, place_replicas
 from twllm.spec.guard_layers import served_guard_models
+from twllm.spec.resolve import LoadedSpec, ResolvedModel
 
 ENGINE_KEY_ENV = "TWLLM_ENGINE_API_KEY"
 """Environment variable holding the key engines require and the gateway sends; the runtime
@@ -163,10 +163,17 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
             engine_id = f"vllm-{model.name}-{replica}"
             port = ports.take(engine_id)
             gpus = placements.get((model.name, replica), ())
-            engines.append(_vllm_process(engine_id, model, spec.engines.host, port, gpus,
-                                         spec.engines.start_timeout_s))
-            routes.append(_route(model, engine_id, f"{engine_id}", f"hosted_vllm/{model.name}",
-                                 f"http://{_connect_host(spec.engines.host)}:{port}/v1", ENGINE_KEY_ENV))
+            engines.append(_vllm_process(engine_id, model, spec.engines.host, port, gpus, spec.engines.start_timeout_s))
+            routes.append(
+                _route(
+                    model,
+                    engine_id,
+                    f"{engine_id}",
+                    f"hosted_vllm/{model.name}",
+                    f"http://{_connect_host(spec.engines.host)}:{port}/v1",
+                    ENGINE_KEY_ENV,
+                )
+            )
 
     ollama_models = [m for m in loaded.models if m.engine == "ollama"]
     if ollama_models:
@@ -175,14 +182,15 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
         for model in ollama_models:
             tag = _ollama_name(model)
             provider = f"ollama/{tag}" if model.task == "embed" else f"ollama_chat/{tag}"
-            routes.append(_route(model, "ollama", f"ollama-{model.name}", provider,
-                                 f"http://127.0.0.1:{port}", None))
+            routes.append(_route(model, "ollama", f"ollama-{model.name}", provider, f"http://127.0.0.1:{port}", None))
 
     for model in loaded.models:
         if model.entry is None:
             notes.append(f"{model.name}: not in the registry; no weight-memory check, no defaults inherited")
         elif model.entry.gated and model.weights_kind == "hf":
-            notes.append(f"{model.name}: {model.entry.hf_repo} is gated; set HF_TOKEN for an account that accepted its licence")
+            notes.append(
+                f"{model.name}: {model.entry.hf_repo} is gated; set HF_TOKEN for an account that accepted its licence"
+            )
 
     gw = spec.gateway
     fallbacks = dict(gw.fallbacks)
@@ -197,12 +205,17 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
         state_dir=str(state_dir),
         gpus_total=inventory.count,
         gateway=GatewayPlan(
-            host=gw.host, port=gw.port, workers=gw.workers,
+            host=gw.host,
+            port=gw.port,
+            workers=gw.workers,
             url=f"{'https' if gw.tls else 'http'}://{_connect_host(gw.host)}:{gw.port}/v1",
             master_key_env=gw.master_key.var or "",
-            request_timeout_s=gw.request_timeout_s, num_retries=gw.num_retries,
-            routing_strategy=gw.routing_strategy, cooldown_s=gw.cooldown_s,
-            allowed_fails=gw.allowed_fails, health_check_interval_s=gw.health_check_interval_s,
+            request_timeout_s=gw.request_timeout_s,
+            num_retries=gw.num_retries,
+            routing_strategy=gw.routing_strategy,
+            cooldown_s=gw.cooldown_s,
+            allowed_fails=gw.allowed_fails,
+            health_check_interval_s=gw.health_check_interval_s,
             fallbacks=dict(sorted(fallbacks.items())),
             start_timeout_s=gw.start_timeout_s,
             probe_model=next((m.name for m in loaded.models if m.task == "chat" and m.name not in guard_only), None),
@@ -231,17 +244,24 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def _route(model: ResolvedModel, engine_id: str, deployment_id: str, provider: str,
-           api_base: str, key_env: str | None) -> Route:
+def _route(
+    model: ResolvedModel, engine_id: str, deployment_id: str, provider: str, api_base: str, key_env: str | None
+) -> Route:
     price = model.spec.price
     max_len = model.spec.max_model_len or model.context_length
     return Route(
-        model_name=model.name, deployment_id=deployment_id, provider_model=provider,
-        api_base=api_base, engine_id=engine_id, task=model.task,
+        model_name=model.name,
+        deployment_id=deployment_id,
+        provider_model=provider,
+        api_base=api_base,
+        engine_id=engine_id,
+        task=model.task,
         input_cost_per_token=price.input_per_1m / 1_000_000,
         output_cost_per_token=price.output_per_1m / 1_000_000,
-        currency=price.currency, max_input_tokens=max_len,
-        rpm=_share(model.spec.rpm, model.spec.replicas), tpm=_share(model.spec.tpm, model.spec.replicas),
+        currency=price.currency,
+        max_input_tokens=max_len,
+        rpm=_share(model.spec.rpm, model.spec.replicas),
+        tpm=_share(model.spec.tpm, model.spec.replicas),
         api_key_env=key_env,
     )
 
@@ -251,11 +271,21 @@ def _share(limit: int | None, replicas: int) -> int | None:
     return None if limit is None else max(1, limit // replicas)
 
 
-def _vllm_process(engine_id: str, model: ResolvedModel, host: str, port: int, gpus: tuple[int, ...],
-                  start_timeout_s: float) -> EngineProcess:
+def _vllm_process(
+    engine_id: str, model: ResolvedModel, host: str, port: int, gpus: tuple[int, ...], start_timeout_s: float
+) -> EngineProcess:
     spec = model.spec
-    argv: list[str] = ["vllm", "serve", model.weights, "--served-model-name", model.name,
-                       "--host", host, "--port", str(port)]
+    argv: list[str] = [
+        "vllm",
+        "serve",
+        model.weights,
+        "--served-model-name",
+        model.name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if spec.tensor_parallel and spec.tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(spec.tensor_parallel)]
     if spec.pipeline_parallel and spec.pipeline_parallel > 1:
@@ -286,10 +316,18 @@ def _vllm_process(engine_id: str, model: ResolvedModel, host: str, port: int, gp
     if model.weights_kind == "path":
         env["HF_HUB_OFFLINE"] = "1"
     return EngineProcess(
-        id=engine_id, engine="vllm", device=model.device, models=(model.name,), argv=tuple(argv),
-        env=dict(sorted(env.items())), secret_env={"VLLM_API_KEY": ENGINE_KEY_ENV},
-        host=host, port=port, gpus=tuple(gpus),
-        ready_url=f"http://{_connect_host(host)}:{port}/v1/models", start_timeout_s=start_timeout_s,
+        id=engine_id,
+        engine="vllm",
+        device=model.device,
+        models=(model.name,),
+        argv=tuple(argv),
+        env=dict(sorted(env.items())),
+        secret_env={"VLLM_API_KEY": ENGINE_KEY_ENV},
+        host=host,
+        port=port,
+        gpus=tuple(gpus),
+        ready_url=f"http://{_connect_host(host)}:{port}/v1/models",
+        start_timeout_s=start_timeout_s,
     )
 
 
@@ -327,15 +365,25 @@ def _ollama_process(models: list[ResolvedModel], spec: Any, port: int, state_dir
     if o.context_length is not None:
         env["OLLAMA_CONTEXT_LENGTH"] = str(o.context_length)
     provision = tuple(
-        {"name": _ollama_name(m), "gguf": m.weights} if m.weights_kind == "gguf"
+        {"name": _ollama_name(m), "gguf": m.weights}
+        if m.weights_kind == "gguf"
         else {"name": m.weights, "pull": m.weights}
         for m in models
     )
     return EngineProcess(
-        id="ollama", engine="ollama", device="cpu", models=tuple(m.name for m in models),
-        argv=("ollama", "serve"), env=dict(sorted(env.items())), secret_env={},
-        host="127.0.0.1", port=port, gpus=(), ready_url=f"http://127.0.0.1:{port}/api/tags",
-        provision=provision, start_timeout_s=spec.engines.start_timeout_s,
+        id="ollama",
+        engine="ollama",
+        device="cpu",
+        models=tuple(m.name for m in models),
+        argv=("ollama", "serve"),
+        env=dict(sorted(env.items())),
+        secret_env={},
+        host="127.0.0.1",
+        port=port,
+        gpus=(),
+        ready_url=f"http://127.0.0.1:{port}/api/tags",
+        provision=provision,
+        start_timeout_s=spec.engines.start_timeout_s,
     )
 
 
@@ -348,8 +396,10 @@ class _PortAllocator:
 
     def reserve(self, owner: str, port: int) -> None:
         if port in self.used:
-            raise PlanError(f"port {port} of {owner} is already used by {self.used[port]}",
-                            hint="give one of them another port, or leave `port` out")
+            raise PlanError(
+                f"port {port} of {owner} is already used by {self.used[port]}",
+                hint="give one of them another port, or leave `port` out",
+            )
         if port > 65535:
             raise PlanError(f"port {port} of {owner} is out of range (replicas count up from `port`)")
         self.used[port] = owner
@@ -368,16 +418,27 @@ class _PortAllocator:
 
 def plan_from_dict(data: dict[str, Any]) -> Plan:
     """Rebuild a Plan from its JSON form (plan.json in the state directory)."""
+
     def engine(e: dict[str, Any]) -> EngineProcess:
-        return EngineProcess(**{**e, "models": tuple(e["models"]), "argv": tuple(e["argv"]),
-                                "gpus": tuple(e["gpus"]), "provision": tuple(e.get("provision", ()))})
+        return EngineProcess(
+            **{
+                **e,
+                "models": tuple(e["models"]),
+                "argv": tuple(e["argv"]),
+                "gpus": tuple(e["gpus"]),
+                "provision": tuple(e.get("provision", ())),
+            }
+        )
 
     return Plan(
-        name=data["name"], spec_file=data.get("spec_file"), state_dir=data["state_dir"],
+        name=data["name"],
+        spec_file=data.get("spec_file"),
+        state_dir=data["state_dir"],
         gpus_total=data["gpus_total"],
         gateway=GatewayPlan(**{**data["gateway"], "cors_origins": tuple(data["gateway"].get("cors_origins", ()))}),
         database=DatabasePlan(**data["database"]),
         engines=tuple(engine(e) for e in data["engines"]),
         routes=tuple(Route(**r) for r in data["routes"]),
-        notes=tuple(data.get("notes", ())), vllm_python=data.get("vllm_python"),
+        notes=tuple(data.get("notes", ())),
+        vllm_python=data.get("vllm_python"),
     )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from twllm.spec.resolve import ResolvedModel
 from twllm.errors import PlanError
+from twllm.spec.resolve import ResolvedModel
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
@@ -50,18 +50,25 @@ def place_replicas(models: Sequence[ResolvedModel], inventory: GpuInventory) -> 
 def _first_fit(free: list[bool], n: int) -> int | None:
     for step in (n, 1):  # aligned blocks first, any contiguous block second
         for start in range(0, len(free) - n + 1, step):
-            if all(free[start:start + n]):
+            if all(free[start : start + n]):
                 return start
     return None
 
 
-def _does_not_fit(models: Sequence[ResolvedModel], inventory: GpuInventory, total: int, fragmented: bool = False) -> str:
-    lines = [f"the models need {total} GPU(s) but {inventory.count} are available ({inventory.source})"
-             if not fragmented else f"the models' GPU groups cannot be packed onto {inventory.count} GPU(s)"]
+def _does_not_fit(
+    models: Sequence[ResolvedModel], inventory: GpuInventory, total: int, fragmented: bool = False
+) -> str:
+    lines = [
+        f"the models need {total} GPU(s) but {inventory.count} are available ({inventory.source})"
+        if not fragmented
+        else f"the models' GPU groups cannot be packed onto {inventory.count} GPU(s)"
+    ]
     for m in models:
         if m.gpus_per_replica:
-            lines.append(f"  {m.name}: {m.spec.replicas} replica(s) × {m.gpus_per_replica} GPU(s) = "
-                         f"{m.spec.replicas * m.gpus_per_replica}")
+            lines.append(
+                f"  {m.name}: {m.spec.replicas} replica(s) × {m.gpus_per_replica} GPU(s) = "
+                f"{m.spec.replicas * m.gpus_per_replica}"
+            )
     lines.append("lower replicas or tensor_parallel, or plan for more GPUs with --gpus N")
     return "\n".join(lines)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from twllm.plan.build import Plan, Route
-from twllm.spec.schema import Spec
 from twllm.guard.policy import GuardPolicies
+from twllm.plan.build import Plan, Route
 from twllm.spec.guard_layers import served_guard_models, spec_layers
+from twllm.spec.schema import Spec
 
 LITELLM_CONFIG = "litellm_config.yaml"
 GATEWAY_SETTINGS = "gateway.json"
@@ -69,8 +69,11 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
     # A guard model served by the deployment answers the guard on its engine, never clients.
     internal = set(policies.remote) if policies is not None else set()
     config: dict[str, Any] = {
-        "model_list": [_deployment(r, gw.request_timeout_s, replicas[r.model_name] > 1)
-                       for r in plan.routes if r.model_name not in internal],
+        "model_list": [
+            _deployment(r, gw.request_timeout_s, replicas[r.model_name] > 1)
+            for r in plan.routes
+            if r.model_name not in internal
+        ],
         "router_settings": router,
         "litellm_settings": {
             "drop_params": True,
@@ -92,10 +95,12 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
     }
     if policies is not None and policies.active():
         # One guardrail, on for every request; it reads its policies from gateway.json.
-        config["guardrails"] = [{
-            "guardrail_name": GUARDRAIL_NAME,
-            "litellm_params": {"guardrail": GUARDRAIL_CLASS, "mode": ["pre_call", "post_call"], "default_on": True},
-        }]
+        config["guardrails"] = [
+            {
+                "guardrail_name": GUARDRAIL_NAME,
+                "litellm_params": {"guardrail": GUARDRAIL_CLASS, "mode": ["pre_call", "post_call"], "default_on": True},
+            }
+        ]
     return config
 
 
@@ -149,8 +154,10 @@ def guard_settings(spec: Spec, plan: Plan | None = None) -> dict[str, Any]:
     if plan is not None:
         for name in sorted(served_guard_models(spec)):
             routes = [r for r in plan.routes if r.model_name == name]
-            remote[name] = {"api_bases": [r.api_base for r in routes],
-                            "api_key_env": routes[0].api_key_env if routes else None}
+            remote[name] = {
+                "api_bases": [r.api_base for r in routes],
+                "api_key_env": routes[0].api_key_env if routes else None,
+            }
     return {**spec_layers(spec), "remote": remote}
 
 
@@ -158,15 +165,18 @@ def gateway_settings(plan: Plan, spec: Spec) -> dict[str, Any]:
     """What our hooks inside the gateway read (never prod.yaml itself)."""
     models: dict[str, Any] = {}
     for route in plan.routes:
-        entry = models.setdefault(route.model_name, {
-            "task": route.task,
-            "price": {
-                "input_per_token": route.input_cost_per_token,
-                "output_per_token": route.output_cost_per_token,
-                "currency": route.currency,
+        entry = models.setdefault(
+            route.model_name,
+            {
+                "task": route.task,
+                "price": {
+                    "input_per_token": route.input_cost_per_token,
+                    "output_per_token": route.output_cost_per_token,
+                    "currency": route.currency,
+                },
+                "deployments": [],
             },
-            "deployments": [],
-        })
+        )
         entry["deployments"].append(route.deployment_id)
     return {
         "name": plan.name,

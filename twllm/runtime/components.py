@@ -8,17 +8,17 @@ treats them all alike, in order: database, engines, gateway.
 from __future__ import annotations
 
 import hashlib
-import signal
 import json
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from twllm.plan.build import Plan
+from twllm.render.gateway_config import GATEWAY_SETTINGS, LITELLM_CONFIG
 from twllm.runtime.engines.base import Launch, Progress, RuntimeContext
 from twllm.runtime.engines.drivers import driver_for
 from twllm.runtime.gateway import gateway_launch, gateway_ready
-from twllm.plan.build import Plan
-from twllm.render.gateway_config import GATEWAY_SETTINGS, LITELLM_CONFIG
 
 DATABASE_START_TIMEOUT_S = 60.0
 
@@ -63,26 +63,40 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
         components.append(_database(plan, ctx))
     for proc in plan.engines:
         driver = driver_for(proc.engine)
-        components.append(Component(
-            name=proc.id, kind="engine", port=proc.port, start_timeout_s=proc.start_timeout_s,
-            launch=lambda proc=proc, driver=driver: driver.launch(proc, ctx),
-            ready=lambda proc=proc, driver=driver: driver.ready(proc, ctx),
-            provision=lambda progress, proc=proc, driver=driver: driver.provision(proc, ctx, progress),
-            fingerprint=_digest(proc.argv, proc.env, proc.secret_env, proc.provision, str(ctx.vllm_python)),
-        ))
+        components.append(
+            Component(
+                name=proc.id,
+                kind="engine",
+                port=proc.port,
+                start_timeout_s=proc.start_timeout_s,
+                launch=lambda proc=proc, driver=driver: driver.launch(proc, ctx),
+                ready=lambda proc=proc, driver=driver: driver.ready(proc, ctx),
+                provision=lambda progress, proc=proc, driver=driver: driver.provision(proc, ctx, progress),
+                fingerprint=_digest(proc.argv, proc.env, proc.secret_env, proc.provision, str(ctx.vllm_python)),
+            )
+        )
     gw = plan.gateway
     master_key = ctx.secrets[gw.master_key_env]
-    config_text = [(rendered / name).read_text() if (rendered / name).exists() else ""
-                   for name in (LITELLM_CONFIG, GATEWAY_SETTINGS)]
-    components.append(Component(
-        name="gateway", kind="gateway", port=gw.port, start_timeout_s=gw.start_timeout_s,
-        launch=lambda: gateway_launch(gw, rendered, ctx.secrets, database_url_for(plan, ctx), ctx.state_dir / "spool"),
-        prepare=lambda: _migrate(plan, ctx),
-        after_stop=lambda: _replay_spool(plan, ctx),
-        ready=lambda: gateway_ready(gw, master_key),
-        fingerprint=_digest(gw, config_text, hashlib.sha256(master_key.encode()).hexdigest()),
-        stop_timeout_s=20.0,
-    ))
+    config_text = [
+        (rendered / name).read_text() if (rendered / name).exists() else ""
+        for name in (LITELLM_CONFIG, GATEWAY_SETTINGS)
+    ]
+    components.append(
+        Component(
+            name="gateway",
+            kind="gateway",
+            port=gw.port,
+            start_timeout_s=gw.start_timeout_s,
+            launch=lambda: gateway_launch(
+                gw, rendered, ctx.secrets, database_url_for(plan, ctx), ctx.state_dir / "spool"
+            ),
+            prepare=lambda: _migrate(plan, ctx),
+            after_stop=lambda: _replay_spool(plan, ctx),
+            ready=lambda: gateway_ready(gw, master_key),
+            fingerprint=_digest(gw, config_text, hashlib.sha256(master_key.encode()).hexdigest()),
+            stop_timeout_s=20.0,
+        )
+    )
     return components
 
 
@@ -105,7 +119,7 @@ def _replay_spool(plan: Plan, ctx: RuntimeContext) -> None:
     if url and spool.exists():
         try:
             replay_folder(url, spool)
-        except Exception:  # noqa: BLE001 - the rows stay journaled and replay at the next start
+        except Exception:
             pass
 
 
@@ -123,8 +137,15 @@ def _database(plan: Plan, ctx: RuntimeContext) -> Component:
 
     db = EmbeddedPostgres(Path(plan.database.data_dir or ctx.state_dir / "postgres"), plan.database.port or 15432)
     return Component(
-        name="database", kind="database", port=plan.database.port, start_timeout_s=DATABASE_START_TIMEOUT_S,
-        launch=db.launch, ready=db.ready, prepare=db.initialize, after_ready=db.ensure_database,
-        fingerprint=_digest(plan.database), stop_timeout_s=30.0,
+        name="database",
+        kind="database",
+        port=plan.database.port,
+        start_timeout_s=DATABASE_START_TIMEOUT_S,
+        launch=db.launch,
+        ready=db.ready,
+        prepare=db.initialize,
+        after_ready=db.ensure_database,
+        fingerprint=_digest(plan.database),
+        stop_timeout_s=30.0,
         stop_signal=STOP_SIGNAL,  # SIGINT: a fast shutdown that does not wait for clients
     )

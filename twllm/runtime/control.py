@@ -16,16 +16,24 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from twllm.plan.build import ENGINE_KEY_ENV, Plan
-from twllm.spec.resolve import LoadedSpec
-from twllm.runtime.state import PRIVATE_DIR, PRIVATE_FILE, DeploymentState, StateDir, mkdir_private, pid_alive, write_atomic
-from twllm.runtime.supervisor import UMASK, stop_group
 from twllm.errors import EXIT_NOT_READY, RuntimeFailure, TwllmError
+from twllm.plan.build import ENGINE_KEY_ENV, Plan
 from twllm.render.gateway_config import render
+from twllm.runtime.state import (
+    PRIVATE_DIR,
+    PRIVATE_FILE,
+    DeploymentState,
+    StateDir,
+    mkdir_private,
+    pid_alive,
+    write_atomic,
+)
+from twllm.runtime.supervisor import UMASK, stop_group
+from twllm.spec.resolve import LoadedSpec
 
 Watcher = Callable[[DeploymentState], None]
 SUPERVISOR_START_S = 20.0
@@ -63,7 +71,11 @@ def preflight(loaded: LoadedSpec, plan: Plan, sd: StateDir) -> None:
     problems: list[str] = []
     for model in loaded.models:
         if model.weights_kind in ("path", "gguf") and not Path(model.weights).exists():
-            hint = " (build it with `twllm demo build`)" if "twllm-demo" in model.weights or "MiniLM" in model.weights else ""
+            hint = (
+                " (build it with `twllm demo build`)"
+                if "twllm-demo" in model.weights or "MiniLM" in model.weights
+                else ""
+            )
             problems.append(f"{model.name}: {model.weights} does not exist{hint}")
     if any(e.engine == "vllm" for e in plan.engines) and not plan.vllm_python:
         from twllm.runtime.engines.envs import find_engine
@@ -91,8 +103,10 @@ def preflight(loaded: LoadedSpec, plan: Plan, sd: StateDir) -> None:
         if port not in ours and port_in_use(host, port):
             problems.append(f"{owner}: port {port} is already in use by another program")
     if problems:
-        raise RuntimeFailure("the host is not ready for this deployment:\n  " + "\n  ".join(problems),
-                             hint="nothing was started or changed")
+        raise RuntimeFailure(
+            "the host is not ready for this deployment:\n  " + "\n  ".join(problems),
+            hint="nothing was started or changed",
+        )
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -109,7 +123,9 @@ def _ports_held_by_us(sd: StateDir) -> set[int]:
     return {c.port for c in state.components if c.port is not None and c.status != "stopped"}
 
 
-def deploy(loaded: LoadedSpec, plan: Plan, sd: StateDir, *, watch: Watcher, env: dict[str, str] | None = None) -> DeployResult:
+def deploy(
+    loaded: LoadedSpec, plan: Plan, sd: StateDir, *, watch: Watcher, env: dict[str, str] | None = None
+) -> DeployResult:
     """Bring the stack to ``plan``: start it, or apply the changes to the running one."""
     env = dict(os.environ if env is None else env)
     preflight(loaded, plan, sd)
@@ -131,8 +147,12 @@ def deploy(loaded: LoadedSpec, plan: Plan, sd: StateDir, *, watch: Watcher, env:
     with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "twllm.runtime.supervisor", "--state-dir", str(sd.root)],
-            env={**env, ENGINE_KEY_ENV: sd.engine_key()}, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, umask=UMASK,
+            env={**env, ENGINE_KEY_ENV: sd.engine_key()},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            umask=UMASK,
         )
     final = _wait(sd, watch, generation=0, proc=proc)
     return DeployResult(final, "fresh", [c.name for c in final.components])
@@ -144,8 +164,9 @@ def _redeploy(loaded: LoadedSpec, plan: Plan, sd: StateDir, pid: int, watch: Wat
     staged = sd.root / "rendered.next"
     shutil.rmtree(staged, ignore_errors=True)
     _write_plan(loaded, plan, sd.root / "plan.next.json", staged)
-    if (sd.plan.read_text() == (sd.root / "plan.next.json").read_text()
-            and all((staged / f.name).read_bytes() == f.read_bytes() for f in sd.rendered.iterdir() if f.is_file())):
+    if sd.plan.read_text() == (sd.root / "plan.next.json").read_text() and all(
+        (staged / f.name).read_bytes() == f.read_bytes() for f in sd.rendered.iterdir() if f.is_file()
+    ):
         shutil.rmtree(staged, ignore_errors=True)
         (sd.root / "plan.next.json").unlink()
         return DeployResult(before, "unchanged", [])
@@ -200,8 +221,12 @@ def _wait(sd: StateDir, watch: Watcher, generation: int, proc: subprocess.Popen 
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 stop(sd)
-        raise NotReady(f"{state.error or 'deploy failed'}", name, lines,
-                       hint=f"full log: twllm logs {name} --state-dir {sd.root}" if name else None)
+        raise NotReady(
+            f"{state.error or 'deploy failed'}",
+            name,
+            lines,
+            hint=f"full log: twllm logs {name} --state-dir {sd.root}" if name else None,
+        )
     return state
 
 
@@ -247,12 +272,28 @@ def status(sd: StateDir) -> dict:
     for c in state.components:
         alive = bool(c.pid and pid_alive(c.pid))
         health = c.status if alive or c.status in ("stopped", "failed", "restarting") else "dead"
-        components.append({
-            "name": c.name, "kind": c.kind, "status": health, "pid": c.pid if alive else None, "port": c.port,
-            "restarts": c.restarts, "uptime_s": round(now - c.started_at, 1) if alive and c.started_at else None,
-            "detail": c.detail,
-        })
-    overall = state.status if supervisor else ("stopped" if state.status in ("stopped", "failed") else "supervisor dead")
-    return {"name": state.name, "state_dir": str(sd.root), "status": overall, "supervisor_pid": supervisor,
-            "gateway_url": state.gateway_url, "generation": state.generation, "error": state.error,
-            "components": components}
+        components.append(
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "status": health,
+                "pid": c.pid if alive else None,
+                "port": c.port,
+                "restarts": c.restarts,
+                "uptime_s": round(now - c.started_at, 1) if alive and c.started_at else None,
+                "detail": c.detail,
+            }
+        )
+    overall = (
+        state.status if supervisor else ("stopped" if state.status in ("stopped", "failed") else "supervisor dead")
+    )
+    return {
+        "name": state.name,
+        "state_dir": str(sd.root),
+        "status": overall,
+        "supervisor_pid": supervisor,
+        "gateway_url": state.gateway_url,
+        "generation": state.generation,
+        "error": state.error,
+        "components": components,
+    }

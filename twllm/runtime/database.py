@@ -55,10 +55,10 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote, unquote, urlsplit
 
-from twllm.runtime.engines.base import Launch
 from twllm.accounting.dburl import mask_password
-from twllm.runtime.state import ROOT_RUN_AS, DB_PASSWORD_FILE, PRIVATE_FILE, mkdir_private, read_or_create_secret
 from twllm.errors import RuntimeFailure
+from twllm.runtime.engines.base import Launch
+from twllm.runtime.state import DB_PASSWORD_FILE, PRIVATE_FILE, ROOT_RUN_AS, mkdir_private, read_or_create_secret
 
 SUPERUSER = "twllm"
 """The PostgreSQL role every twllm process connects as."""
@@ -115,14 +115,16 @@ class EmbeddedPostgres:
     process group, poll ``ready()``, then connect with ``url``. Stop it with ``STOP_SIGNAL``.
     """
 
-    def __init__(self, data_dir: Path, port: int, socket_dir: Path | None = None,
-                 password_file: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, socket_dir: Path | None = None, password_file: Path | None = None
+    ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.port = port
         self.socket_dir = Path(socket_dir).absolute() if socket_dir is not None else None
         """Where the unix socket goes; None listens on TCP only. See ``short_socket_dir``."""
-        self.password_file = (Path(password_file).absolute() if password_file is not None
-                              else password_file_for(self.data_dir))
+        self.password_file = (
+            Path(password_file).absolute() if password_file is not None else password_file_for(self.data_dir)
+        )
         """The ``twllm`` role's password (0600); made by ``initialize()``."""
 
     def password(self) -> str | None:
@@ -207,16 +209,30 @@ class EmbeddedPostgres:
                     os.fchown(handle.fileno(), user.uid, user.gid)
                 handle.write(verifier + "\n")
             _run(
-                [str(bin_dir / "initdb"), "-D", str(staging), "-U", SUPERUSER, "--auth=scram-sha-256",
-                 f"--pwfile={pwfile}", "--encoding=UTF8", "--locale=C", "--no-instructions"],
-                user, secret=verifier,
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(staging),
+                    "-U",
+                    SUPERUSER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                user,
+                secret=verifier,
             )
         finally:
             pwfile.unlink(missing_ok=True)
         _write_hba(staging, user)
         # Single-user mode creates the database without a server, a socket or a port.
-        out = _run([str(bin_dir / "postgres"), "--single", "-D", str(staging), "template1"],
-                   user, stdin=f"CREATE DATABASE {DATABASE}\n")
+        out = _run(
+            [str(bin_dir / "postgres"), "--single", "-D", str(staging), "template1"],
+            user,
+            stdin=f"CREATE DATABASE {DATABASE}\n",
+        )
         if "ERROR:" in out:  # single-user mode reports a failed statement but exits 0
             raise RuntimeFailure(f"cannot create the database {DATABASE!r}: {_tail(out)}")
         if self.data_dir.is_dir():
@@ -240,23 +256,37 @@ class EmbeddedPostgres:
             text = ""
         if _TRUST_LINE.search(text) or self.password() is None:
             verifier = scram_verifier(self._make_password())
-            out = _run([str(bin_dir / "postgres"), "--single", "-D", str(self.data_dir), "template1"],
-                       user, stdin=f"ALTER ROLE {SUPERUSER} PASSWORD '{verifier}'\n", secret=verifier)
+            out = _run(
+                [str(bin_dir / "postgres"), "--single", "-D", str(self.data_dir), "template1"],
+                user,
+                stdin=f"ALTER ROLE {SUPERUSER} PASSWORD '{verifier}'\n",
+                secret=verifier,
+            )
             if "ERROR:" in out:
-                raise RuntimeFailure(f"cannot set the password of the role {SUPERUSER!r}: "
-                                     f"{_tail(out.replace(verifier, '***'))}")
+                raise RuntimeFailure(
+                    f"cannot set the password of the role {SUPERUSER!r}: {_tail(out.replace(verifier, '***'))}"
+                )
         if text != _HBA:
             _write_hba(self.data_dir, user)
 
     def launch(self) -> Launch:
         """The foreground ``postgres`` command (dropping from root first, when run as root)."""
         if not (self.data_dir / "PG_VERSION").is_file():
-            raise RuntimeFailure(f"no PostgreSQL cluster in {self.data_dir}",
-                                 hint="initialize() the embedded database before starting it")
+            raise RuntimeFailure(
+                f"no PostgreSQL cluster in {self.data_dir}",
+                hint="initialize() the embedded database before starting it",
+            )
         self._check_socket_path()
         postgres = postgres_bin_dir(_data_dir_major(self.data_dir)) / "postgres"
-        argv = [str(postgres), "-D", str(self.data_dir), "-p", str(self.port),
-                "-k", str(self.socket_dir) if self.socket_dir is not None else ""]
+        argv = [
+            str(postgres),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.socket_dir) if self.socket_dir is not None else "",
+        ]
         for name, value in SERVER_SETTINGS.items():
             argv += ["-c", f"{name}={value}"]
         user = _run_as(create=False)
@@ -291,8 +321,7 @@ class EmbeddedPostgres:
             for secret in _passwords(maintenance, {}):
                 reason = reason.replace(secret, "***")
             raise RuntimeFailure(
-                f"cannot create the database {DATABASE!r} in the embedded PostgreSQL on port "
-                f"{self.port}: {reason}",
+                f"cannot create the database {DATABASE!r} in the embedded PostgreSQL on port {self.port}: {reason}",
                 hint="see the database log in the state directory",
             ) from None
 
@@ -360,15 +389,19 @@ def check_external(url: str, timeout: float = 5) -> None:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
-    hint = ("check the URL (host, port, database, user, password) and that the server accepts "
-            "connections from this machine, or omit database.url to use the embedded PostgreSQL")
+    hint = (
+        "check the URL (host, port, database, user, password) and that the server accepts "
+        "connections from this machine, or omit database.url to use the embedded PostgreSQL"
+    )
     try:
         params = conninfo_to_dict(url)
     except psycopg.Error:
         # libpq's parse errors quote pieces of the string, which may hold the password.
         raise RuntimeFailure(f"not a valid PostgreSQL URL: {mask_password(url)}", hint=hint) from None
-    where = (f"database {params.get('dbname') or '(default)'!r} on "
-             f"{params.get('host') or '(local socket)'}:{params.get('port') or 5432}")
+    where = (
+        f"database {params.get('dbname') or '(default)'!r} on "
+        f"{params.get('host') or '(local socket)'}:{params.get('port') or 5432}"
+    )
     try:
         with psycopg.connect(url, connect_timeout=max(1, math.ceil(timeout)), autocommit=True) as conn:
             conn.execute("SELECT 1")
@@ -404,13 +437,27 @@ def _run_as(*, create: bool) -> _User | None:
         entry = pwd.getpwnam(ROOT_RUN_AS)
     except KeyError:
         if not create:
-            raise RuntimeFailure(f"the system user {ROOT_RUN_AS!r} does not exist",
-                                 hint="initialize() the embedded database first") from None
+            raise RuntimeFailure(
+                f"the system user {ROOT_RUN_AS!r} does not exist", hint="initialize() the embedded database first"
+            ) from None
         hint = f"create a system user {ROOT_RUN_AS!r}, or run twllm as a user other than root"
         try:
-            subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                            "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", ROOT_RUN_AS],
-                           check=True, capture_output=True, text=True)
+            subprocess.run(
+                [
+                    "useradd",
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    ROOT_RUN_AS,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         except FileNotFoundError:
             raise RuntimeFailure("PostgreSQL cannot run as root and useradd is missing", hint=hint) from None
         except subprocess.CalledProcessError as exc:
@@ -480,8 +527,11 @@ def _acl_entries(folder: Path, mode: int) -> dict[tuple[int, int], int]:
             raise
         raw = b""
     if len(raw) < 12 or struct.unpack_from("<I", raw)[0] != 2:
-        return {(_ACL_USER_OBJ, _ACL_NO_ID): mode >> 6 & 7, (_ACL_GROUP_OBJ, _ACL_NO_ID): mode >> 3 & 7,
-                (_ACL_OTHER, _ACL_NO_ID): mode & 7}
+        return {
+            (_ACL_USER_OBJ, _ACL_NO_ID): mode >> 6 & 7,
+            (_ACL_GROUP_OBJ, _ACL_NO_ID): mode >> 3 & 7,
+            (_ACL_OTHER, _ACL_NO_ID): mode & 7,
+        }
     entries = {}
     for offset in range(4, len(raw) - 7, 8):
         tag, perm, ident = struct.unpack_from("<HHI", raw, offset)
@@ -507,8 +557,9 @@ def _acl_grant_search(folder: Path, uid: int) -> None:
     entries[(_ACL_USER, uid)] = entries.get((_ACL_USER, uid), 0) | _X
     mask = (_ACL_MASK, _ACL_NO_ID)
     entries[mask] = entries.get(mask, entries[(_ACL_GROUP_OBJ, _ACL_NO_ID)]) | _X
-    raw = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident)
-                                          for (tag, ident), perm in sorted(entries.items()))
+    raw = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, ident) for (tag, ident), perm in sorted(entries.items())
+    )
     os.setxattr(folder, _ACL_XATTR, raw)
 
 
@@ -531,8 +582,10 @@ def _prepare_socket_dir(socket_dir: Path, user: _User | None) -> None:
     owner = user.uid if user is not None else os.geteuid()
     info = socket_dir.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid not in {owner, os.geteuid()}:
-        raise RuntimeFailure(f"the socket folder {socket_dir} is not a folder of this user",
-                             hint="remove it, or choose another socket folder")
+        raise RuntimeFailure(
+            f"the socket folder {socket_dir} is not a folder of this user",
+            hint="remove it, or choose another socket folder",
+        )
     if user is not None:
         os.chown(socket_dir, user.uid, user.gid)
         _grant_search(socket_dir.parent, user)
@@ -544,8 +597,9 @@ def _run(argv: list[str], user: _User | None, stdin: str | None = None, secret: 
     (never showing ``secret``)."""
     as_user = {"user": user.uid, "group": user.gid, "extra_groups": []} if user is not None else {}
     try:
-        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "LC_ALL": "C"}, **as_user)
+        done = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=300, env={**os.environ, "LC_ALL": "C"}, **as_user
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeFailure(f"{Path(argv[0]).name} could not run: {exc}", hint=_INSTALL_HINT) from exc
     output = done.stdout + done.stderr
@@ -553,8 +607,10 @@ def _run(argv: list[str], user: _User | None, stdin: str | None = None, secret: 
         output = output.replace(secret, "***")
     if done.returncode != 0:
         who = f" (as the system user {ROOT_RUN_AS!r}, who must reach the binaries and the data)"
-        raise RuntimeFailure(f"{Path(argv[0]).name} failed{who if user else ''}: {_tail(output)}",
-                             hint="check that the state directory is writable and has free space")
+        raise RuntimeFailure(
+            f"{Path(argv[0]).name} failed{who if user else ''}: {_tail(output)}",
+            hint="check that the state directory is writable and has free space",
+        )
     return output
 
 

@@ -13,8 +13,9 @@ from twllm.runtime.database import DATABASE, SUPERUSER, EmbeddedPostgres
 from twllm.runtime.state import StateDir
 
 
-def database_url(source: StateDir | Path | str | Mapping[str, Any] | Any,
-                 environ: Mapping[str, str] | None = None) -> str:
+def database_url(
+    source: StateDir | Path | str | Mapping[str, Any] | Any, environ: Mapping[str, str] | None = None
+) -> str:
     """The URL of a deployment's database, from its state directory or its plan.
 
     ``source`` is a state directory (path or StateDir; its plan.json is read), a plan as a dict
@@ -29,8 +30,10 @@ def database_url(source: StateDir | Path | str | Mapping[str, Any] | Any,
     if db.get("embedded"):
         port = db.get("port")
         if not isinstance(port, int):
-            raise RuntimeFailure("the plan's embedded database has no port",
-                                 hint="deploy (or render) the spec again to rewrite plan.json")
+            raise RuntimeFailure(
+                "the plan's embedded database has no port",
+                hint="deploy (or render) the spec again to rewrite plan.json",
+            )
         data_dir = db.get("data_dir") or (Path(plan["state_dir"]) / "postgres" if plan.get("state_dir") else None)
         if not data_dir:
             return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{DATABASE}"
@@ -39,12 +42,15 @@ def database_url(source: StateDir | Path | str | Mapping[str, Any] | Any,
         return str(db["url"])
     var = db.get("url_env")
     if not var:
-        raise RuntimeFailure("the plan names no database URL",
-                             hint="set database.url in the spec, or omit it for the embedded database")
+        raise RuntimeFailure(
+            "the plan names no database URL", hint="set database.url in the spec, or omit it for the embedded database"
+        )
     value = env.get(var, "")
     if not value:
-        raise RuntimeFailure(f"the database URL is read from ${var}, which is not set",
-                             hint=f"export {var} as when the deployment was started")
+        raise RuntimeFailure(
+            f"the database URL is read from ${var}, which is not set",
+            hint=f"export {var} as when the deployment was started",
+        )
     return value
 
 
@@ -54,8 +60,10 @@ def _plan(source: Any) -> Mapping[str, Any]:
     if isinstance(source, StateDir):
         plan = source.read_plan()
         if plan is None:
-            raise RuntimeFailure(f"no plan.json in {source.root}",
-                                 hint="pass the state directory of a deployment (twllm deploy writes it)")
+            raise RuntimeFailure(
+                f"no plan.json in {source.root}",
+                hint="pass the state directory of a deployment (twllm deploy writes it)",
+            )
         source = plan
     if is_dataclass(source) and not isinstance(source, type):
         source = asdict(source)
@@ -64,6 +72,7 @@ def _plan(source: Any) -> Mapping[str, Any]:
 
 def _database_section(plan: Mapping[str, Any]) -> Mapping[str, Any]:
     if not isinstance(plan.get("database"), Mapping):
-        raise RuntimeFailure("the plan has no database section",
-                             hint="deploy (or render) the spec again to rewrite plan.json")
+        raise RuntimeFailure(
+            "the plan has no database section", hint="deploy (or render) the spec again to rewrite plan.json"
+        )
     return plan["database"]

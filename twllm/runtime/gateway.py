@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import httpx
 
-from twllm.runtime.engines.base import Launch
 from twllm.plan.build import ENGINE_KEY_ENV, GatewayPlan
 from twllm.render.gateway_config import GATEWAY_SETTINGS, LITELLM_CONFIG, SETTINGS_ENV
+from twllm.runtime.engines.base import Launch
 
 PROBE_TEXT = "ping"
 
@@ -22,12 +22,28 @@ DATABASE_URL_ENV = "TWLLM_DATABASE_URL"
 SPOOL_DIR_ENV = "TWLLM_SPOOL_DIR"
 
 
-def gateway_launch(gw: GatewayPlan, rendered: Path, secrets: Mapping[str, str], database_url: str | None = None,
-                   spool_dir: Path | None = None) -> Launch:
+def gateway_launch(
+    gw: GatewayPlan,
+    rendered: Path,
+    secrets: Mapping[str, str],
+    database_url: str | None = None,
+    spool_dir: Path | None = None,
+) -> Launch:
     """The gateway command: LiteLLM's proxy app behind twllm's shield (``twllm.gateway.serve``),
     run with twllm's own Python so our hooks import."""
-    argv = [sys.executable, "-m", "twllm.gateway.serve", "--config", str(rendered / LITELLM_CONFIG),
-            "--host", gw.host, "--port", str(gw.port), "--workers", str(gw.workers)]
+    argv = [
+        sys.executable,
+        "-m",
+        "twllm.gateway.serve",
+        "--config",
+        str(rendered / LITELLM_CONFIG),
+        "--host",
+        gw.host,
+        "--port",
+        str(gw.port),
+        "--workers",
+        str(gw.workers),
+    ]
     if gw.tls_cert and gw.tls_key:
         argv += ["--ssl-certfile", gw.tls_cert, "--ssl-keyfile", gw.tls_key]
     env = {
@@ -54,17 +70,27 @@ def gateway_ready(gw: GatewayPlan, master_key: str, timeout: float = 30.0) -> bo
     headers = {"Authorization": f"Bearer {master_key}"}
     try:
         if gw.probe_model is not None:
-            body = {"model": gw.probe_model, "max_tokens": 1, "temperature": 0,
-                    "messages": [{"role": "user", "content": PROBE_TEXT}]}
-            reply = httpx.post(f"{base}/chat/completions", json=body, headers=headers, timeout=timeout,
-                               trust_env=False, verify=_verify(gw))
+            body = {
+                "model": gw.probe_model,
+                "max_tokens": 1,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": PROBE_TEXT}],
+            }
+            reply = httpx.post(
+                f"{base}/chat/completions",
+                json=body,
+                headers=headers,
+                timeout=timeout,
+                trust_env=False,
+                verify=_verify(gw),
+            )
         elif gw.probe_embed_model is not None:
             body = {"model": gw.probe_embed_model, "input": PROBE_TEXT}
-            reply = httpx.post(f"{base}/embeddings", json=body, headers=headers, timeout=timeout,
-                               trust_env=False, verify=_verify(gw))
+            reply = httpx.post(
+                f"{base}/embeddings", json=body, headers=headers, timeout=timeout, trust_env=False, verify=_verify(gw)
+            )
         else:
-            reply = httpx.get(f"{base}/models", headers=headers, timeout=timeout, trust_env=False,
-                              verify=_verify(gw))
+            reply = httpx.get(f"{base}/models", headers=headers, timeout=timeout, trust_env=False, verify=_verify(gw))
     except httpx.HTTPError:
         return False
     return reply.status_code == 200

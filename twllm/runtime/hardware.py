@@ -24,8 +24,10 @@ def detect_gpus() -> GpuInventory | None:
         handle = ctypes.c_void_p()
         memory_gib = None
         if nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) == 0:
+
             class _Memory(ctypes.Structure):
                 _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
             mem = _Memory()
             if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) == 0:
                 memory_gib = round(mem.total / 2**30, 1)
@@ -33,11 +35,13 @@ def detect_gpus() -> GpuInventory | None:
     finally:
         try:
             nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - best effort on a foreign library
+        except Exception:
             pass
 
 
-def inventory(flag_gpus: int | None, spec_gpus: int, spec_memory_gib: float | None, env_gpus: int | None = None) -> GpuInventory:
+def inventory(
+    flag_gpus: int | None, spec_gpus: int, spec_memory_gib: float | None, env_gpus: int | None = None
+) -> GpuInventory:
     """--gpus wins, then NVML, then TWLLM_GPUS, then the spec's hardware section."""
     if flag_gpus is not None:
         return GpuInventory(flag_gpus, spec_memory_gib, "--gpus")

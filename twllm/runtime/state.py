@@ -27,9 +27,10 @@ import pwd
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -85,7 +86,7 @@ class DeploymentState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DeploymentState":
+    def from_dict(cls, data: dict[str, Any]) -> DeploymentState:
         comps = [ComponentState(**c) for c in data.get("components", [])]
         return cls(**{**data, "components": comps})
 
@@ -116,8 +117,7 @@ class StateDir:
 
     def engine_key(self) -> str:
         """The key engines require, generated once per state directory (file mode 0600)."""
-        return read_or_create_secret(self.secrets_dir / "engine_key",
-                                     lambda: "sk-engine-" + secrets.token_urlsafe(24))
+        return read_or_create_secret(self.secrets_dir / "engine_key", lambda: "sk-engine-" + secrets.token_urlsafe(24))
 
     def read_state(self) -> DeploymentState | None:
         try:
@@ -141,7 +141,7 @@ class StateDir:
             settings = json.loads((self.rendered / "gateway.json").read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return sorted(((settings.get("guard") or {}).get("policies") or {}))
+        return sorted((settings.get("guard") or {}).get("policies") or {})
 
     def supervisor_alive(self) -> int | None:
         """The supervisor's pid when it is running, else None."""
@@ -206,8 +206,7 @@ def tighten(root: Path) -> None:
         here = Path(folder)
         for name in [*dirs, *files]:
             _strip(here / name, me, 0)
-        dirs[:] = [d for d in dirs if (here / d).lstat().st_uid == me
-                   and not (here == root and d in _NOT_TIGHTENED)]
+        dirs[:] = [d for d in dirs if (here / d).lstat().st_uid == me and not (here == root and d in _NOT_TIGHTENED)]
     _strip(root, me, 0o010 if _is_postgres_group(root.stat().st_gid) else 0)
 
 

@@ -21,16 +21,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from twllm.errors import EXIT_NOT_READY, TwllmError
+from twllm.plan.build import ENGINE_KEY_ENV, Plan, plan_from_dict
 from twllm.runtime.components import KIND_ORDER, Component, build_components
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.logs import RotatingLog
-from twllm.plan.build import ENGINE_KEY_ENV, Plan, plan_from_dict
 from twllm.runtime.state import ComponentState, DeploymentState, StateDir, write_atomic
-from twllm.errors import EXIT_NOT_READY, TwllmError
 
 UMASK = 0o077
 """Of the supervisor and every process it starts: what they create is readable by this user only."""
@@ -77,8 +77,13 @@ def runtime_context(sd: StateDir, plan: Plan, env: dict[str, str] | None = None)
 class Supervisor:
     """Runs one deployment until told to stop."""
 
-    def __init__(self, sd: StateDir, plan: Plan, ctx: RuntimeContext,
-                 components: Callable[[Plan, RuntimeContext, Path], list[Component]] = build_components) -> None:
+    def __init__(
+        self,
+        sd: StateDir,
+        plan: Plan,
+        ctx: RuntimeContext,
+        components: Callable[[Plan, RuntimeContext, Path], list[Component]] = build_components,
+    ) -> None:
         self.build = components
         self.sd = sd
         self.plan = plan
@@ -172,7 +177,7 @@ class Supervisor:
             return
         try:
             maintain(url, self.plan.database.retention_days)
-        except Exception as exc:  # noqa: BLE001 - retried tomorrow; visible in the supervisor log
+        except Exception as exc:
             print(f"twllm: ledger maintenance failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     def _may_start(self, run: _Run) -> bool:
@@ -226,8 +231,14 @@ class Supervisor:
         env = {**os.environ, **launch.env}
         try:
             run.proc = subprocess.Popen(
-                launch.argv, env=env, cwd=launch.cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, umask=UMASK,
+                launch.argv,
+                env=env,
+                cwd=launch.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                umask=UMASK,
             )
         except OSError as exc:
             self._fail_start(run, now, f"cannot run {launch.argv[0]}: {exc.strerror}")
@@ -243,7 +254,7 @@ class Supervisor:
                 comp.provision(lambda line: self._detail(run, line))
             except TwllmError as exc:
                 run.provision_error = exc.message
-            except Exception as exc:  # noqa: BLE001 - reported as the component's failure
+            except Exception as exc:
                 run.provision_error = f"{type(exc).__name__}: {exc}"
 
         run.provision_thread = threading.Thread(target=provision, daemon=True, name=f"provision-{comp.name}")
@@ -294,8 +305,11 @@ class Supervisor:
         self.ctx = runtime_context(self.sd, plan)
         self.state.gateway_url = plan.gateway.url
         new = self.build(plan, self.ctx, self.sd.rendered)
-        keep = {c.name for c in new if (r := self._run(c.name)) and r.comp.fingerprint == c.fingerprint
-                and r.phase == "ready"}
+        keep = {
+            c.name
+            for c in new
+            if (r := self._run(c.name)) and r.comp.fingerprint == c.fingerprint and r.phase == "ready"
+        }
         for run in [r for r in reversed(self.runs) if r.comp.name not in keep]:
             self._stop(run)
         self.runs = [r for r in self.runs if r.comp.name in keep]
@@ -309,8 +323,13 @@ class Supervisor:
     def _adopt(self, components: list[Component]) -> None:
         for comp in components:
             old = self.state.component(comp.name)
-            state = ComponentState(name=comp.name, kind=comp.kind, port=comp.port, fingerprint=comp.fingerprint,
-                                   restarts=old.restarts if old else 0)
+            state = ComponentState(
+                name=comp.name,
+                kind=comp.kind,
+                port=comp.port,
+                fingerprint=comp.fingerprint,
+                restarts=old.restarts if old else 0,
+            )
             self.runs.append(_Run(comp=comp, state=state))
 
     def _run(self, name: str) -> _Run | None:
@@ -361,8 +380,7 @@ class Supervisor:
         self.sd.write_state(self.state)
 
 
-def stop_group(pgid: int, timeout: float, proc: subprocess.Popen | None = None,
-               sig: int = signal.SIGTERM) -> None:
+def stop_group(pgid: int, timeout: float, proc: subprocess.Popen | None = None, sig: int = signal.SIGTERM) -> None:
     """Signal a process group (SIGTERM unless told), SIGKILL it after ``timeout``; reap ``proc``."""
     try:
         os.killpg(pgid, sig)

@@ -65,8 +65,12 @@ def spec_layers(spec: Spec) -> dict[str, Any]:
     models = {}
     for m in spec.models:
         if m.guard is not None or m.zh_tw is not None or m.system_prompt is not None:
-            models[m.name] = {"override": override_dict(m.guard), "zh_tw": m.zh_tw,
-                              "system_prompt": m.system_prompt, "task": m.task or "chat"}
+            models[m.name] = {
+                "override": override_dict(m.guard),
+                "zh_tw": m.zh_tw,
+                "system_prompt": m.system_prompt,
+                "task": m.task or "chat",
+            }
     return {
         "base": spec.guard.model_dump(mode="json", exclude={"policies"}),
         "models": models,

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from twllm.spec.source import Path_, SpecSource, format_path
 from twllm.errors import SpecIssue, did_you_mean
+from twllm.spec.source import Path_, SpecSource, format_path
 
 _PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.*)$", re.S)
 
@@ -25,8 +25,9 @@ def issues_from_validation(exc: ValidationError, source: SpecSource, root: type[
         if member is not None:
             # A value that matches none of a union's types: one issue, not one per type.
             union_misses.setdefault(loc, []).append(member)
-            message = f"has the wrong type ({type(err.get('input')).__name__}); expected one of: " \
-                      + ", ".join(union_misses[loc])
+            message = f"has the wrong type ({type(err.get('input')).__name__}); expected one of: " + ", ".join(
+                union_misses[loc]
+            )
         else:
             message = _message(err, loc, root)
             if err["type"] == "value_error":

@@ -8,26 +8,33 @@ found in one pass are reported together.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import ValidationError
 
-from twllm.spec.located_errors import issues_from_validation
-from twllm.spec.source import Path_, SpecSource, format_path, load_source, parse_source
-from twllm.spec.guard_layers import effective_guards
-from twllm.spec.schema import ModelSpec, Spec
 from twllm.errors import RegistryError, SpecError, SpecIssue, did_you_mean
 from twllm.model_registry import ModelEntry, Registry, load_registry
-
+from twllm.spec.guard_layers import effective_guards
+from twllm.spec.located_errors import issues_from_validation
+from twllm.spec.schema import ModelSpec, Spec
+from twllm.spec.source import Path_, SpecSource, format_path, load_source, parse_source
 
 # vLLM flags twllm sets from typed fields; engine_args may not set them behind the plan's back.
 RESERVED_FLAGS = {
-    "model": "model / source", "served-model-name": "name", "host": "engines.host", "port": "port",
-    "tensor-parallel-size": "tensor_parallel", "pipeline-parallel-size": "pipeline_parallel",
-    "max-model-len": "max_model_len", "dtype": "dtype", "quantization": "quantization",
-    "gpu-memory-utilization": "gpu_memory_utilization", "api-key": "(managed by twllm)",
+    "model": "model / source",
+    "served-model-name": "name",
+    "host": "engines.host",
+    "port": "port",
+    "tensor-parallel-size": "tensor_parallel",
+    "pipeline-parallel-size": "pipeline_parallel",
+    "max-model-len": "max_model_len",
+    "dtype": "dtype",
+    "quantization": "quantization",
+    "gpu-memory-utilization": "gpu_memory_utilization",
+    "api-key": "(managed by twllm)",
 }
 
 
@@ -83,8 +90,9 @@ def load_spec(path: Path, env: Mapping[str, str] | None = None, registry: Regist
     return LoadedSpec(loaded.spec, loaded.source, loaded.models, Path(path))
 
 
-def parse_spec(text: str, name: str = "<spec>", env: Mapping[str, str] | None = None,
-               registry: Registry | None = None) -> LoadedSpec:
+def parse_spec(
+    text: str, name: str = "<spec>", env: Mapping[str, str] | None = None, registry: Registry | None = None
+) -> LoadedSpec:
     """Like load_spec, from text (for tests and stdin)."""
     return _validate(parse_source(text, name, os.environ if env is None else env), registry)
 
@@ -128,19 +136,35 @@ class _Checker:
         engine, device = m.resolved_engine, m.resolved_device
         weights, kind = _weights(m, entry, engine, self.base)
         if engine == "ollama" and weights is None and entry is not None:
-            self.add((*at, "model"), f"'{entry.id}' has no Ollama tag; give source.ollama or source.gguf, or use engine: vllm")
+            self.add(
+                (*at, "model"),
+                f"'{entry.id}' has no Ollama tag; give source.ollama or source.gguf, or use engine: vllm",
+            )
         for flag in m.engine_args:
             if engine == "ollama":
-                self.add((*at, "engine_args", flag), "engine_args are vLLM flags; ollama takes its settings from the ollama section")
+                self.add(
+                    (*at, "engine_args", flag),
+                    "engine_args are vLLM flags; ollama takes its settings from the ollama section",
+                )
             elif flag.lstrip("-") in RESERVED_FLAGS:
-                self.add((*at, "engine_args", flag), f"set by twllm; use the field `{RESERVED_FLAGS[flag.lstrip('-')]}` instead")
+                self.add(
+                    (*at, "engine_args", flag),
+                    f"set by twllm; use the field `{RESERVED_FLAGS[flag.lstrip('-')]}` instead",
+                )
         args = dict(entry.engine_args) if entry is not None and engine == "vllm" else {}
         args.update({k.lstrip("-"): v for k, v in m.engine_args.items()})
         return ResolvedModel(
-            spec=m, entry=entry, engine=engine, device=device, task=task,
-            weights=weights or "", weights_kind=kind, dtype=m.dtype,
+            spec=m,
+            entry=entry,
+            engine=engine,
+            device=device,
+            task=task,
+            weights=weights or "",
+            weights_kind=kind,
+            dtype=m.dtype,
             context_length=entry.context_length if entry else None,
-            engine_args=args, gpus_per_replica=m.gpus_per_replica,
+            engine_args=args,
+            gpus_per_replica=m.gpus_per_replica,
         )
 
     def _check_entry(self, at: Path_, m: ModelSpec, entry: ModelEntry, task: str) -> None:
@@ -149,11 +173,16 @@ class _Checker:
         if task == "chat" and entry.task == "embed":
             self.add((*at, "task"), f"'{entry.id}' is an embedding model; set task: embed")
         if entry.task == "classify":
-            self.add((*at, "model"), f"'{entry.id}' is a classifier run inside the gateway; "
-                                     "use it under guard.prompt_guard.model, not in models")
+            self.add(
+                (*at, "model"),
+                f"'{entry.id}' is a classifier run inside the gateway; "
+                "use it under guard.prompt_guard.model, not in models",
+            )
         if m.max_model_len is not None and m.max_model_len > entry.context_length:
-            self.add((*at, "max_model_len"),
-                     f"{m.max_model_len} exceeds the context length of '{entry.id}' ({entry.context_length})")
+            self.add(
+                (*at, "max_model_len"),
+                f"{m.max_model_len} exceeds the context length of '{entry.id}' ({entry.context_length})",
+            )
 
     def cross_model(self, spec: Spec, registry: Registry) -> None:
         names: dict[str, int] = {}
@@ -189,8 +218,11 @@ class _Checker:
         try:
             entry = registry.get(ref)
         except RegistryError:
-            self.add(path, f"'{ref}' is neither a model of this spec nor a registry id"
-                           f"{did_you_mean(ref, [*names, *registry.ids])}")
+            self.add(
+                path,
+                f"'{ref}' is neither a model of this spec nor a registry id"
+                f"{did_you_mean(ref, [*names, *registry.ids])}",
+            )
             return
         if entry.task != task:
             self.add(path, f"'{ref}' is a {entry.task} model, not a {task} model")

@@ -8,7 +8,7 @@ facts about the host (ports, GPUs, binaries) are checked later, never here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -16,11 +16,18 @@ from twllm.spec.secret_refs import DatabaseUrl, EnvSecret
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
-ArgValue = Union[bool, int, float, str, list[str]]
+ArgValue = bool | int | float | str | list[str]
 GuardStage = Literal["pii", "prompt_guard", "llama_guard", "zh_tw"]
 PiiEntity = Literal[
-    "tw_national_id", "tw_resident_id", "tw_business_id", "tw_phone", "email", "credit_card",
-    "tw_nhi_card", "bank_account", "tw_address",
+    "tw_national_id",
+    "tw_resident_id",
+    "tw_business_id",
+    "tw_phone",
+    "email",
+    "credit_card",
+    "tw_nhi_card",
+    "bank_account",
+    "tw_address",
 ]
 GuardCategory = Annotated[str, StringConstraints(pattern=r"^S([1-9]|1[0-4])$")]
 
@@ -53,9 +60,9 @@ class GatewaySpec(_Model):
     """Seconds before a request to an engine is abandoned (LiteLLM's default is 6000)."""
     num_retries: int = Field(1, ge=0, le=10)
     """Retries of a failed request on another deployment of the same model."""
-    routing_strategy: Literal[
-        "simple-shuffle", "least-busy", "latency-based-routing", "usage-based-routing-v2"
-    ] = "simple-shuffle"
+    routing_strategy: Literal["simple-shuffle", "least-busy", "latency-based-routing", "usage-based-routing-v2"] = (
+        "simple-shuffle"
+    )
     """How LiteLLM picks among the replicas of one model."""
     cooldown_s: float = Field(30.0, ge=0, le=3600)
     """Seconds a deployment is skipped after it fails allowed_fails times in a minute."""
@@ -75,7 +82,7 @@ class GatewaySpec(_Model):
     """Browser origins allowed to call the gateway (e.g. https://app.example.tw); none by default."""
 
     @model_validator(mode="after")
-    def _key_prefix(self) -> "GatewaySpec":
+    def _key_prefix(self) -> GatewaySpec:
         if not self.master_key.reveal().startswith("sk-"):
             raise ValueError(
                 f"master_key: the value of {self.master_key.var} must start with 'sk-' "
@@ -130,7 +137,11 @@ class PiiSpec(_Model):
     action: Literal["mask", "block", "log"] = "mask"
     """Default action for every entity."""
     entities: list[PiiEntity] = [
-        "tw_national_id", "tw_resident_id", "tw_phone", "email", "credit_card",
+        "tw_national_id",
+        "tw_resident_id",
+        "tw_phone",
+        "email",
+        "credit_card",
     ]
     """Entities looked for."""
     actions: dict[PiiEntity, Literal["mask", "block", "log"]] = {}
@@ -168,7 +179,7 @@ class GuardPolicySpec(_Model):
     pii: PiiSpec | None = None
 
     @model_validator(mode="after")
-    def _stages(self) -> "GuardPolicySpec":
+    def _stages(self) -> GuardPolicySpec:
         _check_stages(self.input, self.output)
         return self
 
@@ -193,7 +204,7 @@ class GuardSpec(_Model):
     --guard-policy NAME`); applied on top of the gateway-wide and the model's settings."""
 
     @model_validator(mode="after")
-    def _stages(self) -> "GuardSpec":
+    def _stages(self) -> GuardSpec:
         _check_stages(self.input, self.output)
         return self
 
@@ -249,7 +260,7 @@ class SourceSpec(_Model):
     """An Ollama library tag, e.g. phi4-mini or llama3.2:3b."""
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "SourceSpec":
+    def _exactly_one(self) -> SourceSpec:
         given = [k for k in ("hf", "path", "gguf", "ollama") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
@@ -325,7 +336,7 @@ class ModelSpec(_Model):
     """System prompt added to chat requests that bring none (overrides guard.zh_tw.system_prompt)."""
 
     @model_validator(mode="after")
-    def _engine_rules(self) -> "ModelSpec":
+    def _engine_rules(self) -> ModelSpec:
         if self.model is None and self.source is None:
             raise ValueError("give `model` (a registry id) or `source`")
         engine = self.resolved_engine
@@ -346,9 +357,7 @@ class ModelSpec(_Model):
                         raise ValueError(f"{field}: not available with device: cpu")
             tp, pp = self.tensor_parallel or 1, self.pipeline_parallel or 1
             if self.gpus is not None and (self.tensor_parallel or self.pipeline_parallel) and self.gpus != tp * pp:
-                raise ValueError(
-                    f"gpus: {self.gpus} does not equal tensor_parallel × pipeline_parallel = {tp * pp}"
-                )
+                raise ValueError(f"gpus: {self.gpus} does not equal tensor_parallel × pipeline_parallel = {tp * pp}")
         if self.name in self.fallbacks:
             raise ValueError("fallbacks: a model cannot fall back to itself")
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import PlainValidator, PlainSerializer, WithJsonSchema
+from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
 from twllm.spec.source import EnvStr
 
@@ -54,8 +54,7 @@ def _env_secret(value: Any) -> SecretRef:
     if isinstance(value, EnvStr):
         if value.has_default:
             raise ValueError(
-                f"a secret cannot have a default in the spec file: write ${{{value.var}}} "
-                "and set the variable"
+                f"a secret cannot have a default in the spec file: write ${{{value.var}}} and set the variable"
             )
         if not value:
             raise ValueError(f"environment variable {value.var} is empty")
@@ -76,10 +75,7 @@ def _database_url(value: Any) -> SecretRef:
         if parts.scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
         if parts.password:
-            raise ValueError(
-                "this URL holds a password: put it in an environment variable and write "
-                "${DATABASE_URL}"
-            )
+            raise ValueError("this URL holds a password: put it in an environment variable and write ${DATABASE_URL}")
         return SecretRef(None, value)
     raise ValueError("expected a postgresql:// URL or a ${VAR} reference")
 
@@ -100,9 +96,11 @@ DatabaseUrl = Annotated[
     SecretRef,
     PlainValidator(_database_url),
     PlainSerializer(_serialize, return_type=str),
-    WithJsonSchema({
-        "type": "string",
-        "description": "postgresql:// URL without a password, or a ${VAR} reference.",
-    }),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "postgresql:// URL without a password, or a ${VAR} reference.",
+        }
+    ),
 ]
 """A database URL: a ``${VAR}`` reference, or a literal URL that holds no password."""

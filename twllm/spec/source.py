@@ -10,9 +10,10 @@ The result keeps three things the rest of the spec code needs:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -34,7 +35,7 @@ class EnvStr(str):
     var: str
     has_default: bool
 
-    def __new__(cls, value: str, var: str, has_default: bool = False) -> "EnvStr":
+    def __new__(cls, value: str, var: str, has_default: bool = False) -> EnvStr:
         obj = super().__new__(cls, value)
         obj.var = var
         obj.has_default = has_default
@@ -156,10 +157,14 @@ def _interpolate(text: str, path: Path_, src: SpecSource, env: Mapping[str, str]
 
     result = _REF.sub(substitute, text)
     for var in missing:
-        issues.append(SpecIssue(
-            src.file, src.line_of(path), format_path(path),
-            f"environment variable {var} is not set (write ${{{var}:-default}} for a default)",
-        ))
+        issues.append(
+            SpecIssue(
+                src.file,
+                src.line_of(path),
+                format_path(path),
+                f"environment variable {var} is not set (write ${{{var}:-default}} for a default)",
+            )
+        )
     if whole:
         src.env_refs[path] = whole.group(1)
         return EnvStr(result, whole.group(1), whole.group(2) is not None)

@@ -52,8 +52,21 @@ def read_dictionary(name: str) -> dict[str, list[str]]:
     clib = _clib()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.txt"
-        subprocess.run([str(clib / "bin" / "opencc_dict"), "-i", str(clib / "share" / "opencc" / f"{name}.ocd2"),
-                        "-o", str(out), "-f", "ocd2", "-t", "text"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                str(clib / "bin" / "opencc_dict"),
+                "-i",
+                str(clib / "share" / "opencc" / f"{name}.ocd2"),
+                "-o",
+                str(out),
+                "-f",
+                "ocd2",
+                "-t",
+                "text",
+            ],
+            check=True,
+            capture_output=True,
+        )
         entries: dict[str, list[str]] = {}
         for line in out.read_text(encoding="utf-8").splitlines():
             key, _, values = line.partition("\t")
@@ -63,10 +76,15 @@ def read_dictionary(name: str) -> dict[str, list[str]]:
 
 def derive(st: dict[str, list[str]], ts: dict[str, list[str]], tw: dict[str, list[str]]) -> tuple[str, str]:
     """(Simplified-only characters, Traditional-only characters), each sorted."""
-    traditional_forms = {c for values in st.values() for c in values} | set(ts) | {
-        c for values in tw.values() for c in values} | set(tw)
-    simplified_only = {k for k, values in st.items()
-                       if len(k) == 1 and k not in values and k not in traditional_forms} - TAIWAN_STANDARD
+    traditional_forms = (
+        {c for values in st.values() for c in values}
+        | set(ts)
+        | {c for values in tw.values() for c in values}
+        | set(tw)
+    )
+    simplified_only = {
+        k for k, values in st.items() if len(k) == 1 and k not in values and k not in traditional_forms
+    } - TAIWAN_STANDARD
     simplified_forms = set(st) | {c for values in ts.values() for c in values}
     traditional_only = {k for k, values in ts.items() if len(k) == 1 and k not in values and k not in simplified_forms}
     traditional_only |= {c for values in tw.values() for c in values if c not in simplified_forms}
@@ -75,10 +93,10 @@ def derive(st: dict[str, list[str]], ts: dict[str, list[str]], tw: dict[str, lis
 
 def render() -> str:
     simplified_only, traditional_only = derive(*(read_dictionary(name) for name in DICTIONARIES))
-    wrap = lambda s: "\n".join(f'    "{s[i:i + 64]}"' for i in range(0, len(s), 64))  # noqa: E731
+    wrap = lambda s: "\n".join(f'    "{s[i : i + 64]}"' for i in range(0, len(s), 64))  # noqa: E731
     return (
         '"""Simplified-only and Traditional-only characters, generated from OpenCC '
-        f'{opencc.__version__}: do not edit.\n\n'
+        f"{opencc.__version__}: do not edit.\n\n"
         "Regenerate with `python -m twllm.zh_tw.build_charsets` after changing the opencc pin.\n"
         '"""\n\n'
         f"OPENCC_VERSION = {opencc.__version__!r}\n\n"
@@ -88,7 +106,7 @@ def render() -> str:
 
 
 def _wrap(text: str, width: int = 64) -> str:
-    return "\n".join(f'    "{text[i:i + width]}"' for i in range(0, len(text), width))
+    return "\n".join(f'    "{text[i : i + width]}"' for i in range(0, len(text), width))
 
 
 def phrase_data() -> dict[str, object]:
@@ -100,8 +118,13 @@ def phrase_data() -> dict[str, object]:
     _, traditional_only = derive(*(read_dictionary(name) for name in DICTIONARIES))
     shared = "".join(sorted(set(traditional_only) & {c for key in segmentation for c in key}))
     assert all(" " not in key and "\n" not in key for key in segmentation + taiwan)
-    return {"opencc": opencc.__version__, "segmentation": segmentation, "taiwan": taiwan, "pairs": pairs,
-            "shared": shared}
+    return {
+        "opencc": opencc.__version__,
+        "segmentation": segmentation,
+        "taiwan": taiwan,
+        "pairs": pairs,
+        "shared": shared,
+    }
 
 
 def shipped_phrase_data() -> dict[str, object]:
@@ -110,9 +133,13 @@ def shipped_phrase_data() -> dict[str, object]:
     from twllm.zh_tw import phrases
 
     packed = base64.b85decode("".join(phrases.SEGMENTATION_KEYS_XZ_B85))
-    return {"opencc": phrases.OPENCC_VERSION, "segmentation": lzma.decompress(packed).decode("utf-8").split("\n"),
-            "taiwan": phrases.TAIWAN_PHRASE_KEYS.split(" "), "pairs": phrases.COMPATIBILITY_PAIRS,
-            "shared": phrases.SHARED_TRADITIONAL}
+    return {
+        "opencc": phrases.OPENCC_VERSION,
+        "segmentation": lzma.decompress(packed).decode("utf-8").split("\n"),
+        "taiwan": phrases.TAIWAN_PHRASE_KEYS.split(" "),
+        "pairs": phrases.COMPATIBILITY_PAIRS,
+        "shared": phrases.SHARED_TRADITIONAL,
+    }
 
 
 def render_phrases(data: dict | None = None) -> str:
@@ -121,14 +148,14 @@ def render_phrases(data: dict | None = None) -> str:
     packed = base64.b85encode(lzma.compress("\n".join(segmentation).encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
     return (
         '"""OpenCC phrase keys for cutting a stream (see build_charsets.py), generated from OpenCC '
-        f'{data["opencc"]}: do not edit.\n\n'
+        f"{data['opencc']}: do not edit.\n\n"
         "Regenerate with `python -m twllm.zh_tw.build_charsets` after changing the opencc pin.\n"
         '"""\n\n'
         f"OPENCC_VERSION = {data['opencc']!r}\n\n"
         f"SEGMENTATION_KEY_COUNT = {len(segmentation)}\n"
         f"MAX_SEGMENTATION_KEY = {max(map(len, segmentation))}\n"
         "SEGMENTATION_KEYS_XZ_B85 = (\n"
-        + "\n".join(f'    "{packed[i:i + 88].decode("ascii")}"' for i in range(0, len(packed), 88))
+        + "\n".join(f'    "{packed[i : i + 88].decode("ascii")}"' for i in range(0, len(packed), 88))
         + "\n)\n"
         '"""STPhrases and STPhrases_GeneratedFromRegionalPhrases keys, sorted, one per line: xz, base85."""\n\n'
         f"TAIWAN_PHRASE_KEYS = (\n{_wrap(' '.join(taiwan))}\n)\n"

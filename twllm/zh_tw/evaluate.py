@@ -21,8 +21,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 
 from twllm.errors import EXIT_INVALID, EXIT_NOT_READY, TwllmError, did_you_mean
-from twllm.zh_tw.normalize import is_simplified, normalize
 from twllm.zh_tw.mainland import mainland_terms
+from twllm.zh_tw.normalize import is_simplified, normalize
 
 BUILTIN_PROMPTS = "prompts.yaml"
 CATEGORIES = ("customer_service", "medical_documentation", "ecommerce", "public_services", "daily_life")
@@ -114,8 +114,10 @@ def parse_prompts(text: str, name: str) -> list[Prompt]:
         where = f"{name}:{mark.line + 1}" if mark is not None else name
         raise PromptsFileError(f"{where}: not valid YAML: {exc.problem or exc.context}") from exc
     if not isinstance(document, dict) or not isinstance(document.get("prompts"), list):
-        raise PromptsFileError(f"{name}:1: expected a mapping with a 'prompts' list",
-                               hint="prompts:\n  - {id: p1, category: daily_life, prompt: 今天天氣如何？}")
+        raise PromptsFileError(
+            f"{name}:1: expected a mapping with a 'prompts' list",
+            hint="prompts:\n  - {id: p1, category: daily_life, prompt: 今天天氣如何？}",
+        )
     prompts: list[Prompt] = []
     seen: set[str] = set()
     for index, item in enumerate(document["prompts"]):
@@ -172,25 +174,37 @@ class Endpoint:
         try:
             reply = self._client.get("/models")
         except httpx.HTTPError as exc:
-            raise EndpointUnreachable(f"cannot reach {self.url}/models: {self.scrub(str(exc)) or type(exc).__name__}",
-                                      hint="is the gateway (or engine) running? check --endpoint") from exc
+            raise EndpointUnreachable(
+                f"cannot reach {self.url}/models: {self.scrub(str(exc)) or type(exc).__name__}",
+                hint="is the gateway (or engine) running? check --endpoint",
+            ) from exc
         if reply.status_code in (401, 403):
-            raise EndpointRefused(f"{self.url}/models refused the API key (HTTP {reply.status_code})",
-                                  hint="set the key's environment variable, or name another with --api-key-env")
+            raise EndpointRefused(
+                f"{self.url}/models refused the API key (HTTP {reply.status_code})",
+                hint="set the key's environment variable, or name another with --api-key-env",
+            )
         if reply.status_code != 200:
-            raise EndpointRefused(f"{self.url}/models answered HTTP {reply.status_code}: {self.scrub(reply.text[:200])}")
+            raise EndpointRefused(
+                f"{self.url}/models answered HTTP {reply.status_code}: {self.scrub(reply.text[:200])}"
+            )
         try:
             served = [entry["id"] for entry in reply.json()["data"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise EndpointRefused(f"{self.url}/models did not answer an OpenAI model list") from exc
         for model in models:
             if model not in served:
-                raise EndpointRefused(f"model '{model}' is not served at {self.url}{did_you_mean(model, served)}",
-                                      hint=f"served: {', '.join(sorted(served)) or '(none)'}")
+                raise EndpointRefused(
+                    f"model '{model}' is not served at {self.url}{did_you_mean(model, served)}",
+                    hint=f"served: {', '.join(sorted(served)) or '(none)'}",
+                )
 
     def ask(self, model: str, prompt: Prompt, max_tokens: int) -> Answer:
-        body = {"model": model, "messages": [{"role": "user", "content": prompt.prompt}],
-                "max_tokens": max_tokens, "temperature": 0}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt.prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         started = time.perf_counter()
         try:
             reply = self._client.post("/chat/completions", json=body)
@@ -199,15 +213,23 @@ class Endpoint:
                 return Answer(model, prompt, "", elapsed, f"HTTP {reply.status_code}: {self.scrub(reply.text[:300])}")
             text = reply.json()["choices"][0]["message"].get("content") or ""
         except httpx.HTTPError as exc:
-            return Answer(model, prompt, "", time.perf_counter() - started,
-                          f"{type(exc).__name__}: {self.scrub(str(exc))}")
+            return Answer(
+                model, prompt, "", time.perf_counter() - started, f"{type(exc).__name__}: {self.scrub(str(exc))}"
+            )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             return Answer(model, prompt, "", time.perf_counter() - started, f"malformed answer: {exc!r}")
         return Answer(model, prompt, text, elapsed)
 
 
-def run_eval(endpoint: Endpoint, models: list[str], prompts: list[Prompt], *, max_tokens: int,
-             concurrency: int, progress: Callable[[str, int, int], None] | None = None) -> list[Answer]:
+def run_eval(
+    endpoint: Endpoint,
+    models: list[str],
+    prompts: list[Prompt],
+    *,
+    max_tokens: int,
+    concurrency: int,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Answer]:
     """Every prompt to every model, ``concurrency`` requests at a time; answers in prompt order."""
     answers: list[Answer] = []
     with ThreadPoolExecutor(max_workers=concurrency) as pool:

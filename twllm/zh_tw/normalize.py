@@ -236,7 +236,7 @@ class _Cutter:
     def drop(self) -> str:
         """Give up the text since the last cut that `early` has not sent (the segment falls
         back to character fixes, which agree with what it sent)."""
-        raw = self.raw[self.ahead:]
+        raw = self.raw[self.ahead :]
         self._tail = ""
         self._rebase(0)
         return raw
@@ -253,7 +253,7 @@ class _Cutter:
             self._t.certain[self.raw] = certain
         if certain <= self.ahead:
             return ""
-        text = self.raw[self.ahead:certain].translate(_char_table())
+        text = self.raw[self.ahead : certain].translate(_char_table())
         self.ahead = certain
         return text
 
@@ -288,7 +288,7 @@ class _Cutter:
             certain = min(certain, agree(s2twp(keys[i]), len(keys[i])))
             i += 1
         while certain and (
-            any(fixed[certain - k:certain] in t.extra_prefixes for k in range(1, min(certain, _EXTRA_SPAN) + 1))
+            any(fixed[certain - k : certain] in t.extra_prefixes for k in range(1, min(certain, _EXTRA_SPAN) + 1))
             or _EXTRA_KEY.search(fixed, 0, certain)
         ):
             certain -= 1
@@ -467,7 +467,7 @@ class _Scanner:
         return self._take_verbatim(end)
 
     def _take_verbatim(self, end: int):
-        text = self.buf[self.pos:end]
+        text = self.buf[self.pos : end]
         self.pos = self.seg = end
         self.line_start = text.endswith("\n")
         return (CODE, text)
@@ -505,13 +505,13 @@ def _inline_code_end(buf: str, pos: int, final: bool) -> int | None:
 
 
 def _scheme_at(buf: str, pos: int) -> str | None:
-    rest = buf[pos:pos + 8].lower()
+    rest = buf[pos : pos + 8].lower()
     return next((s for s in _SCHEMES if rest.startswith(s)), None)
 
 
 def _ascii_token_end(buf: str, pos: int, final: bool) -> int | None:
     """End of the URL or ASCII word at pos; None while more input could extend it."""
-    rest = buf[pos:pos + 8].lower()
+    rest = buf[pos : pos + 8].lower()
     if not final and pos + len(rest) == len(buf) and any(s.startswith(rest) and s != rest for s in _SCHEMES):
         return None
     scheme = _scheme_at(buf, pos)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -12,9 +13,21 @@ from twllm.zh_tw.evaluate import Answer
 EVAL_CSV = "zh_tw_eval.csv"
 SUMMARY_CSV = "zh_tw_summary.csv"
 CHART_PNG = "zh_tw_eval.png"
-ANSWER_COLUMNS = ("model", "prompt_id", "category", "ok", "latency_ms", "simplified_before", "simplified_after",
-                  "mainland_terms_before", "mainland_terms_after", "answer_chars", "answer", "answer_normalized",
-                  "error")
+ANSWER_COLUMNS = (
+    "model",
+    "prompt_id",
+    "category",
+    "ok",
+    "latency_ms",
+    "simplified_before",
+    "simplified_after",
+    "mainland_terms_before",
+    "mainland_terms_after",
+    "answer_chars",
+    "answer",
+    "answer_normalized",
+    "error",
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,11 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
+def _share(flags: Iterable[bool], count: int) -> float:
+    """The share of true flags among ``count`` answers (NaN when there are none)."""
+    return sum(flags) / count if count else math.nan
+
+
 def summarize(answers: list[Answer]) -> list[ModelSummary]:
     """Per-model figures, in the order the models first appear."""
     models = list(dict.fromkeys(a.model for a in answers))
@@ -48,28 +66,39 @@ def summarize(answers: list[Answer]) -> list[ModelSummary]:
     for model in models:
         mine = [a for a in answers if a.model == model]
         good = [a for a in mine if a.ok]
-        share = (lambda flags: sum(flags) / len(good) if good else math.nan)  # noqa: E731
         latencies = [a.latency_s * 1000 for a in good]
-        summaries.append(ModelSummary(
-            model=model, prompts=len(mine), answers=len(good), errors=len(mine) - len(good),
-            simplified_before=share(a.simplified_before for a in good),
-            simplified_after=share(a.simplified_after for a in good),
-            mainland_before=share(bool(a.mainland_before) for a in good),
-            mainland_after=share(bool(a.mainland_after) for a in good),
-            latency_p50_ms=percentile(latencies, 0.5), latency_p90_ms=percentile(latencies, 0.9)))
+        summaries.append(
+            ModelSummary(
+                model=model,
+                prompts=len(mine),
+                answers=len(good),
+                errors=len(mine) - len(good),
+                simplified_before=_share((a.simplified_before for a in good), len(good)),
+                simplified_after=_share((a.simplified_after for a in good), len(good)),
+                mainland_before=_share((bool(a.mainland_before) for a in good), len(good)),
+                mainland_after=_share((bool(a.mainland_after) for a in good), len(good)),
+                latency_p50_ms=percentile(latencies, 0.5),
+                latency_p90_ms=percentile(latencies, 0.9),
+            )
+        )
     return summaries
 
 
 def answer_row(answer: Answer) -> dict[str, object]:
     return {
-        "model": answer.model, "prompt_id": answer.prompt.id, "category": answer.prompt.category,
-        "ok": int(answer.ok), "latency_ms": round(answer.latency_s * 1000, 1),
+        "model": answer.model,
+        "prompt_id": answer.prompt.id,
+        "category": answer.prompt.category,
+        "ok": int(answer.ok),
+        "latency_ms": round(answer.latency_s * 1000, 1),
         "simplified_before": int(answer.ok and answer.simplified_before),
         "simplified_after": int(answer.ok and answer.simplified_after),
         "mainland_terms_before": ";".join(answer.mainland_before),
         "mainland_terms_after": ";".join(answer.mainland_after),
-        "answer_chars": len(answer.text), "answer": answer.text,
-        "answer_normalized": answer.normalized, "error": answer.error or "",
+        "answer_chars": len(answer.text),
+        "answer": answer.text,
+        "answer_normalized": answer.normalized,
+        "error": answer.error or "",
     }
 
 
@@ -97,10 +126,12 @@ def draw_chart(summaries: list[ModelSummary], path: Path) -> Path:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    series = (("simplified_before", "Simplified chars, as received", "#d62728"),
-              ("simplified_after", "Simplified chars, after normalize", "#ff9896"),
-              ("mainland_before", "Mainland terms, as received", "#1f77b4"),
-              ("mainland_after", "Mainland terms, after normalize", "#aec7e8"))
+    series = (
+        ("simplified_before", "Simplified chars, as received", "#d62728"),
+        ("simplified_after", "Simplified chars, after normalize", "#ff9896"),
+        ("mainland_before", "Mainland terms, as received", "#1f77b4"),
+        ("mainland_after", "Mainland terms, after normalize", "#aec7e8"),
+    )
     width = 0.2
     figure, axes = plt.subplots(figsize=(max(6.0, 1.8 * len(summaries) + 3), 4.5), dpi=100)
     for offset, (field, label, colour) in enumerate(series):

@@ -66,9 +66,29 @@ EXTRA_TERMS: dict[str, str] = {
 # mainland_terms() also finds their Simplified spelling. Words Taiwan shares (數據, 支持, 優化,
 # 菜單, 點擊, 在線) are deliberately absent: counting them would flag good Taiwan answers.
 MAINLAND_WORDS: tuple[str, ...] = (
-    "軟件", "信息", "視頻", "服務器", "網絡", "數據庫", "默認", "硬盤", "內存", "鼠標", "打印機",
-    "程序員", "短信", "博客", "互聯網", "屏幕", "人工智能", "出租車", "筆記本電腦", "激活", "文檔",
-    "鏈接", "U盤",
+    "軟件",
+    "信息",
+    "視頻",
+    "服務器",
+    "網絡",
+    "數據庫",
+    "默認",
+    "硬盤",
+    "內存",
+    "鼠標",
+    "打印機",
+    "程序員",
+    "短信",
+    "博客",
+    "互聯網",
+    "屏幕",
+    "人工智能",
+    "出租車",
+    "筆記本電腦",
+    "激活",
+    "文檔",
+    "鏈接",
+    "U盤",
 )
 
 

