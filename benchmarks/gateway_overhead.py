@@ -4,8 +4,9 @@ One real vLLM CPU engine serves twllm's demo chat model (started by ``VllmDriver
 as tests/integration/test_vllm_engine.py does). Two LiteLLM proxies run in front of it at once,
 each with one uvicorn worker (``tests/proxyutil.py`` ``start_proxy``):
 
-  bare    the config ``render.litellm_config(plan)`` gives, minus ``general_settings.custom_auth``
-          and ``litellm_settings.callbacks``: plain LiteLLM, called with its master key;
+  bare    the config ``litellm_config(plan)`` (twllm.render.litellm_config) gives, minus
+          ``general_settings.custom_auth`` and ``litellm_settings.callbacks``: plain LiteLLM,
+          called with its master key;
   twllm   the rendered config as deployed (our custom_auth and spend logger, a real embedded
           PostgreSQL migrated by ``twllm.accounting.migrate``), called with a tenant key made by
           ``twllm.accounting.store``: key lookup (cached ``KEY_CACHE_TTL_S``), ledger row journaled
@@ -55,7 +56,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -77,12 +77,15 @@ from twllm.accounting.limits import BudgetTracker, RateLimiter
 from twllm.accounting.migrate import migrate
 from twllm.accounting.spool import Spool
 from twllm.demo.build import build_demo_models, default_models_dir
-from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.plan.model import EngineProcess, Plan
 from twllm.plan.placement import GpuInventory
-from twllm.render.gateway_config import GATEWAY_SETTINGS, LITELLM_CONFIG, litellm_config, render
+from twllm.render.litellm_config import GATEWAY_SETTINGS, LITELLM_CONFIG, litellm_config, render
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.envs import child_env, find_engine
 from twllm.runtime.engines.vllm import VllmDriver
+from twllm.runtime.ports import free_port
+from twllm.settings import DATABASE_URL_ENV, GATEWAY_SETTINGS_ENV, SPOOL_DIR_ENV
 from twllm.spec.resolve import parse_spec
 from twllm.spec.schema import Spec
 
@@ -120,12 +123,6 @@ models:
 
 def say(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---- the parts: PostgreSQL, the engine, two proxies -------------------------------------------
@@ -667,9 +664,9 @@ def main(argv: list[str] | None = None) -> int:
         common = {"TWLLM_MASTER_KEY": master_key, ENGINE_KEY_ENV: engine_key, "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true"}
         twllm_env = {
             **common,
-            "TWLLM_GATEWAY_SETTINGS": str(twllm_config.parent / GATEWAY_SETTINGS),
-            "TWLLM_DATABASE_URL": postgres.url,
-            "TWLLM_SPOOL_DIR": str(work / "spool"),
+            GATEWAY_SETTINGS_ENV: str(twllm_config.parent / GATEWAY_SETTINGS),
+            DATABASE_URL_ENV: postgres.url,
+            SPOOL_DIR_ENV: str(work / "spool"),
         }
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             started = {

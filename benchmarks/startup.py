@@ -42,8 +42,9 @@ import httpx
 
 from twllm.cli.commands import build_plan
 from twllm.demo.build import build_demo_models, default_models_dir
-from twllm.plan.build import ENGINE_KEY_ENV, Plan
-from twllm.render.gateway_config import render
+from twllm.plan.build import ENGINE_KEY_ENV
+from twllm.plan.model import Plan
+from twllm.render.litellm_config import render
 from twllm.runtime.components import Component, build_components
 from twllm.runtime.engines.envs import find_engine
 from twllm.runtime.state import StateDir

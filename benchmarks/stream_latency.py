@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     from twllm.demo.build import build_demo_models, default_models_dir
     from twllm.plan.build import ENGINE_KEY_ENV, make_plan
     from twllm.plan.placement import GpuInventory
-    from twllm.render.gateway_config import LITELLM_CONFIG, render
+    from twllm.render.litellm_config import LITELLM_CONFIG, render
     from twllm.runtime.engines.base import RuntimeContext
     from twllm.runtime.engines.envs import child_env, find_engine
     from twllm.runtime.engines.vllm import VllmDriver
@@ -576,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         urls = {"engine": f"http://127.0.0.1:{engine_proc.port}/v1"}
         for target, folder in (("twllm", "gw-plain"), ("twllm+stages", "gw-stages")):
             port = free_port()
-            gw = dataclasses.replace(plan.gateway, host="127.0.0.1", port=port, url=f"http://127.0.0.1:{port}/v1")
+            gw = plan.gateway.model_copy(
+                update={"host": "127.0.0.1", "port": port, "url": f"http://127.0.0.1:{port}/v1"}
+            )
             launch = gateway_launch(
                 gw, work / folder, secret_env, database_url=postgres.url, spool_dir=work / f"spool-{folder}"
             )

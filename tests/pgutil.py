@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,12 +11,7 @@ from pathlib import Path
 import psycopg
 
 from twllm.runtime.database import STOP_SIGNAL, EmbeddedPostgres, short_socket_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from twllm.runtime.ports import free_port
 
 
 class Postgres:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 import httpx
+
+from twllm.runtime.ports import free_port
 
 __all__ = ["ProxyHandle", "ProxyStartError", "free_port", "start_proxy"]
 
@@ -48,13 +49,6 @@ STOP_GRACE_S = 10.0
 
 class ProxyStartError(RuntimeError):
     """The proxy exited or did not become ready in time; the message ends with its log tail."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _child_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 from pgutil import free_port
 
-from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, Plan, make_plan
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.plan.model import EngineProcess, Plan
 from twllm.plan.placement import GpuInventory
-from twllm.render.gateway_config import render
+from twllm.render.litellm_config import render
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.envs import child_env
 from twllm.runtime.engines.vllm import VllmDriver

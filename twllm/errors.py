@@ -6,6 +6,7 @@
     ├── RegistryError           an unknown or malformed model registry entry (exit 2)
     ├── PlanError               the spec is valid but cannot be placed on this fleet (exit 2)
     └── RuntimeFailure          something failed while running (exit 1)
+          └── ContractError     plan.json or gateway.json does not read back (also a ValueError)
 
 Only the CLI entry point turns these into text for people; library code raises them.
 """
@@ -13,8 +14,9 @@ Only the CLI entry point turns these into text for people; library code raises t
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -77,6 +79,26 @@ class RuntimeFailure(TwllmError):
     """A runtime step failed."""
 
     exit_code = EXIT_RUNTIME
+
+
+class ContractError(RuntimeFailure, ValueError):
+    """A file one twllm process wrote for another (plan.json, gateway.json) does not read back:
+    an unknown key, a missing or mistyped field. Also a ValueError, so that code guarding a read
+    with ``except (OSError, ValueError)`` (the gateway's hooks) treats it as an unreadable file."""
+
+    @classmethod
+    def from_validation(
+        cls, what: str, issues: Iterable[Mapping[str, Any]], *, hint: str | None = None
+    ) -> ContractError:
+        """From pydantic's ``ValidationError.errors()``: ``<what>: <field>: <problem>; ...``."""
+        lines = []
+        for issue in issues:
+            where = ".".join(str(part) for part in issue.get("loc", ())) or "(the whole file)"
+            problem = "unknown key" if issue.get("type") == "extra_forbidden" else str(issue.get("msg", "invalid"))
+            lines.append(f"{where}: {problem}")
+        return cls(
+            f"{what}: " + "; ".join(lines[:5]) + (f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""), hint=hint
+        )
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

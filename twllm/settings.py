@@ -7,20 +7,74 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-VARIABLES: dict[str, str] = {
-    "TWLLM_STATE_DIR": "State directory when neither --state-dir nor the spec's state_dir is given.",
-    "TWLLM_GPUS": "Number of GPUs to plan for when neither --gpus nor NVML gives one.",
-    "TWLLM_DEBUG": "Set to 1 to show tracebacks (same as --debug).",
-    "TWLLM_MASTER_KEY": "The gateway's admin key, by convention referenced from the spec.",
-    "TWLLM_GATEWAY_SETTINGS": "Path of gateway.json; set by the supervisor for the gateway's hooks.",
-    "TWLLM_DATABASE_URL": "The deployment's PostgreSQL, for the gateway's hooks; set by the supervisor.",
-    "TWLLM_SPOOL_DIR": "Where the gateway journals ledger rows until PostgreSQL has them; set by the supervisor (<state_dir>/spool).",
-    "TWLLM_ENGINES_DIR": "Where `twllm engines install` puts engine environments (default $XDG_DATA_HOME/twllm/engines).",
-    "TWLLM_MODELS_DIR": "Where locally built models live (the demo chat model, copies of packaged models); default ~/.cache/twllm/models.",
-    "TWLLM_OLLAMA_BIN": "The ollama executable (default: `ollama` on PATH).",
-    "XDG_STATE_HOME": "Base of the default per-user state directory (~/.local/state).",
-    "XDG_DATA_HOME": "Base of the default engines directory (~/.local/share).",
-}
+# --- names ---------------------------------------------------------------------------------------
+# Every module that reads or sets one of these imports the constant from here; a unit test
+# (tests/unit/test_settings.py) fails on a TWLLM_* name spelled anywhere else in twllm/.
+
+STATE_DIR_ENV = "TWLLM_STATE_DIR"
+GPUS_ENV = "TWLLM_GPUS"
+DEBUG_ENV = "TWLLM_DEBUG"
+MASTER_KEY_ENV = "TWLLM_MASTER_KEY"
+ENGINE_KEY_ENV = "TWLLM_ENGINE_API_KEY"
+GATEWAY_SETTINGS_ENV = "TWLLM_GATEWAY_SETTINGS"
+DATABASE_URL_ENV = "TWLLM_DATABASE_URL"
+SPOOL_DIR_ENV = "TWLLM_SPOOL_DIR"
+ENGINES_DIR_ENV = "TWLLM_ENGINES_DIR"
+MODELS_DIR_ENV = "TWLLM_MODELS_DIR"
+OLLAMA_BIN_ENV = "TWLLM_OLLAMA_BIN"
+BENCH_PREFIX = "TWLLM_BENCH_"
+BENCH_API_KEY_ENV = BENCH_PREFIX + "API_KEY"
+BENCH_MODELS_ENV = BENCH_PREFIX + "MODELS"
+BENCH_EMBEDDINGS_MODEL_ENV = BENCH_PREFIX + "EMBEDDINGS_MODEL"
+BENCH_MAX_TOKENS_ENV = BENCH_PREFIX + "MAX_TOKENS"
+BENCH_STREAM_ENV = BENCH_PREFIX + "STREAM"
+BENCH_IGNORE_EOS_ENV = BENCH_PREFIX + "IGNORE_EOS"
+BENCH_PROMPT_SET_ENV = BENCH_PREFIX + "PROMPT_SET"
+BENCH_API_KEY_ENV_ENV = BENCH_PREFIX + "API_KEY_ENV"
+BENCH_SAMPLES_FILE_ENV = BENCH_PREFIX + "SAMPLES_FILE"
+XDG_STATE_HOME_ENV = "XDG_STATE_HOME"
+XDG_DATA_HOME_ENV = "XDG_DATA_HOME"
+PREFIX = "TWLLM_"
+"""Every twllm variable starts so; a child process that must not inherit them drops this prefix."""
+
+# --- the table -----------------------------------------------------------------------------------
+
+TABLE: tuple[tuple[str, str], ...] = (
+    (STATE_DIR_ENV, "State directory when neither --state-dir nor the spec's state_dir is given."),
+    (GPUS_ENV, "Number of GPUs to plan for when neither --gpus nor NVML gives one."),
+    (DEBUG_ENV, "Set to 1 to show tracebacks (same as --debug)."),
+    (MASTER_KEY_ENV, "The gateway's admin key, by convention referenced from the spec."),
+    (ENGINE_KEY_ENV, "The key between the gateway and its engines; set by the supervisor, never by hand."),
+    (GATEWAY_SETTINGS_ENV, "Path of gateway.json; set by the supervisor for the gateway's hooks."),
+    (DATABASE_URL_ENV, "The deployment's PostgreSQL, for the gateway's hooks; set by the supervisor."),
+    (
+        SPOOL_DIR_ENV,
+        "Where the gateway journals ledger rows until PostgreSQL has them; set by the supervisor (<state_dir>/spool).",
+    ),
+    (
+        ENGINES_DIR_ENV,
+        "Where `twllm engines install` puts engine environments (default $XDG_DATA_HOME/twllm/engines).",
+    ),
+    (
+        MODELS_DIR_ENV,
+        "Where locally built models live (the demo chat model, copies of packaged models); default ~/.cache/twllm/models.",
+    ),
+    (OLLAMA_BIN_ENV, "The ollama executable (default: `ollama` on PATH)."),
+    (BENCH_API_KEY_ENV, "The API key `twllm bench` and the load test send (default name of --api-key-env)."),
+    (BENCH_MODELS_ENV, "Load test: chat models to load, comma separated (its --models)."),
+    (BENCH_EMBEDDINGS_MODEL_ENV, "Load test: an embeddings model to load as well (its --embeddings-model)."),
+    (BENCH_MAX_TOKENS_ENV, "Load test: max_tokens of every chat completion (its --max-tokens)."),
+    (BENCH_STREAM_ENV, "Load test: on for streamed chat completions, off for plain (its --stream)."),
+    (BENCH_IGNORE_EOS_ENV, "Load test: on to ask vLLM for exactly max_tokens (its --ignore-eos)."),
+    (BENCH_PROMPT_SET_ENV, "Load test: zh-tw or a YAML/JSON file of prompts (its --prompt-set)."),
+    (BENCH_API_KEY_ENV_ENV, "Load test: the name of the variable holding the API key (its --api-key-env)."),
+    (BENCH_SAMPLES_FILE_ENV, "Load test: where to write every request's measurements (its --samples-file)."),
+    (XDG_STATE_HOME_ENV, "Base of the default per-user state directory (~/.local/state)."),
+    (XDG_DATA_HOME_ENV, "Base of the default engines directory (~/.local/share)."),
+)
+"""Every environment variable twllm reads or sets: (name, meaning)."""
+
+VARIABLES: dict[str, str] = dict(TABLE)
 
 
 @dataclass(frozen=True)
@@ -38,16 +92,16 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        gpus = env.get("TWLLM_GPUS")
-        home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        gpus = env.get(GPUS_ENV)
+        home = env.get(XDG_STATE_HOME_ENV) or str(Path.home() / ".local" / "state")
+        data = env.get(XDG_DATA_HOME_ENV) or str(Path.home() / ".local" / "share")
         return cls(
-            engines_dir=Path(env.get("TWLLM_ENGINES_DIR") or Path(data) / "twllm" / "engines").expanduser(),
-            models_dir=Path(env.get("TWLLM_MODELS_DIR") or Path.home() / ".cache" / "twllm" / "models").expanduser(),
-            ollama_bin=env.get("TWLLM_OLLAMA_BIN") or "ollama",
-            state_dir=Path(env["TWLLM_STATE_DIR"]) if env.get("TWLLM_STATE_DIR") else None,
+            engines_dir=Path(env.get(ENGINES_DIR_ENV) or Path(data) / "twllm" / "engines").expanduser(),
+            models_dir=Path(env.get(MODELS_DIR_ENV) or Path.home() / ".cache" / "twllm" / "models").expanduser(),
+            ollama_bin=env.get(OLLAMA_BIN_ENV) or "ollama",
+            state_dir=Path(env[STATE_DIR_ENV]) if env.get(STATE_DIR_ENV) else None,
             gpus=int(gpus) if gpus and gpus.isdigit() else None,
-            debug=env.get("TWLLM_DEBUG", "") not in ("", "0", "false"),
+            debug=env.get(DEBUG_ENV, "") not in ("", "0", "false"),
             state_home=Path(home),
         )
 

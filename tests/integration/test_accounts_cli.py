@@ -20,23 +20,35 @@ import psycopg
 import pytest
 from pgutil import free_port
 
+from twllm.plan.build import make_plan
+from twllm.plan.model import DatabasePlan
+from twllm.plan.placement import GpuInventory
 from twllm.runtime.database import EmbeddedPostgres
+from twllm.spec.resolve import parse_spec
 
 pytestmark = pytest.mark.integration
 UTC = UTC
 ROOT = Path(__file__).resolve().parents[2]
 
 
+SPEC = """
+name: accounts-test
+gateway: {master_key: "${TWLLM_MASTER_KEY}"}
+models:
+  - {name: chat, model: llama-3.2-1b-instruct}
+  - {name: embed, model: llama-3.2-1b-instruct}
+"""
+
+
 def state_dir(tmp_path: Path, database: dict) -> Path:
-    """A state directory as deploy leaves it, as far as these commands look: plan.json."""
+    """A state directory as deploy leaves it, as far as these commands look: plan.json (serving
+    chat and embed), its database section pointing at ``database``."""
     folder = tmp_path / "state"
     folder.mkdir(exist_ok=True)
-    plan = {
-        "name": "accounts-test",
-        "database": {"embedded": False, "data_dir": None, "port": None, "url_env": None, "url": None, **database},
-        "routes": [{"model_name": "chat"}, {"model_name": "embed"}],
-    }
-    (folder / "plan.json").write_text(json.dumps(plan))
+    plan = make_plan(parse_spec(SPEC, "accounts.yaml", {"TWLLM_MASTER_KEY": "sk-t"}), GpuInventory(2, 80, "t"), folder)
+    fields = {"embedded": False, "data_dir": None, "port": None, "url_env": None, "url": None, **database}
+    plan = plan.model_copy(update={"database": DatabasePlan.model_validate(fields)})
+    (folder / "plan.json").write_text(plan.to_json())
     return folder
 
 

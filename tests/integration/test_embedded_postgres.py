@@ -29,14 +29,9 @@ from osuser import as_user, other_user, probe_paths, try_connect
 from twllm.errors import RuntimeFailure
 from twllm.runtime import database
 from twllm.runtime.database import STOP_SIGNAL, EmbeddedPostgres, check_external, short_socket_dir
+from twllm.runtime.ports import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -92,7 +87,7 @@ class Server:
 def server(tmp_path: Path) -> Iterator[Server]:
     # A long, deep data_dir as under a real state directory; the socket goes to a short folder.
     data = tmp_path / "state" / ("deployment-" + "x" * 60) / "postgres"
-    pg = EmbeddedPostgres(data, _free_port(), short_socket_dir(data))
+    pg = EmbeddedPostgres(data, free_port(), short_socket_dir(data))
     handle = Server(pg, tmp_path / "postgres.log")
     yield handle
     handle.kill()

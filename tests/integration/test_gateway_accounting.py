@@ -30,7 +30,7 @@ from twllm.accounting.auth import KEY_CACHE_TTL_S
 from twllm.accounting.ledger import replay_folder
 from twllm.plan.build import ENGINE_KEY_ENV, make_plan
 from twllm.plan.placement import GpuInventory
-from twllm.render.gateway_config import render
+from twllm.render.litellm_config import render
 from twllm.spec.resolve import parse_spec
 
 pytestmark = pytest.mark.integration

@@ -34,6 +34,7 @@ from pgutil import Postgres, sql
 from stackutil import ENGINE_KEY, Stack
 
 from twllm.accounting import store
+from twllm.gateway.settings import GatewaySettings
 from twllm.guard.pipeline import GuardPipeline
 from twllm.guard.policy import GuardPolicies
 
@@ -119,8 +120,8 @@ def embed_engine(stack: Stack) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def output_stage(stack: Stack):
     """What the gateway's output stages make of an engine's text (the guard's own function)."""
-    settings = json.loads((stack.folder / "rendered" / "gateway.json").read_text())
-    pipeline = GuardPipeline(GuardPolicies.from_settings(settings["guard"]).resolve("chat", None))
+    settings = GatewaySettings.load(stack.folder / "rendered" / "gateway.json")
+    pipeline = GuardPipeline(GuardPolicies.from_settings(settings.guard).resolve("chat", None))
     return lambda text: pipeline.run(text, "output", []).text if text else text
 
 

@@ -29,7 +29,7 @@ from twllm.guard.pipeline import GuardPipeline
 from twllm.guard.policy import GuardPolicies
 from twllm.plan.build import ENGINE_KEY_ENV, make_plan
 from twllm.plan.placement import GpuInventory
-from twllm.render.gateway_config import render
+from twllm.render.litellm_config import render
 from twllm.spec.resolve import parse_spec
 
 pytestmark = pytest.mark.integration

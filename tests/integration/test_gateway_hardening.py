@@ -26,7 +26,7 @@ from stackutil import _stop
 from twllm.gateway.asgi import allowed
 from twllm.plan.build import ENGINE_KEY_ENV, make_plan
 from twllm.plan.placement import GpuInventory
-from twllm.render.gateway_config import render
+from twllm.render.litellm_config import render
 from twllm.runtime.engines.envs import child_env
 from twllm.runtime.gateway import gateway_launch
 from twllm.spec.resolve import parse_spec

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,20 +25,15 @@ import pytest
 from ollama_contract import ContractServer, canned_reply
 
 from twllm.errors import RuntimeFailure
-from twllm.plan.build import EngineProcess
+from twllm.plan.model import EngineProcess
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.ollama import OllamaDriver
+from twllm.runtime.ports import free_port
 
 pytestmark = pytest.mark.integration
 
 CONTRACT = Path(__file__).resolve().parents[1] / "ollama_contract.py"
 READY_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_proc(state: Path, port: int, provision: tuple[dict[str, str], ...]) -> EngineProcess:

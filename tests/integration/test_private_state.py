@@ -36,7 +36,7 @@ from twllm.runtime.components import Component, build_components
 from twllm.runtime.database import EmbeddedPostgres
 from twllm.runtime.database_url import database_url
 from twllm.runtime.engines.base import Launch, RuntimeContext
-from twllm.runtime.state import ROOT_RUN_AS, DeploymentState, StateDir
+from twllm.runtime.state import ROOT_RUN_AS, DeploymentState, DeploymentStatus, StateDir
 from twllm.runtime.supervisor import Supervisor
 from twllm.spec.resolve import parse_spec
 
@@ -117,7 +117,7 @@ def deployment() -> Iterator[dict]:
         while (state := sd.read_state()) is None or state.generation < 1:
             assert thread.is_alive() and time.monotonic() - began < 120, state
             time.sleep(0.1)
-        assert state.status == "ready", state
+        assert state.status == DeploymentStatus.READY, state
         pg = EmbeddedPostgres(Path(plan.database.data_dir), plan.database.port)
         yield {"sd": sd, "plan": plan, "pg": pg, "state": state}
     finally:

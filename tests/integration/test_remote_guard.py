@@ -17,7 +17,7 @@ from twllm.guard.pipeline import GuardPipeline
 from twllm.guard.policy import GuardPolicies, RemoteGuard
 from twllm.plan.build import ENGINE_KEY_ENV, make_plan
 from twllm.plan.placement import GpuInventory
-from twllm.render.gateway_config import guard_settings
+from twllm.render.litellm_config import guard_settings
 from twllm.spec.resolve import parse_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]

@@ -15,7 +15,7 @@ from proxyutil import ProxyHandle, start_proxy
 
 from twllm.plan.build import ENGINE_KEY_ENV, make_plan
 from twllm.plan.placement import GpuInventory
-from twllm.render.gateway_config import litellm_config, render
+from twllm.render.litellm_config import litellm_config, render
 from twllm.spec.resolve import load_spec, parse_spec
 
 pytestmark = pytest.mark.integration
@@ -138,7 +138,7 @@ def test_proxy_lists_every_model_and_routes_each_to_its_engine_port(mixed_proxy)
             json={"model": name, "messages": [{"role": "user", "content": "你好"}]},
         )
         if reply.status_code == 429:
-            # a failed replica of a model with several is cooled down at once (render.py): the
+            # a failed replica of a model with several is cooled down at once (REPLICA_DOWN_POLICY): the
             # retries tried every replica, which the cooldown list names
             assert "cooldown" in reply.text and all(f"vllm-{name}-{i}" in reply.text for i in range(len(ports)))
             continue

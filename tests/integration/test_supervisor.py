@@ -21,7 +21,7 @@ from twllm.plan.placement import GpuInventory
 from twllm.runtime import supervisor as supervisor_mod
 from twllm.runtime.components import Component
 from twllm.runtime.engines.base import Launch, RuntimeContext
-from twllm.runtime.state import StateDir, pid_alive
+from twllm.runtime.state import ComponentStatus, DeploymentStatus, StateDir, pid_alive
 from twllm.spec.resolve import parse_spec
 
 pytestmark = pytest.mark.integration
@@ -109,7 +109,7 @@ def test_order_readiness_restart_and_stop(tmp_path, ports, monkeypatch):
         ]
 
     h = Harness(tmp_path, factory).start()
-    h.wait_for(lambda s: s.status == "ready" and s.generation == 1)
+    h.wait_for(lambda s: s.status == DeploymentStatus.READY and s.generation == 1)
     state = h.sd.read_state()
     by = {c.name: c for c in state.components}
     # Each kind starts only once the earlier kinds are ready.
@@ -122,7 +122,7 @@ def test_order_readiness_restart_and_stop(tmp_path, ports, monkeypatch):
     h.wait_for(
         lambda s: (
             s.component("vllm-m-0").restarts == 1
-            and s.component("vllm-m-0").status == "ready"
+            and s.component("vllm-m-0").status == ComponentStatus.READY
             and s.component("vllm-m-0").pid != old_pid
         )
     )
@@ -135,7 +135,7 @@ def test_order_readiness_restart_and_stop(tmp_path, ports, monkeypatch):
     assert stopped == [pids[2], pids[1], pids[0]]  # gateway, engine, database
     assert not any(pid_alive(p) for p in pids)
     assert not any(listening(p) for p in ports)
-    assert h.sd.read_state().status == "stopped"
+    assert h.sd.read_state().status == DeploymentStatus.STOPPED
 
 
 def test_a_component_that_never_comes_up_fails_the_deploy_and_stops_the_rest(tmp_path, ports):
@@ -152,7 +152,7 @@ def test_a_component_that_never_comes_up_fails_the_deploy_and_stops_the_rest(tmp
     h.thread.join(60)
     assert h.code == EXIT_NOT_READY
     state = h.sd.read_state()
-    assert state.status == "failed" and state.failed_component == "vllm-m-0"
+    assert state.status == DeploymentStatus.FAILED and state.failed_component == "vllm-m-0"
     assert "exited with status 3 before it was ready" in state.error
     assert state.component("gateway").pid is None and state.component("gateway").started_at is None
     assert not listening(db)
@@ -170,16 +170,14 @@ def test_redeploy_restarts_only_what_changed(tmp_path, ports):
         ]
 
     h = Harness(tmp_path, factory).start()
-    h.wait_for(lambda s: s.status == "ready" and s.generation == 1)
+    h.wait_for(lambda s: s.status == DeploymentStatus.READY and s.generation == 1)
     before = {c.name: c.pid for c in h.sd.read_state().components}
     # Stage an identical plan and rendered files, but a changed engine fingerprint.
-    (h.sd.root / "plan.next.json").write_text(
-        h.sd.plan.read_text() if h.sd.plan.exists() else __import__("json").dumps(h.sup.plan.to_dict())
-    )
+    (h.sd.root / "plan.next.json").write_text(h.sd.plan.read_text() if h.sd.plan.exists() else h.sup.plan.to_json())
     (h.sd.root / "rendered.next").mkdir()
     versions["vllm-m-0"] = "v2"
     h.sup.events.put("reload")
-    h.wait_for(lambda s: s.generation == 2 and s.status == "ready")
+    h.wait_for(lambda s: s.generation == 2 and s.status == DeploymentStatus.READY)
     after = {c.name: c.pid for c in h.sd.read_state().components}
     assert after["database"] == before["database"] and after["gateway"] == before["gateway"]
     assert after["vllm-m-0"] != before["vllm-m-0"]

@@ -21,11 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, make_plan
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.plan.model import EngineProcess
 from twllm.plan.placement import GpuInventory
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.envs import EngineEnv, child_env
 from twllm.runtime.engines.vllm import VllmDriver
+from twllm.runtime.ports import free_port
 from twllm.spec.resolve import parse_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -33,12 +35,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 ENGINE_KEY = "sk-engine-integration-0123456789"
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

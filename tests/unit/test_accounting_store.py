@@ -16,8 +16,12 @@ from twllm.accounting import migrate as mig
 from twllm.accounting.keys import KEY_PREFIX, display_prefix, generate_key, hash_key, looks_like_key
 from twllm.accounting.store import AccountsError, KeySettings, parse_amount, parse_duration, parse_models, period_start
 from twllm.accounting.usage import GROUPS, UsageFilter, build_query
-from twllm.errors import EXIT_INVALID, RuntimeFailure
+from twllm.errors import EXIT_INVALID, ContractError, RuntimeFailure
+from twllm.plan.build import make_plan
+from twllm.plan.model import DatabasePlan, Plan
+from twllm.plan.placement import GpuInventory
 from twllm.runtime.database_url import database_url
+from twllm.spec.resolve import parse_spec
 
 UTC = UTC
 
@@ -164,35 +168,38 @@ def test_usage_groups_are_a_closed_list() -> None:
 # --- the database URL ---------------------------------------------------------------------------
 
 
-def write_plan(tmp_path: Path, database: dict) -> Path:
-    (tmp_path / "plan.json").write_text(json.dumps({"name": "t", "database": database}))
+def a_plan(state_dir: Path, **database: object) -> Plan:
+    """A real plan (made from a one-model spec) whose database section is ``database``."""
+    text = (
+        "name: t\ngateway: {master_key: '${TWLLM_MASTER_KEY}'}\nmodels:\n  - {name: a, model: llama-3.1-8b-instruct}\n"
+    )
+    plan = make_plan(parse_spec(text, "t.yaml", {"TWLLM_MASTER_KEY": "sk-t"}), GpuInventory(1, 80, "test"), state_dir)
+    fields = {"embedded": False, "data_dir": None, "port": None, "url_env": None, "url": None, **database}
+    return plan.model_copy(update={"database": DatabasePlan.model_validate(fields)})
+
+
+def write_plan(tmp_path: Path, **database: object) -> Path:
+    (tmp_path / "plan.json").write_text(a_plan(tmp_path, **database).to_json())
     return tmp_path
 
 
 def test_embedded_database_url(tmp_path: Path) -> None:
     data_dir = str(tmp_path / "postgres")
-    plan = write_plan(tmp_path, {"embedded": True, "data_dir": data_dir, "port": 15999, "url_env": None, "url": None})
+    plan = write_plan(tmp_path, embedded=True, data_dir=data_dir, port=15999)
     # No password file (a cluster an older twllm made with trust): a URL without a password.
     assert database_url(plan) == "postgresql://twllm@127.0.0.1:15999/twllm"
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "db_password").write_text("pw-from-the-state-dir\n")
     assert database_url(plan) == "postgresql://twllm:pw-from-the-state-dir@127.0.0.1:15999/twllm"
-    assert database_url(json.loads((plan / "plan.json").read_text())) == database_url(str(plan))
+    assert database_url(Plan.read(plan / "plan.json")) == database_url(str(plan))
     # A plan without data_dir: the state dir's postgres/ is meant.
-    bare = {"name": "t", "state_dir": str(tmp_path), "database": {"embedded": True, "port": 15999}}
-    assert database_url(bare) == database_url(plan)
+    assert database_url(a_plan(tmp_path, embedded=True, port=15999)) == database_url(plan)
 
 
 def test_external_database_url_literal_or_from_the_environment(tmp_path: Path) -> None:
-    literal = {
-        "embedded": False,
-        "data_dir": None,
-        "port": None,
-        "url_env": None,
-        "url": "postgresql://app@db.internal/twllm",
-    }
-    assert database_url({"database": literal}) == "postgresql://app@db.internal/twllm"
-    plan = write_plan(tmp_path, {**literal, "url": None, "url_env": "ACME_DB_URL"})
+    literal = a_plan(tmp_path, url="postgresql://app@db.internal/twllm")
+    assert database_url(literal) == "postgresql://app@db.internal/twllm"
+    plan = write_plan(tmp_path, url_env="ACME_DB_URL")
     secret_url = "postgresql://app:S3CRET@db.internal/twllm"
     assert database_url(plan, environ={"ACME_DB_URL": secret_url}) == secret_url
     with pytest.raises(RuntimeFailure, match=r"read from \$ACME_DB_URL, which is not set") as caught:
@@ -204,5 +211,5 @@ def test_a_state_dir_without_a_plan(tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure, match="no plan.json in"):
         database_url(tmp_path)
     (tmp_path / "plan.json").write_text(json.dumps({"name": "t"}))
-    with pytest.raises(RuntimeFailure, match="no database section"):
+    with pytest.raises(ContractError, match="is not a plan this twllm can read: .*database: Field required"):
         database_url(tmp_path)

@@ -310,7 +310,7 @@ def test_spec_fields_reach_the_shield_and_the_command(tmp_path) -> None:
     from twllm.errors import SpecError
     from twllm.plan.build import ENGINE_KEY_ENV, make_plan
     from twllm.plan.placement import GpuInventory
-    from twllm.render.gateway_config import gateway_settings, litellm_config
+    from twllm.render.litellm_config import gateway_settings, litellm_config
     from twllm.runtime.gateway import gateway_launch
     from twllm.spec.resolve import parse_spec
 
@@ -331,7 +331,7 @@ models:
     assert plan.gateway.url.startswith("https://")
     assert plan.gateway.tls_cert == str(tmp_path / "tls" / "cert.pem")
     settings = gateway_settings(plan, loaded.spec)
-    assert settings["http"] == {"max_request_bytes": 2048, "cors_origins": ["https://app.example.tw"]}
+    assert settings.http == HttpSettings(max_request_bytes=2048, cors_origins=("https://app.example.tw",))
     launch = gateway_launch(plan.gateway, Path("/r"), {"TWLLM_MASTER_KEY": "sk-test-master", ENGINE_KEY_ENV: "sk-e"})
     assert launch.argv[1:3] == ["-m", "twllm.gateway.serve"]
     assert launch.argv[launch.argv.index("--ssl-certfile") + 1] == str(tmp_path / "tls" / "cert.pem")

@@ -4,7 +4,6 @@ progress streams, and a readiness probe against a closed port."""
 from __future__ import annotations
 
 import json
-import socket
 import stat
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import httpx
 import pytest
 
 from twllm.errors import RuntimeFailure
-from twllm.plan.build import EngineProcess
+from twllm.plan.model import EngineProcess
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.drivers import driver_for
 from twllm.runtime.engines.ollama import (
@@ -23,6 +22,7 @@ from twllm.runtime.engines.ollama import (
     canonical_name,
     missing_models,
 )
+from twllm.runtime.ports import free_port
 from twllm.settings import Settings
 
 
@@ -134,12 +134,6 @@ def test_missing_models_treats_tag_and_latest_alike() -> None:
     assert missing_models([], {"models": []}) == []
     assert missing_models([{"name": "x", "pull": "x"}], {"unexpected": True}) == ["x"]
     assert missing_models([{"name": "x", "pull": "x"}], ["not", "an", "object"]) == ["x"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ready_is_false_when_nothing_listens(tmp_path: Path) -> None:

@@ -242,13 +242,13 @@ def test_examples_plan(monkeypatch):
 
 
 def test_plan_round_trips_through_json():
-    from twllm.plan.build import plan_from_dict
+    from twllm.plan.model import Plan
 
     plan = plan_of(
         "  - {name: a, model: llama-3.1-8b-instruct, replicas: 2}\n"
         "  - {name: phi, model: phi-4-mini-instruct, engine: ollama}\n"
     )
-    assert plan_from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert Plan.from_json(plan.to_json()) == plan
 
 
 def test_ledger_retention_reaches_the_plan():

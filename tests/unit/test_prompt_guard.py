@@ -12,7 +12,7 @@ import pytest
 from twllm.guard.prompt_guard import Screen, benign_index
 
 TRIGGER = "ignore previous instructions"
-BENIGN_SCORE, MALICIOUS_SCORE = 0.018, 0.982  # sigmoid(-4), sigmoid(4): see tiny_models
+BENIGN_SCORE, MALICIOUS_SCORE = 0.018, 0.982  # sigmoid(-4), sigmoid(4): see tests/tiny_guard_models.py
 LONG = "The meeting is on Friday and the weather in Taipei is sunny. 今天天氣晴朗，記得帶傘。" * 120
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from twllm.plan.build import make_plan
 from twllm.plan.placement import GpuInventory
-from twllm.render.gateway_config import gateway_settings, litellm_config, render
+from twllm.render.litellm_config import gateway_settings, litellm_config, render
 from twllm.spec.resolve import load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -84,10 +84,10 @@ def test_rendering_twice_is_byte_identical(tmp_path):
 def test_gateway_settings_carry_guard_and_prices_for_the_hooks():
     loaded, plan = prod()
     settings = gateway_settings(plan, loaded.spec)
-    assert settings["guard"]["base"]["input"] == ["pii", "prompt_guard", "llama_guard"]
-    assert settings["guard"]["base"]["pii"]["actions"] == {"credit_card": "block"}
-    assert settings["models"]["taide-8b"]["deployments"] == ["vllm-taide-8b-0", "vllm-taide-8b-1"]
-    assert settings["models"]["taide-8b"]["price"]["currency"] == "TWD"
+    assert settings.guard.base["input"] == ["pii", "prompt_guard", "llama_guard"]
+    assert settings.guard.base["pii"]["actions"] == {"credit_card": "block"}
+    assert settings.models["taide-8b"].deployments == ("vllm-taide-8b-0", "vllm-taide-8b-1")
+    assert settings.models["taide-8b"].price.currency == "TWD"
 
 
 def test_rendered_yaml_round_trips(tmp_path):
@@ -112,7 +112,7 @@ models:
     config = litellm_config(plan, loaded.spec)
     assert [d["model_name"] for d in config["model_list"]] == ["chat"]
     assert config["guardrails"][0]["guardrail_name"] == "twllm-guard"
-    remote = gateway_settings(plan, loaded.spec)["guard"]["remote"]
-    assert remote["guard"]["api_bases"] == [r.api_base for r in plan.routes if r.model_name == "guard"]
-    assert len(remote["guard"]["api_bases"]) == 2
+    remote = gateway_settings(plan, loaded.spec).guard.remote
+    assert remote["guard"].api_bases == tuple(r.api_base for r in plan.routes if r.model_name == "guard")
+    assert len(remote["guard"].api_bases) == 2
     assert plan.gateway.probe_model == "chat"  # the gateway's readiness probe never asks the guard

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,13 +38,66 @@ def test_ensure_makes_private_folders_and_files(tmp_path: Path, wide_umask: None
     assert not list(sd.root.glob(".*.tmp"))
 
 
-def test_write_atomic_is_0600_even_over_a_wider_leftover(tmp_path: Path, wide_umask: None) -> None:
+def test_write_atomic_is_0600_even_over_a_wider_file(tmp_path: Path, wide_umask: None) -> None:
     target = tmp_path / "state.json"
-    leftover = tmp_path / f".state.json.{os.getpid()}.tmp"
-    leftover.write_text("old")
-    leftover.chmod(0o644)
+    target.write_text("old")
+    target.chmod(0o644)
     write_atomic(target, "{}")
-    assert target.read_text() == "{}" and mode(target) == 0o600 and not leftover.exists()
+    assert target.read_text() == "{}" and mode(target) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_concurrent_writers_of_one_file_never_interleave(tmp_path: Path, wide_umask: None) -> None:
+    """Many threads replace one file at once: every read, and the end result, is one writer's
+    whole JSON document; no temp file is left and the mode stays 0600."""
+    target = tmp_path / "state.json"
+    writers, rounds = 16, 25
+    # Documents of very different sizes, so a shared temp file would show torn or mixed text.
+    docs = [json.dumps({"writer": w, "pad": "x" * (1 + 4096 * (w % 5))}) for w in range(writers)]
+    start = threading.Barrier(writers + 1)
+    errors: list[BaseException] = []
+    seen: list[str] = []
+
+    def write(w: int) -> None:
+        try:
+            start.wait()
+            for _ in range(rounds):
+                write_atomic(target, docs[w])
+        except BaseException as exc:  # surfaced in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    while any(t.is_alive() for t in threads):
+        try:
+            seen.append(target.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            pass  # not written yet
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert {text for text in seen} <= set(docs), "a reader saw a torn or mixed document"
+    assert json.loads(target.read_text(encoding="utf-8"))["writer"] in range(writers)
+    assert target.read_text(encoding="utf-8") in docs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    assert mode(target) == 0o600
+
+
+def test_a_failed_write_leaves_the_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "state.json"
+    write_atomic(target, '{"old": true}')
+
+    def broken_replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(target, '{"new": true}')
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
 def test_a_secret_is_made_once(tmp_path: Path, wide_umask: None) -> None:

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from twllm.cli.engines_cmds import engines_app
 from twllm.errors import RuntimeFailure
-from twllm.plan.build import ENGINE_KEY_ENV, EngineProcess, make_plan
+from twllm.plan.build import ENGINE_KEY_ENV, make_plan
+from twllm.plan.model import EngineProcess
 from twllm.plan.placement import GpuInventory
 from twllm.runtime.engines import envs
 from twllm.runtime.engines.base import RuntimeContext

@@ -1,1 +1,1 @@
-"""Tenants, API keys, limits and the spend ledger (see issue 4)."""
+"""Accounting in PostgreSQL: tenants, API keys, rate limits and budgets, the spend ledger, usage reports."""

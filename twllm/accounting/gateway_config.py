@@ -3,8 +3,9 @@
 The supervisor starts the LiteLLM proxy with these variables (read here and nowhere else in
 the hooks):
 
-- ``TWLLM_GATEWAY_SETTINGS``: the path of gateway.json (``render.gateway_settings``): model
-  prices, the name of the master key's variable, the database section.
+- ``TWLLM_GATEWAY_SETTINGS``: the path of gateway.json (read with
+  ``twllm.gateway.settings.GatewaySettings.load``): model prices, the name of the master key's
+  variable, the database section.
 - ``TWLLM_DATABASE_URL``: the PostgreSQL URL of keys, limits and the ledger. Without it the URL
   comes from gateway.json (``database.url``, or the variable ``database.url_env`` names).
 - ``TWLLM_SPOOL_DIR``: where ledger rows wait while PostgreSQL is down (default: ``spool/``
@@ -16,7 +17,6 @@ the hooks):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import tempfile
@@ -28,16 +28,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twllm.gateway.settings import GatewaySettings, ModelSettings
+from twllm.settings import DATABASE_URL_ENV, GATEWAY_SETTINGS_ENV, MASTER_KEY_ENV, SPOOL_DIR_ENV
+
 if TYPE_CHECKING:
     import psycopg
     from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
 
-SETTINGS_ENV = "TWLLM_GATEWAY_SETTINGS"
-DATABASE_URL_ENV = "TWLLM_DATABASE_URL"
-SPOOL_DIR_ENV = "TWLLM_SPOOL_DIR"
-DEFAULT_MASTER_KEY_ENV = "TWLLM_MASTER_KEY"
 DEFAULT_CURRENCY = "TWD"
 """The ledger's currency for a model gateway.json does not price."""
 
@@ -71,17 +70,11 @@ class GatewayConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
         env = os.environ if env is None else env
-        path_text = env.get(SETTINGS_ENV, "")
+        path_text = env.get(GATEWAY_SETTINGS_ENV, "")
         path = Path(path_text) if path_text else None
-        settings: dict[str, Any] = {}
-        if path is not None:
-            settings = json.loads(path.read_text(encoding="utf-8"))
-        database = settings.get("database") or {}
-        url = (
-            env.get(DATABASE_URL_ENV)
-            or database.get("url")
-            or (env.get(database["url_env"]) if database.get("url_env") else None)
-        )
+        settings = GatewaySettings.load(path) if path is not None else GatewaySettings()
+        database = settings.database
+        url = env.get(DATABASE_URL_ENV) or database.url or (env.get(database.url_env) if database.url_env else None)
         spool = env.get(SPOOL_DIR_ENV)
         if spool:
             spool_dir = Path(spool)
@@ -91,23 +84,23 @@ class GatewayConfig:
             spool_dir = Path(tempfile.gettempdir()) / f"twllm-spool-{os.getuid()}"
         return cls(
             database_url=url or None,
-            master_key=env.get(settings.get("master_key_env") or DEFAULT_MASTER_KEY_ENV) or None,
+            master_key=env.get(settings.master_key_env or MASTER_KEY_ENV) or None,
             spool_dir=spool_dir,
-            prices=parse_prices(settings.get("models") or {}),
+            prices=parse_prices(settings.models),
             settings_path=path,
         )
 
 
-def parse_prices(models: Mapping[str, Any]) -> dict[str, Price]:
+def parse_prices(models: Mapping[str, ModelSettings]) -> dict[str, Price]:
     """gateway.json's ``models`` section -> price per client-facing model name."""
     prices: dict[str, Price] = {}
     for name, entry in models.items():
-        price = (entry or {}).get("price") or {}
+        price = entry.price
         prices[name] = Price(
             # str() first: the Decimal of a float like 3e-06 would carry its binary error.
-            input_per_token=Decimal(str(price.get("input_per_token") or 0)),
-            output_per_token=Decimal(str(price.get("output_per_token") or 0)),
-            currency=str(price.get("currency") or DEFAULT_CURRENCY),
+            input_per_token=Decimal(str(price.input_per_token or 0)),
+            output_per_token=Decimal(str(price.output_per_token or 0)),
+            currency=price.currency or DEFAULT_CURRENCY,
         )
     return prices
 
@@ -189,6 +182,8 @@ class Database:
         if self._pool is None:
             from psycopg_pool import AsyncConnectionPool
 
+            if self.url is None:  # callers check `usable` first
+                raise DatabaseUnavailable("no database URL is set")
             pool = AsyncConnectionPool(
                 self.url,
                 min_size=1,

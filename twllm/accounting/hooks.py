@@ -1,6 +1,6 @@
 """The accounting hooks LiteLLM loads inside the gateway: ``custom_auth`` and the spend logger.
 
-The rendered LiteLLM config names them (``render.litellm_config``)::
+The rendered LiteLLM config names them (``twllm.render.litellm_config.litellm_config``)::
 
     general_settings.custom_auth: twllm.accounting.hooks.user_api_key_auth
     litellm_settings.callbacks:   [twllm.accounting.hooks.spend_logger]
@@ -35,11 +35,12 @@ from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
 
 from twllm.accounting.auth import Authenticator, Identity, Rejection
-from twllm.accounting.gateway_config import DATABASE_URL_ENV, SETTINGS_ENV, Database, GatewayConfig
+from twllm.accounting.gateway_config import Database, GatewayConfig
 from twllm.accounting.ledger import LedgerWriter, replay_folder, row_from_logging
 from twllm.accounting.spool import Spool
 from twllm.gateway import streams
 from twllm.gateway.streams import EngineStreamCut, faithful
+from twllm.settings import DATABASE_URL_ENV, GATEWAY_SETTINGS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
     try:
         rt = runtime()
     except (OSError, ValueError) as exc:  # gateway.json missing or unreadable: say so, loudly
-        log.error("twllm accounting: cannot read the gateway settings (%s): %s", SETTINGS_ENV, exc)
+        log.error("twllm accounting: cannot read the gateway settings (%s): %s", GATEWAY_SETTINGS_ENV, exc)
         raise proxy_exception(
             Rejection(
                 500, "server_error", "gateway_misconfigured", "The gateway's settings cannot be read; see its log."

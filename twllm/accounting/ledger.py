@@ -77,7 +77,7 @@ class LedgerRow:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LedgerRow:
-        values = {f.name: data.get(f.name) for f in fields(cls)}
+        values: dict[str, Any] = {f.name: data.get(f.name) for f in fields(cls)}
         values["ts"] = datetime.fromisoformat(str(data["ts"]))
         values["cost"] = Decimal(str(data.get("cost") or 0))
         return cls(**values)

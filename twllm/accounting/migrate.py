@@ -372,7 +372,9 @@ def _utc(day: date) -> datetime:
 
 
 def _table_exists(conn: psycopg.Connection, name: str) -> bool:
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
+    assert row is not None  # a SELECT without FROM yields one row
+    return bool(row[0])
 
 
 def _one_line(exc: BaseException) -> str:

@@ -223,7 +223,9 @@ def create_tenant(conn: psycopg.Connection, name: str, guard_policy: str | None 
         ).fetchone()
     except psycopg.errors.UniqueViolation:
         raise AccountsError(f"tenant {name!r} already exists", hint="twllm tenants list") from None
-    return Tenant(*row, guard_policy=guard_policy)
+    assert row is not None  # INSERT … RETURNING yields the inserted row
+    tenant_id, stored_name, created_at = row
+    return Tenant(tenant_id, stored_name, created_at, guard_policy=guard_policy)
 
 
 def set_tenant_policy(conn: psycopg.Connection, name: str, guard_policy: str | None) -> Tenant:
@@ -303,6 +305,7 @@ def _insert_key(
             s.guard_policy,
         ),
     ).fetchone()
+    assert row is not None  # INSERT … RETURNING yields the inserted row
     return secret, row[0]
 
 
@@ -357,6 +360,7 @@ def rotate_key(conn: psycopg.Connection, ref: str) -> tuple[KeyRecord, str, KeyR
     with conn.transaction():
         found = find_key(conn, ref)
         row = conn.execute(_KEY_COLUMNS + sql.SQL(" WHERE k.id = %s FOR UPDATE OF k"), (found.id,)).fetchone()
+        assert row is not None  # found just above, and keys are never deleted
         old = _record(row)  # re-read under the lock: a concurrent rotate may have revoked it
         if old.status() != "active":
             raise AccountsError(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -37,8 +36,10 @@ from twllm.bench import report
 from twllm.bench.load import LoadSettings
 from twllm.bench.runner import Load, run_locust
 from twllm.errors import RuntimeFailure
-from twllm.plan.build import ENGINE_KEY_ENV, Plan
+from twllm.plan.model import Plan
+from twllm.runtime.ports import free_port
 from twllm.runtime.state import StateDir
+from twllm.settings import ENGINE_KEY_ENV, PREFIX
 from twllm.spec.resolve import LoadedSpec
 
 TARGETS = ("direct", "litellm", "twllm", "twllm+guard")
@@ -60,12 +61,6 @@ class Target:
     """The name this endpoint serves the model under."""
     api_key: str = field(repr=False)
     note: str = ""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -121,7 +116,7 @@ def wait_for_chat(target: Target, timeout: float = READY_TIMEOUT_S, proxy: Proxy
 
 
 def proxy_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWLLM_") and k != "DATABASE_URL"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX) and k != "DATABASE_URL"}
     env.update(
         {
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
@@ -136,7 +131,7 @@ def proxy_env(extra: dict[str, str]) -> dict[str, str]:
 
 def bare_litellm_config(plan: Plan, model: str) -> dict[str, Any]:
     """Only ``model_list`` (the model's routes, as twllm renders them) and the master key."""
-    from twllm.render.gateway_config import litellm_config
+    from twllm.render.litellm_config import litellm_config
 
     rendered = litellm_config(plan)
     routes = [d for d in rendered["model_list"] if d["model_name"] == model]
@@ -173,8 +168,8 @@ def start_guard_gateway(
     """A second twllm gateway rendered from the spec with PII guards on input and output.
 
     Returns the proxy, its endpoint, and whether its LiteLLM config differs from the guard-less
-    render (False: this build's renderer does not wire guards into the gateway yet)."""
-    from twllm.render.gateway_config import LITELLM_CONFIG, render
+    render (a check: False would mean the guard target runs the same hooks as twllm)."""
+    from twllm.render.litellm_config import LITELLM_CONFIG, render
     from twllm.runtime.gateway import gateway_launch
 
     spec = loaded.spec
@@ -187,7 +182,7 @@ def start_guard_gateway(
     render(plan, unguarded, plain)
     wired = (folder / LITELLM_CONFIG).read_text() != (plain / LITELLM_CONFIG).read_text()
     port = free_port()
-    gw = dataclasses.replace(plan.gateway, host="127.0.0.1", port=port, url=f"http://127.0.0.1:{port}/v1")
+    gw = plan.gateway.model_copy(update={"host": "127.0.0.1", "port": port, "url": f"http://127.0.0.1:{port}/v1"})
     launch = gateway_launch(gw, folder, secrets_env, database_url, work / "spool-guard")
     return (Proxy("twllm+guard", launch.argv, proxy_env(launch.env), folder, work / "gateway-guard.log"), gw.url, wired)
 
@@ -366,9 +361,9 @@ def compare(
             proxies.append(proxy)
             note = "guard input [pii], output [pii]"
             if not wired:
-                note += " — NOT wired: this build renders the same LiteLLM config with and without guards"
+                note += " — NOT wired: the rendered LiteLLM config had no guard hooks"
                 notes.append(
-                    "twllm+guard: the renderer does not put guard hooks into the LiteLLM config yet, "
+                    "twllm+guard: the rendered LiteLLM config had no guard hooks for this spec, "
                     "so this target ran the same hooks as twllm"
                 )
             chosen["twllm+guard"] = Target("twllm+guard", url, model, tenant_key, note)
@@ -417,7 +412,9 @@ def _ledger_rows(db_url: str, key_id: int, expected: int, wait_s: float = 10.0) 
     deadline = time.monotonic() + wait_s
     while True:
         with connect(db_url) as conn:
-            (count,) = conn.execute("SELECT count(*) FROM spend_ledger WHERE key_id = %s", (key_id,)).fetchone()
+            row = conn.execute("SELECT count(*) FROM spend_ledger WHERE key_id = %s", (key_id,)).fetchone()
+        assert row is not None  # count(*) yields one row
+        (count,) = row
         if count >= expected or time.monotonic() > deadline:
             return int(count)
         time.sleep(0.5)
@@ -462,14 +459,14 @@ def table(result: Comparison) -> str:
             )
     lines.append("")
     gw = r.get("twllm", {})
-    if gw.get("e2el_p50_vs_litellm") is not None:
-        v = gw["e2el_p50_vs_litellm"]
+    v = gw.get("e2el_p50_vs_litellm")
+    if v is not None:
         lines.append(
             f"target: twllm E2EL p50 ≤ {TARGET_P50_VS_LITELLM}× litellm: {v:.3f} "
             f"({'met' if v <= TARGET_P50_VS_LITELLM else 'missed'})"
         )
-    if gw.get("toks_vs_direct") is not None:
-        v = gw["toks_vs_direct"]
+    v = gw.get("toks_vs_direct")
+    if v is not None:
         lines.append(
             f"target: twllm output tok/s ≥ {TARGET_TOKS_VS_DIRECT}× direct (at concurrency 16; "
             f"this run {result.settings['users']}): {v:.3f} ({'met' if v >= TARGET_TOKS_VS_DIRECT else 'missed'})"

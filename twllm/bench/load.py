@@ -23,6 +23,18 @@ from typing import Any
 
 import yaml
 
+from twllm.settings import (
+    BENCH_API_KEY_ENV,
+    BENCH_API_KEY_ENV_ENV,
+    BENCH_EMBEDDINGS_MODEL_ENV,
+    BENCH_IGNORE_EOS_ENV,
+    BENCH_MAX_TOKENS_ENV,
+    BENCH_MODELS_ENV,
+    BENCH_PROMPT_SET_ENV,
+    BENCH_SAMPLES_FILE_ENV,
+    BENCH_STREAM_ENV,
+)
+
 # --- options -------------------------------------------------------------------------------------
 
 
@@ -37,42 +49,42 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("--models", "TWLLM_BENCH_MODELS", "", "Chat models to load, comma separated (client-facing names)."),
+    Option("--models", BENCH_MODELS_ENV, "", "Chat models to load, comma separated (client-facing names)."),
     Option(
         "--embeddings-model",
-        "TWLLM_BENCH_EMBEDDINGS_MODEL",
+        BENCH_EMBEDDINGS_MODEL_ENV,
         "",
         "An embeddings model to load as well (one request in the rotation with the chat models).",
     ),
-    Option("--max-tokens", "TWLLM_BENCH_MAX_TOKENS", "64", "max_tokens of every chat completion."),
-    Option("--stream", "TWLLM_BENCH_STREAM", "on", "on: streamed chat completions (TTFT, ITL measured); off: plain."),
+    Option("--max-tokens", BENCH_MAX_TOKENS_ENV, "64", "max_tokens of every chat completion."),
+    Option("--stream", BENCH_STREAM_ENV, "on", "on: streamed chat completions (TTFT, ITL measured); off: plain."),
     Option(
         "--ignore-eos",
-        "TWLLM_BENCH_IGNORE_EOS",
+        BENCH_IGNORE_EOS_ENV,
         "on",
         "on: ask vLLM to generate exactly max_tokens (its ignore_eos parameter), as vLLM's own benchmarks do.",
     ),
     Option(
         "--prompt-set",
-        "TWLLM_BENCH_PROMPT_SET",
+        BENCH_PROMPT_SET_ENV,
         "zh-tw",
         "zh-tw (built in) or a YAML/JSON file with a `prompts` list of {id, category, prompt} or strings.",
     ),
     Option(
         "--api-key-env",
-        "TWLLM_BENCH_API_KEY_ENV",
-        "TWLLM_BENCH_API_KEY",
+        BENCH_API_KEY_ENV_ENV,
+        BENCH_API_KEY_ENV,
         "Name of the environment variable holding the API key (the key itself is never logged).",
     ),
     Option(
         "--samples-file",
-        "TWLLM_BENCH_SAMPLES_FILE",
+        BENCH_SAMPLES_FILE_ENV,
         "",
         "Write every request's measurements here (JSON lines) when the run ends.",
     ),
 )
 
-DEFAULT_API_KEY_ENV = "TWLLM_BENCH_API_KEY"
+DEFAULT_API_KEY_ENV = BENCH_API_KEY_ENV
 
 
 def on(value: str | bool) -> bool:

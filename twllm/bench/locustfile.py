@@ -28,6 +28,9 @@ from pathlib import Path
 
 import gevent
 from locust import FastHttpUser, constant, events, task
+from locust.argument_parser import LocustArgumentParser
+from locust.contrib.fasthttp import FastResponse
+from locust.env import Environment
 from locust.exception import StopUser
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
@@ -39,13 +42,13 @@ _settings: LoadSettings | None = None
 
 
 @events.init_command_line_parser.add_listener
-def _options(parser) -> None:  # type: ignore[no-untyped-def]
+def _options(parser: LocustArgumentParser) -> None:
     for option in OPTIONS:
         parser.add_argument(option.flag, type=str, env_var=option.env, default=option.default, help=option.help)
 
 
 @events.test_start.add_listener
-def _started(environment, **_: object) -> None:  # type: ignore[no-untyped-def]
+def _started(environment: Environment, **_: object) -> None:
     global _settings
     _settings = LoadSettings.from_options(vars(environment.parsed_options))
     _samples.clear()
@@ -54,7 +57,7 @@ def _started(environment, **_: object) -> None:  # type: ignore[no-untyped-def]
 
 
 @events.test_stop.add_listener
-def _stopped(environment, **_: object) -> None:  # type: ignore[no-untyped-def]
+def _stopped(environment: Environment, **_: object) -> None:
     _run["stopped"] = time.time()
     path = getattr(environment.parsed_options, "samples_file", "") if environment.parsed_options else ""
     if path:
@@ -62,19 +65,20 @@ def _stopped(environment, **_: object) -> None:  # type: ignore[no-untyped-def]
 
 
 @events.quitting.add_listener
-def _final_csv(environment, **_: object) -> None:  # type: ignore[no-untyped-def]
+def _final_csv(environment: Environment, **_: object) -> None:
     # locust rewrites <prefix>_stats.csv once a second and does not write it again at the end, so
     # the last second of requests would be missing: let its writer run once more, users stopped.
     if getattr(environment.parsed_options, "csv_prefix", None):
         gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
 
 
-def stream_lines(resp) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
+def stream_lines(resp: FastResponse) -> Iterator[bytes]:
     """The body of a streamed response line by line, each as soon as it arrives.
 
     FastResponse.iter_content (and locust's iter_lines on top of it) reads fixed-size blocks and
     waits until a block is full, which would hold back every token of a short stream."""
     raw = resp._response
+    assert raw is not None  # set on every answered request; only 200 answers are read here
     while True:
         line = raw.readline(b"\n")
         if not line:

@@ -17,6 +17,7 @@ from pathlib import Path
 from twllm.bench import report
 from twllm.bench.load import DEFAULT_API_KEY_ENV, LoadSettings
 from twllm.errors import RuntimeFailure
+from twllm.settings import BENCH_PREFIX
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+s)?$")
@@ -115,7 +116,7 @@ def run_locust(
     out.mkdir(parents=True, exist_ok=True)
     csv_prefix, samples_file, log = out / name, out / f"{name}_samples.jsonl", out / f"{name}_locust.log"
     argv = locust_argv(endpoint, settings, load, csv_prefix, samples_file) + ["--prompt-set", prompt_set]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWLLM_BENCH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(BENCH_PREFIX)}
     env["PYTHONUNBUFFERED"] = "1"
     key = api_key if api_key is not None else os.environ.get(settings.api_key_env or DEFAULT_API_KEY_ENV)
     if key:

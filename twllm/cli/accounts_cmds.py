@@ -279,8 +279,8 @@ def _print_secret(key: KeyRecord, secret: str, json_out: bool, *, verb: str) -> 
 
 
 def _warn_unknown_models(sd: StateDir, models: tuple[str, ...] | None) -> None:
-    plan = sd.read_plan() or {}
-    served = {r.get("model_name") for r in plan.get("routes", [])}
+    plan = sd.read_plan()
+    served = {r.model_name for r in plan.routes} if plan is not None else set()
     unknown = sorted(set(models or ()) - served) if served else []
     if unknown:
         stderr.print(f"[yellow]note:[/] not served by this deployment now: {', '.join(unknown)}", markup=True)

@@ -15,10 +15,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from twllm.cli.output import stderr
+from twllm.settings import BENCH_API_KEY_ENV
+
+if TYPE_CHECKING:  # at run time imported inside the commands, which keeps the CLI quick to start
+    from twllm.bench.load import LoadSettings
+    from twllm.bench.runner import Load
 
 MODEL = typer.Option(
     None,
@@ -53,7 +59,7 @@ PROMPTS = typer.Option(
 )
 OUT = typer.Option(None, "--out", "-o", help="Folder for CSVs, samples, summary and chart (default: ./bench-<time>).")
 API_KEY_ENV = typer.Option(
-    "TWLLM_BENCH_API_KEY", "--api-key-env", help="Environment variable holding the API key (never printed)."
+    BENCH_API_KEY_ENV, "--api-key-env", help="Environment variable holding the API key (never printed)."
 )
 COMPARE = typer.Option(
     False,
@@ -143,7 +149,7 @@ def bench(
     _single(endpoint, settings, load, out, prompt_set, json_out)
 
 
-def _single(endpoint: str, settings, load, out: Path, prompt_set: str, json_out: bool) -> None:  # type: ignore[no-untyped-def]
+def _single(endpoint: str, settings: LoadSettings, load: Load, out: Path, prompt_set: str, json_out: bool) -> None:
     from twllm.bench import report
     from twllm.bench.runner import run_locust
 
@@ -189,9 +195,9 @@ def _compare(
     config: Path,
     state_dir: Path | None,
     model: list[str] | None,
-    settings,
-    load,
-    rounds: int,  # type: ignore[no-untyped-def]
+    settings: LoadSettings,
+    load: Load,
+    rounds: int,
     targets: str,
     keep: bool,
     out: Path,
@@ -214,7 +220,7 @@ def _compare(
             rounds,
             out,
             _say,
-            model=(model or [None])[0],
+            model=model[0] if model else None,
             targets=chosen,
             keep=keep,
             prompt_set=prompt_set,

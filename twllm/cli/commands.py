@@ -10,10 +10,11 @@ from rich.console import Console
 
 from twllm.cli.output import table as _table
 from twllm.model_registry import load_registry
-from twllm.plan.build import Plan, make_plan
-from twllm.render.gateway_config import render as render_files
+from twllm.plan.build import make_plan
+from twllm.plan.model import Plan
+from twllm.render.litellm_config import render as render_files
 from twllm.runtime.hardware import inventory
-from twllm.settings import Settings
+from twllm.settings import STATE_DIR_ENV, Settings
 from twllm.spec.json_schema import spec_json_schema
 from twllm.spec.resolve import LoadedSpec, load_spec
 
@@ -25,7 +26,9 @@ GPUS = typer.Option(
     None, "--gpus", min=0, help="Plan for this many GPUs instead of those detected (NVML) or the spec's hardware.gpus."
 )
 STATE_DIR = typer.Option(
-    None, "--state-dir", help="State directory (default: the spec's state_dir, $TWLLM_STATE_DIR, or a per-user folder)."
+    None,
+    "--state-dir",
+    help=f"State directory (default: the spec's state_dir, ${STATE_DIR_ENV}, or a per-user folder).",
 )
 
 models_app = typer.Typer(help="The model registry: what twllm knows how to serve.", no_args_is_help=True)

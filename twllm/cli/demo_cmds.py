@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from twllm.demo.build import build_demo_models, default_engine_python, default_models_dir, pending_models
+from twllm.settings import MODELS_DIR_ENV
 
 demo_app = typer.Typer(
     help="Models for the offline example (examples/local.yaml), built locally with no model hub.",
@@ -28,7 +29,7 @@ def _progress(line: str) -> None:
 @demo_app.command()
 def build(
     models_dir: Path | None = typer.Option(
-        None, "--models-dir", help="Where to build the models (default: $TWLLM_MODELS_DIR or ~/.cache/twllm/models)."
+        None, "--models-dir", help=f"Where to build the models (default: ${MODELS_DIR_ENV} or ~/.cache/twllm/models)."
     ),
     force: bool = typer.Option(False, "--force", help="Rebuild folders that are already built."),
     python: Path | None = typer.Option(

@@ -12,6 +12,7 @@ import typer
 
 from twllm.cli.output import stderr, table
 from twllm.errors import RuntimeFailure
+from twllm.settings import MASTER_KEY_ENV
 
 eval_app = typer.Typer(help="Measure the deployment's answers: zh-tw.", no_args_is_help=True)
 
@@ -45,7 +46,7 @@ def zh_tw(
         Path("zh-tw-eval"), "--out", help="Folder for zh_tw_eval.csv, zh_tw_summary.csv and zh_tw_eval.png."
     ),
     api_key_env: str = typer.Option(
-        "TWLLM_MASTER_KEY", "--api-key-env", help="Environment variable holding the API key (never printed or written)."
+        MASTER_KEY_ENV, "--api-key-env", help="Environment variable holding the API key (never printed or written)."
     ),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="max_tokens of each request."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, max=64, help="Requests in flight at once."),

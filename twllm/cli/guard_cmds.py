@@ -84,14 +84,15 @@ def check(
 def _running_remote(config: Path) -> dict:
     """Where the running deployment's engines serve guard models (from its rendered settings)."""
     from twllm.cli.runtime_cmds import find_state_dir
+    from twllm.gateway.settings import GatewaySettings
     from twllm.guard.policy import GuardPolicies
 
     sd = find_state_dir(None, config)
     try:
-        settings = json.loads((sd.rendered / "gateway.json").read_text(encoding="utf-8"))
+        settings = GatewaySettings.load(sd.rendered / "gateway.json")
     except (OSError, ValueError):
         return {}  # not deployed: the check fails, and the failure policy says what that means
-    remote = GuardPolicies.from_settings(settings.get("guard")).remote
+    remote = GuardPolicies.from_settings(settings.guard).remote
     key_file = sd.secrets_dir / "engine_key"
     for target in remote.values():
         if target.api_key_env and target.api_key_env not in os.environ and key_file.exists():

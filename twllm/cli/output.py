@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -10,7 +12,7 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 """Progress, warnings and errors: everything that is not the command's result."""
 
 
-def table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """A rich table on a terminal; aligned plain text when stdout is a pipe or file."""
     console = Console(highlight=False, soft_wrap=True)
     if console.is_terminal:

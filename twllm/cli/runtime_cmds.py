@@ -21,14 +21,14 @@ from twllm.runtime.control import status as read_status
 from twllm.runtime.control import stop as run_stop
 from twllm.runtime.logs import tail
 from twllm.runtime.state import DeploymentState, StateDir
-from twllm.settings import Settings
+from twllm.settings import STATE_DIR_ENV, Settings
 from twllm.spec.resolve import load_spec
 
 stdout = Console(highlight=False, soft_wrap=True)
 STATE_DIR_FIND = typer.Option(
     None,
     "--state-dir",
-    help="State directory of the deployment (default: from --config, $TWLLM_STATE_DIR, or the only per-user deployment).",
+    help=f"State directory of the deployment (default: from --config, ${STATE_DIR_ENV}, or the only per-user deployment).",
 )
 CONFIG_FIND = typer.Option(
     None, "--config", "-c", help="The spec the deployment was made from (to find its state directory)."

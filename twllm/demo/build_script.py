@@ -161,7 +161,8 @@ def build_chat(out: Path, seed: int) -> dict:
         eos_token_id=[ids[EOT], ids[EOS]],
         pad_token_id=ids[PAD],
     )
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    # transformers wraps .to in functools.wraps, whose stub is no method descriptor: mypy wants self.
+    model = LlamaForCausalLM(config).to(torch.float32).eval()  # type: ignore[arg-type]
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS],
         eos_token_id=[ids[EOT], ids[EOS]],

@@ -24,23 +24,20 @@ import json
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from twllm.gateway import errors, failfast, streams
+from twllm.gateway.settings import GatewaySettings, HttpSettings
+from twllm.settings import GATEWAY_SETTINGS_ENV
 
 log = logging.getLogger("twllm.gateway")
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
+Scope = MutableMapping[str, Any]  # as starlette.types has them, so its apps and middleware fit
+Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-SETTINGS_ENV = "TWLLM_GATEWAY_SETTINGS"
-DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 
 ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (method, re.compile(pattern))
@@ -70,23 +67,10 @@ MANAGEMENT_MESSAGE = (
 HOP_HEADERS = (b"x-litellm-", b"llm_provider-", b"access-control-")
 
 
-@dataclass(frozen=True)
-class HttpSettings:
-    """What the shield enforces (gateway.json's ``http`` section)."""
-
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    cors_origins: tuple[str, ...] = ()
-
-    @classmethod
-    def from_env(cls) -> HttpSettings:
-        path = os.environ.get(SETTINGS_ENV)
-        if not path:
-            return cls()
-        data = json.loads(Path(path).read_text(encoding="utf-8")).get("http") or {}
-        return cls(
-            max_request_bytes=int(data.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
-            cors_origins=tuple(data.get("cors_origins") or ()),
-        )
+def http_settings_from_env() -> HttpSettings:
+    """gateway.json's ``http`` section, from the file the environment names (defaults without one)."""
+    path = os.environ.get(GATEWAY_SETTINGS_ENV)
+    return GatewaySettings.load(path).http if path else HttpSettings()
 
 
 def allowed(method: str, path: str) -> bool | None:
@@ -134,9 +118,10 @@ class Shield:
             await send_error(send, errors.make(405, f"Method {method} is not allowed on {path}.", "method_not_allowed"))
             return
         if method in ("POST", "PUT", "PATCH"):
-            receive = await self._limited(scope, receive, send)
-            if receive is None:
+            limited = await self._limited(scope, receive, send)
+            if limited is None:
                 return
+            receive = limited
         await self.app(scope, receive, _Rewriter(send, method, path).send)
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
@@ -329,7 +314,7 @@ def build(settings: HttpSettings | None = None) -> ASGIApp:
     streams.install()
     failfast.install()
 
-    settings = settings or HttpSettings.from_env()
+    settings = settings or http_settings_from_env()
     shielded: ASGIApp = Shield(proxy_app, settings)
     if settings.cors_origins:
         return CORSMiddleware(

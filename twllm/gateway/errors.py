@@ -7,7 +7,8 @@ for the engine itself) expects ``{"error": {"message", "type", "param", "code"}}
 engine's status code, and nothing of the machinery behind the gateway. ``public_error`` turns
 any error body the proxy produced into that shape:
 
-- the engine's refusal: its status and its own message (4xx are never retried, see render.py);
+- the engine's refusal: its status and its own message (4xx are never retried: see the router's
+  ``retry_policy`` in twllm.render.litellm_config);
 - a prompt longer than the context: 400 ``context_length_exceeded``;
 - no engine can be reached (refused, reset, every replica cooled down): 503
   ``engine_unavailable`` with ``Retry-After``;
@@ -193,10 +194,11 @@ def public_error(status: int, body: bytes | str | dict[str, Any] | None) -> Publ
 
 def _error_object(body: bytes | str | dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(body, (bytes, bytearray)):
+        text = body.decode("utf-8", errors="replace")
         try:
-            body = json.loads(body.decode("utf-8", errors="replace"))
+            body = json.loads(text)
         except ValueError:
-            return {"message": body.decode("utf-8", errors="replace")}
+            return {"message": text}
     elif isinstance(body, str):
         try:
             body = json.loads(body)

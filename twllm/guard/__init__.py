@@ -1,1 +1,1 @@
-"""Safety Guard: screening of gateway inputs and outputs (see issue 5)."""
+"""Safety Guard: screens the gateway's inputs and outputs (PII, Prompt Guard, Llama Guard, zh-TW)."""

@@ -1,6 +1,7 @@
 """The Safety Guard inside the LiteLLM gateway: one guardrail, on for every request.
 
-The rendered LiteLLM config names it (``render.litellm_config``)::
+The rendered LiteLLM config names it whenever a guard policy is active
+(``twllm.render.litellm_config.litellm_config``)::
 
     guardrails:
       - guardrail_name: twllm-guard
@@ -42,11 +43,12 @@ from typing import Any, get_args
 from litellm.integrations.custom_guardrail import CustomGuardrail
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
-from twllm.accounting.gateway_config import SETTINGS_ENV
+from twllm.gateway.settings import GatewaySettings
 from twllm.gateway.streams import faithful
-from twllm.guard.pipeline import GuardPipeline, GuardResult, ModelCache
+from twllm.guard.pipeline import GuardPipeline, GuardResult, ModelCache, Stage
 from twllm.guard.policy import GuardPolicies, UnknownPolicy
 from twllm.guard.streaming import OutputStream, StreamBlocked
+from twllm.settings import GATEWAY_SETTINGS_ENV
 from twllm.spec.schema import PiiEntity
 
 log = logging.getLogger(__name__)
@@ -121,12 +123,8 @@ class GuardState:
 
     @classmethod
     def from_env(cls) -> GuardState:
-        import json
-        from pathlib import Path
-
-        path = os.environ.get(SETTINGS_ENV)
-        settings = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
-        return cls(GuardPolicies.from_settings(settings.get("guard")))
+        path = os.environ.get(GATEWAY_SETTINGS_ENV)
+        return cls(GuardPolicies.from_settings(GatewaySettings.load(path).guard if path else None))
 
     def pipeline(self, model: str | None, policy: str | None) -> GuardPipeline:
         key = (model, policy)
@@ -427,11 +425,11 @@ class TwllmGuardrail(CustomGuardrail):
 MODEL_STAGES = frozenset({"llama_guard", "prompt_guard"})
 
 
-def _needs_thread(pipeline: GuardPipeline, stage: str) -> bool:
+def _needs_thread(pipeline: GuardPipeline, stage: Stage) -> bool:
     return any(name in MODEL_STAGES for name in pipeline.stages(stage))
 
 
-async def _run(pipeline: GuardPipeline, stage: str, fn: Any, *args: Any) -> Any:
+async def _run(pipeline: GuardPipeline, stage: Stage, fn: Any, *args: Any) -> Any:
     """``fn(*args)`` in a worker thread when a guard model runs or the text is long, else in
     place (PII and zh-TW take microseconds on ordinary text; a thread hop would cost more)."""
     if _needs_thread(pipeline, stage) or _text_size(args) > LONG_TEXT:
@@ -468,10 +466,10 @@ def _screen_field(pipeline: GuardPipeline, data: dict, key: str, only: list[str]
         if result.blocked:
             break
         if result.text != text:
-            if isinstance(value, str):
-                data[key] = result.text
-            else:
+            if isinstance(value, list):
                 value[i] = result.text
+            else:
+                data[key] = result.text
     return _combine(results)
 
 

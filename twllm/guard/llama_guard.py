@@ -257,6 +257,7 @@ def _chat_arguments(turns: list[Turn], excluded: frozenset[str], tokenizer: Any)
     if template is None or (excluded and not excludes):
         # No template, or a fixed one that cannot drop categories from the policy it states.
         template, style, excludes = LLAMA_GUARD_3_TEMPLATE, "parts", True
+    messages: list[dict[str, Any]]
     if style == "parts":
         messages = [{"role": t.role, "content": [{"type": "text", "text": t.text}]} for t in turns]
     else:

@@ -1,7 +1,7 @@
 """Which guard settings apply to one request: gateway-wide, then the model's, then the tenant's.
 
 The gateway never reads prod.yaml; it reads the ``guard`` section of gateway.json, which the
-render writes (``twllm.render.gateway_config.guard_settings``). ``GuardPolicies`` resolves that
+render writes (``twllm.render.litellm_config.guard_settings``). ``GuardPolicies`` resolves that
 section with the spec's layering rules (``twllm.spec.guard_layers``) the same way in the gateway and
 in ``twllm guard check``, so the ops tool shows exactly the live verdicts. A tenant's (or key's)
 policy comes last so that it can tighten what a model allows.
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from twllm.gateway.settings import GuardSettings, ModelGuardSettings
 from twllm.spec.guard_layers import layered, spec_layers
 from twllm.spec.schema import GuardSpec, Spec
 
@@ -33,16 +34,6 @@ class RemoteGuard:
     api_key_env: str | None
 
 
-@dataclass(frozen=True)
-class ModelGuard:
-    """A model's own guard settings, as gateway.json holds them."""
-
-    override: dict[str, Any] = field(default_factory=dict)
-    zh_tw: bool | None = None
-    system_prompt: str | None = None
-    task: str = "chat"
-
-
 class GuardPolicies:
     """The gateway's guard section, resolved per (model, policy) and cached."""
 
@@ -50,7 +41,7 @@ class GuardPolicies:
         self,
         base: Mapping[str, Any],
         *,
-        models: Mapping[str, ModelGuard] | None = None,
+        models: Mapping[str, ModelGuardSettings] | None = None,
         policies: Mapping[str, Mapping[str, Any]] | None = None,
         remote: Mapping[str, RemoteGuard] | None = None,
     ) -> None:
@@ -63,23 +54,16 @@ class GuardPolicies:
 
     # --- building ------------------------------------------------------------------------------
     @classmethod
-    def from_settings(cls, guard: Mapping[str, Any] | None) -> GuardPolicies:
-        """From gateway.json's ``guard`` section (see ``guard_settings``)."""
-        guard = dict(guard or {})
-        models = {
-            name: ModelGuard(
-                override=dict(m.get("override") or {}),
-                zh_tw=m.get("zh_tw"),
-                system_prompt=m.get("system_prompt"),
-                task=m.get("task") or "chat",
-            )
-            for name, m in (guard.get("models") or {}).items()
-        }
+    def from_settings(cls, guard: GuardSettings | Mapping[str, Any] | None) -> GuardPolicies:
+        """From gateway.json's ``guard`` section (``GatewaySettings.load(path).guard``), or the
+        same as plain data (validated as a ``GuardSettings`` first)."""
+        if not isinstance(guard, GuardSettings):
+            guard = GuardSettings.model_validate(dict(guard or {}))
         remote = {
-            name: RemoteGuard(model=name, api_bases=tuple(r["api_bases"]), api_key_env=r.get("api_key_env"))
-            for name, r in (guard.get("remote") or {}).items()
+            name: RemoteGuard(model=name, api_bases=tuple(r.api_bases), api_key_env=r.api_key_env)
+            for name, r in guard.remote.items()
         }
-        return cls(guard.get("base") or {}, models=models, policies=guard.get("policies") or {}, remote=remote)
+        return cls(guard.base, models=guard.models, policies=guard.policies, remote=remote)
 
     @classmethod
     def from_spec(cls, spec: Spec) -> GuardPolicies:

@@ -1,7 +1,7 @@
 """Checksums of Taiwan identifiers: national ID and resident numbers, 統一編號, Luhn.
 
 Pure functions on already-extracted strings (ASCII, no separators); finding the strings in text
-is `twllm.guard.pii`'s job. The rules are in /work/shared/FACTS.md ("Taiwan identifiers").
+is `twllm.guard.pii`'s job. Each function's docstring states the rule it checks.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def id_kind(value: str) -> IdKind | None:
     `[A-Z][12]\\d{8}` is a citizen's national ID; `[A-Z][89]\\d{8}` a resident certificate number
     in the format issued since 2021; `[A-Z][A-D]\\d{8}` one in the old format (valid until 2031),
     whose second letter counts as its letter value mod 10. Lower-case letters are accepted.
+    Checksum: the first letter's two-digit value (LETTER_VALUES), the second character and the
+    eight digits, weighted 1,9,8,7,6,5,4,3,2,1,1; valid when the sum is divisible by 10.
     """
     if len(value) != 10:
         return None

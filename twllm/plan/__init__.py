@@ -1,2 +1,4 @@
 """Stage 2, the plan: pure decisions about which process serves what, where, with which argv and env.
-No I/O and no processes; the Plan it makes is frozen data that the runtime executes."""
+
+Deciding does no I/O and starts nothing (build, placement, vllm_flags); the Plan it makes (model)
+is frozen data, written to and read from plan.json, that the runtime executes."""

@@ -1,135 +1,30 @@
 """Plan: a validated spec made concrete — which process serves what, where, with which argv.
 
 `make_plan` is pure: it takes the loaded spec, the GPU inventory and the state directory, and
-returns frozen data that can be printed as JSON and diffed. Nothing here reads the environment,
-touches the disk or starts anything.
+returns a frozen Plan (twllm.plan.model) that can be printed as JSON and diffed. Nothing here
+reads the environment, touches the disk or starts anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twllm import settings
 from twllm.errors import PlanError
+from twllm.plan.model import DatabasePlan, EngineProcess, GatewayPlan, Plan, Route
 from twllm.plan.placement import GpuInventory, place_replicas
+from twllm.plan.vllm_flags import field_flags_argv
 from twllm.spec.guard_layers import served_guard_models
 from twllm.spec.resolve import LoadedSpec, ResolvedModel
 
-ENGINE_KEY_ENV = "TWLLM_ENGINE_API_KEY"
+ENGINE_KEY_ENV = settings.ENGINE_KEY_ENV
 """Environment variable holding the key engines require and the gateway sends; the runtime
 generates it per deployment."""
 
 CPU_KV_CACHE_DEFAULT = "1G"
-"""vLLM's CPU build refuses to start without an explicit KV-cache size (FACTS.md)."""
-
-
-@dataclass(frozen=True)
-class EngineProcess:
-    """One engine process to run."""
-
-    id: str
-    """Component name: `vllm-<model>-<replica>` or `ollama`."""
-    engine: str
-    device: str
-    models: tuple[str, ...]
-    """Client-facing names this process serves."""
-    argv: tuple[str, ...]
-    """Command line; argv[0] is the engine's executable name, resolved by the runtime."""
-    env: dict[str, str]
-    """Environment set for the process (no secrets)."""
-    secret_env: dict[str, str]
-    """Child variable -> variable of the deployment's environment holding the secret."""
-    host: str
-    port: int
-    gpus: tuple[int, ...]
-    ready_url: str
-    """Polled until it lists the served models."""
-    start_timeout_s: float = 900.0
-    provision: tuple[dict[str, str], ...] = ()
-    """Ollama only: models to pull or create before the engine counts as ready."""
-
-
-@dataclass(frozen=True)
-class Route:
-    """One LiteLLM deployment: a client model name mapped to one engine endpoint."""
-
-    model_name: str
-    deployment_id: str
-    provider_model: str
-    api_base: str
-    engine_id: str
-    task: str
-    input_cost_per_token: float
-    output_cost_per_token: float
-    currency: str
-    max_input_tokens: int | None
-    rpm: int | None
-    tpm: int | None
-    api_key_env: str | None
-
-
-@dataclass(frozen=True)
-class GatewayPlan:
-    """The gateway process."""
-
-    host: str
-    port: int
-    workers: int
-    url: str
-    master_key_env: str
-    request_timeout_s: float
-    num_retries: int
-    routing_strategy: str
-    cooldown_s: float
-    allowed_fails: int
-    health_check_interval_s: int
-    fallbacks: dict[str, list[str]]
-    start_timeout_s: float = 180.0
-    probe_model: str | None = None
-    """A chat model the readiness check asks through the gateway (None: embeddings only)."""
-    probe_embed_model: str | None = None
-    max_request_bytes: int = 10 * 1024 * 1024
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    cors_origins: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class DatabasePlan:
-    """Where keys and spend are kept."""
-
-    embedded: bool
-    data_dir: str | None
-    port: int | None
-    """Port of the embedded server (127.0.0.1)."""
-    url_env: str | None
-    url: str | None
-    """A literal URL without a password (secrets are only referenced through url_env)."""
-    retention_days: int | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The whole deployment as plain data."""
-
-    name: str
-    spec_file: str | None
-    state_dir: str
-    gpus_total: int
-    gateway: GatewayPlan
-    database: DatabasePlan
-    engines: tuple[EngineProcess, ...]
-    routes: tuple[Route, ...]
-    notes: tuple[str, ...] = field(default=())
-    vllm_python: str | None = None
-    """The spec's engines.vllm_python, if it names one."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def engine(self, engine_id: str) -> EngineProcess:
-        return next(e for e in self.engines if e.id == engine_id)
+"""vLLM's CPU build fails its start-up memory check without an explicit KV-cache size
+(``--kv-cache-memory-bytes``)."""
 
 
 def _spec_path(loaded: LoadedSpec, value: str) -> str:
@@ -274,7 +169,6 @@ def _share(limit: int | None, replicas: int) -> int | None:
 def _vllm_process(
     engine_id: str, model: ResolvedModel, host: str, port: int, gpus: tuple[int, ...], start_timeout_s: float
 ) -> EngineProcess:
-    spec = model.spec
     argv: list[str] = [
         "vllm",
         "serve",
@@ -286,18 +180,7 @@ def _vllm_process(
         "--port",
         str(port),
     ]
-    if spec.tensor_parallel and spec.tensor_parallel > 1:
-        argv += ["--tensor-parallel-size", str(spec.tensor_parallel)]
-    if spec.pipeline_parallel and spec.pipeline_parallel > 1:
-        argv += ["--pipeline-parallel-size", str(spec.pipeline_parallel)]
-    if spec.max_model_len:
-        argv += ["--max-model-len", str(spec.max_model_len)]
-    if spec.dtype != "auto":
-        argv += ["--dtype", spec.dtype]
-    if spec.quantization:
-        argv += ["--quantization", spec.quantization]
-    if spec.gpu_memory_utilization is not None:
-        argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+    argv += field_flags_argv(model.spec)  # tensor_parallel, max_model_len, dtype …: twllm/plan/vllm_flags.py
     args = dict(model.engine_args)
     if model.task == "embed":
         args.setdefault("runner", "pooling")
@@ -414,31 +297,3 @@ class _PortAllocator:
             raise PlanError("ran out of ports above engines.port_base")
         self.used[self.next] = owner
         return self.next
-
-
-def plan_from_dict(data: dict[str, Any]) -> Plan:
-    """Rebuild a Plan from its JSON form (plan.json in the state directory)."""
-
-    def engine(e: dict[str, Any]) -> EngineProcess:
-        return EngineProcess(
-            **{
-                **e,
-                "models": tuple(e["models"]),
-                "argv": tuple(e["argv"]),
-                "gpus": tuple(e["gpus"]),
-                "provision": tuple(e.get("provision", ())),
-            }
-        )
-
-    return Plan(
-        name=data["name"],
-        spec_file=data.get("spec_file"),
-        state_dir=data["state_dir"],
-        gpus_total=data["gpus_total"],
-        gateway=GatewayPlan(**{**data["gateway"], "cors_origins": tuple(data["gateway"].get("cors_origins", ()))}),
-        database=DatabasePlan(**data["database"]),
-        engines=tuple(engine(e) for e in data["engines"]),
-        routes=tuple(Route(**r) for r in data["routes"]),
-        notes=tuple(data.get("notes", ())),
-        vllm_python=data.get("vllm_python"),
-    )

@@ -1,5 +1,6 @@
-"""Stage 4, the runtime: the only code that starts processes, writes the state directory and signals.
+"""Stage 4, the runtime: the only code that starts a deployment's processes, signals them and keeps its state.
 
 supervisor (keeps a plan's components up), components (database, engines, gateway as one kind of
-thing), engines (drivers and their environments), database, state, logs, control (deploy, status,
-stop as the CLI calls them)."""
+thing), engines (drivers and their environments), database, gateway (how the proxy is launched),
+state, logs, hardware (the host's GPUs), ports, database_url, and control (deploy, status, stop as
+the CLI calls them)."""

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twllm.plan.build import Plan
-from twllm.render.gateway_config import GATEWAY_SETTINGS, LITELLM_CONFIG
+from twllm.plan.model import EngineProcess, Plan
+from twllm.render.litellm_config import GATEWAY_SETTINGS, LITELLM_CONFIG
 from twllm.runtime.engines.base import Launch, Progress, RuntimeContext
 from twllm.runtime.engines.drivers import driver_for
 from twllm.runtime.gateway import gateway_launch, gateway_ready
@@ -62,19 +62,7 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
     if plan.database.embedded:
         components.append(_database(plan, ctx))
     for proc in plan.engines:
-        driver = driver_for(proc.engine)
-        components.append(
-            Component(
-                name=proc.id,
-                kind="engine",
-                port=proc.port,
-                start_timeout_s=proc.start_timeout_s,
-                launch=lambda proc=proc, driver=driver: driver.launch(proc, ctx),
-                ready=lambda proc=proc, driver=driver: driver.ready(proc, ctx),
-                provision=lambda progress, proc=proc, driver=driver: driver.provision(proc, ctx, progress),
-                fingerprint=_digest(proc.argv, proc.env, proc.secret_env, proc.provision, str(ctx.vllm_python)),
-            )
-        )
+        components.append(_engine(proc, ctx))
     gw = plan.gateway
     master_key = ctx.secrets[gw.master_key_env]
     config_text = [
@@ -130,6 +118,20 @@ def _migrate(plan: Plan, ctx: RuntimeContext) -> None:
     url = database_url_for(plan, ctx)
     if url:
         migrate(url)
+
+
+def _engine(proc: EngineProcess, ctx: RuntimeContext) -> Component:
+    driver = driver_for(proc.engine)
+    return Component(
+        name=proc.id,
+        kind="engine",
+        port=proc.port,
+        start_timeout_s=proc.start_timeout_s,
+        launch=lambda: driver.launch(proc, ctx),
+        ready=lambda: driver.ready(proc, ctx),
+        provision=lambda progress: driver.provision(proc, ctx, progress),
+        fingerprint=_digest(proc.argv, proc.env, proc.secret_env, proc.provision, str(ctx.vllm_python)),
+    )
 
 
 def _database(plan: Plan, ctx: RuntimeContext) -> Component:

@@ -8,7 +8,6 @@ deploying user (folders 0700, files 0600), like everything the supervisor writes
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -21,18 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twllm.errors import EXIT_NOT_READY, RuntimeFailure, TwllmError
-from twllm.plan.build import ENGINE_KEY_ENV, Plan
-from twllm.render.gateway_config import render
+from twllm.plan.model import Plan
+from twllm.render.litellm_config import render
 from twllm.runtime.state import (
     PRIVATE_DIR,
     PRIVATE_FILE,
+    ComponentStatus,
     DeploymentState,
+    DeploymentStatus,
     StateDir,
     mkdir_private,
     pid_alive,
     write_atomic,
 )
 from twllm.runtime.supervisor import UMASK, stop_group
+from twllm.settings import ENGINE_KEY_ENV
 from twllm.spec.resolve import LoadedSpec
 
 Watcher = Callable[[DeploymentState], None]
@@ -52,7 +54,8 @@ class NotReady(TwllmError):
 
 @dataclass(frozen=True)
 class DeployResult:
-    state: DeploymentState
+    state: DeploymentState | None
+    """None only when unchanged and the running deployment's state.json could not be read."""
     mode: str
     """fresh | redeploy | unchanged."""
     restarted: list[str]
@@ -77,6 +80,12 @@ def preflight(loaded: LoadedSpec, plan: Plan, sd: StateDir) -> None:
                 else ""
             )
             problems.append(f"{model.name}: {model.weights} does not exist{hint}")
+    for where, folder in loaded.local_folders:  # guard models given as local folders
+        if not Path(folder).expanduser().is_dir():
+            problems.append(f"{where}: {folder} is not a folder (nor a model of this spec or a registry id)")
+    for where, file in (("gateway.tls.cert", plan.gateway.tls_cert), ("gateway.tls.key", plan.gateway.tls_key)):
+        if file and not Path(file).is_file():
+            problems.append(f"{where}: {file} does not exist")
     if any(e.engine == "vllm" for e in plan.engines) and not plan.vllm_python:
         from twllm.runtime.engines.envs import find_engine
 
@@ -120,7 +129,7 @@ def _ports_held_by_us(sd: StateDir) -> set[int]:
     state = sd.read_state()
     if state is None or sd.supervisor_alive() is None:
         return set()
-    return {c.port for c in state.components if c.port is not None and c.status != "stopped"}
+    return {c.port for c in state.components if c.port is not None and c.status != ComponentStatus.STOPPED}
 
 
 def deploy(
@@ -140,7 +149,9 @@ def deploy(
         return _redeploy(loaded, plan, sd, running, watch)
     _cleanup_leftovers(sd)
     _write_plan(loaded, plan, sd.plan, sd.rendered)
-    state = DeploymentState(name=plan.name, status="starting", gateway_url=plan.gateway.url, secret_digest=digest)
+    state = DeploymentState(
+        name=plan.name, status=DeploymentStatus.STARTING, gateway_url=plan.gateway.url, secret_digest=digest
+    )
     sd.write_state(state)
     fd = os.open(sd.supervisor_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
     os.fchmod(fd, PRIVATE_FILE)
@@ -181,14 +192,8 @@ def _write_plan(loaded: LoadedSpec, plan: Plan, plan_path: Path, rendered: Path)
     """Render the gateway's files into ``rendered`` and write the plan: folder 0700, files 0600."""
     mkdir_private(rendered)
     rendered.chmod(PRIVATE_DIR)
-    old = os.umask(UMASK)  # render() writes with the umask's modes; chmod below makes sure
-    try:
-        written = render(plan, loaded.spec, rendered)
-    finally:
-        os.umask(old)
-    for path in written:
-        path.chmod(PRIVATE_FILE)
-    write_atomic(plan_path, json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    render(plan, loaded.spec, rendered)  # every file through write_atomic: 0600 whatever the umask
+    write_atomic(plan_path, plan.to_json())
 
 
 def _wait(sd: StateDir, watch: Watcher, generation: int, proc: subprocess.Popen | None = None) -> DeploymentState:
@@ -198,12 +203,12 @@ def _wait(sd: StateDir, watch: Watcher, generation: int, proc: subprocess.Popen 
         state = sd.read_state()
         if state is not None:
             watch(state)
-            if state.generation > generation or (proc is not None and state.status == "failed"):
+            if state.generation > generation or (proc is not None and state.status == DeploymentStatus.FAILED):
                 break
         alive = proc.poll() is None if proc is not None else sd.supervisor_alive() is not None
         if not alive:
             state = sd.read_state()
-            if state is None or state.status not in ("failed", "stopped"):
+            if state is None or state.status not in (DeploymentStatus.FAILED, DeploymentStatus.STOPPED):
                 from twllm.runtime.logs import tail
 
                 raise NotReady("the supervisor exited unexpectedly", "supervisor", tail(sd.supervisor_log))
@@ -211,7 +216,7 @@ def _wait(sd: StateDir, watch: Watcher, generation: int, proc: subprocess.Popen 
         if proc is not None and state is None and time.monotonic() - started > SUPERVISOR_START_S:
             raise NotReady("the supervisor did not start", "supervisor", [])
         time.sleep(0.3)
-    if state.status == "failed":
+    if state.status == DeploymentStatus.FAILED:
         from twllm.runtime.logs import tail
 
         name = state.failed_component
@@ -253,9 +258,9 @@ def stop(sd: StateDir, timeout: float = 120.0) -> DeploymentState | None:
     _cleanup_leftovers(sd)
     state = sd.read_state()
     if state is not None:
-        state.status = "stopped"
+        state.status = DeploymentStatus.STOPPED
         for comp in state.components:
-            comp.status, comp.pid = "stopped", None
+            comp.status, comp.pid = ComponentStatus.STOPPED, None
         sd.write_state(state)
     sd.supervisor_pid.unlink(missing_ok=True)
     return state
@@ -271,7 +276,8 @@ def status(sd: StateDir) -> dict:
     components = []
     for c in state.components:
         alive = bool(c.pid and pid_alive(c.pid))
-        health = c.status if alive or c.status in ("stopped", "failed", "restarting") else "dead"
+        settled = (ComponentStatus.STOPPED, ComponentStatus.FAILED, ComponentStatus.RESTARTING)
+        health = c.status if alive or c.status in settled else "dead"
         components.append(
             {
                 "name": c.name,
@@ -285,7 +291,13 @@ def status(sd: StateDir) -> dict:
             }
         )
     overall = (
-        state.status if supervisor else ("stopped" if state.status in ("stopped", "failed") else "supervisor dead")
+        state.status
+        if supervisor
+        else (
+            DeploymentStatus.STOPPED
+            if state.status in (DeploymentStatus.STOPPED, DeploymentStatus.FAILED)
+            else "supervisor dead"
+        )
     )
     return {
         "name": state.name,

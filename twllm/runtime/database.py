@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote, unquote, urlsplit
@@ -58,7 +59,14 @@ from urllib.parse import quote, unquote, urlsplit
 from twllm.accounting.dburl import mask_password
 from twllm.errors import RuntimeFailure
 from twllm.runtime.engines.base import Launch
-from twllm.runtime.state import DB_PASSWORD_FILE, PRIVATE_FILE, ROOT_RUN_AS, mkdir_private, read_or_create_secret
+from twllm.runtime.state import (
+    DB_PASSWORD_FILE,
+    PRIVATE_FILE,
+    ROOT_RUN_AS,
+    mkdir_private,
+    read_or_create_secret,
+    write_atomic,
+)
 
 SUPERUSER = "twllm"
 """The PostgreSQL role every twllm process connects as."""
@@ -412,7 +420,7 @@ def check_external(url: str, timeout: float = 5) -> None:
         raise RuntimeFailure(f"cannot use the {where}: {reason}", hint=hint) from None
 
 
-def _passwords(dsn: str, params: dict[str, object]) -> list[str]:
+def _passwords(dsn: str, params: Mapping[str, object]) -> list[str]:
     found = {str(params.get("password") or "")}
     try:
         raw = urlsplit(dsn).password or ""
@@ -565,15 +573,7 @@ def _acl_grant_search(folder: Path, uid: int) -> None:
 
 def _write_hba(data_dir: Path, user: _User | None) -> None:
     """Replace pg_hba.conf in one rename (owned by ``user`` when given, 0600)."""
-    hba = data_dir / "pg_hba.conf"
-    tmp = data_dir / ".pg_hba.conf.twllm"
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        if user is not None:
-            os.fchown(handle.fileno(), user.uid, user.gid)
-        handle.write(_HBA)
-    tmp.replace(hba)
+    write_atomic(data_dir / "pg_hba.conf", _HBA, owner=(user.uid, user.gid) if user is not None else None)
 
 
 def _prepare_socket_dir(socket_dir: Path, user: _User | None) -> None:
@@ -595,10 +595,18 @@ def _prepare_socket_dir(socket_dir: Path, user: _User | None) -> None:
 def _run(argv: list[str], user: _User | None, stdin: str | None = None, secret: str | None = None) -> str:
     """Run a PostgreSQL tool to completion (as ``user`` when given); its output, or RuntimeFailure
     (never showing ``secret``)."""
-    as_user = {"user": user.uid, "group": user.gid, "extra_groups": []} if user is not None else {}
     try:
         done = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=300, env={**os.environ, "LC_ALL": "C"}, **as_user
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "LC_ALL": "C"},
+            # None (the defaults): run as this process's user and groups
+            user=user.uid if user is not None else None,
+            group=user.gid if user is not None else None,
+            extra_groups=[] if user is not None else None,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeFailure(f"{Path(argv[0]).name} could not run: {exc}", hint=_INSTALL_HINT) from exc

@@ -8,18 +8,12 @@ from pathlib import Path
 
 import httpx
 
-from twllm.plan.build import ENGINE_KEY_ENV, GatewayPlan
-from twllm.render.gateway_config import GATEWAY_SETTINGS, LITELLM_CONFIG, SETTINGS_ENV
+from twllm.plan.model import GatewayPlan
+from twllm.render.litellm_config import GATEWAY_SETTINGS, LITELLM_CONFIG
 from twllm.runtime.engines.base import Launch
+from twllm.settings import DATABASE_URL_ENV, ENGINE_KEY_ENV, GATEWAY_SETTINGS_ENV, SPOOL_DIR_ENV
 
 PROBE_TEXT = "ping"
-
-
-DATABASE_URL_ENV = "TWLLM_DATABASE_URL"
-"""How the gateway's hooks find the deployment's PostgreSQL (set by the supervisor)."""
-
-
-SPOOL_DIR_ENV = "TWLLM_SPOOL_DIR"
 
 
 def gateway_launch(
@@ -47,7 +41,7 @@ def gateway_launch(
     if gw.tls_cert and gw.tls_key:
         argv += ["--ssl-certfile", gw.tls_cert, "--ssl-keyfile", gw.tls_key]
     env = {
-        SETTINGS_ENV: str(rendered / GATEWAY_SETTINGS),
+        GATEWAY_SETTINGS_ENV: str(rendered / GATEWAY_SETTINGS),
         # Prices come from the spec; never fetch LiteLLM's price list at start.
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "LITELLM_OFFLINE_MODE": "true",

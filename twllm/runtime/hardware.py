@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 
 from twllm.plan.placement import GpuInventory
+from twllm.settings import GPUS_ENV
 
 
 def detect_gpus() -> GpuInventory | None:
@@ -49,5 +50,5 @@ def inventory(
     if found is not None:
         return found
     if env_gpus is not None:
-        return GpuInventory(env_gpus, spec_memory_gib, "TWLLM_GPUS")
+        return GpuInventory(env_gpus, spec_memory_gib, GPUS_ENV)
     return GpuInventory(spec_gpus, spec_memory_gib, "spec hardware.gpus")

@@ -28,12 +28,19 @@ import secrets
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+# Re-exported (the `as` form marks it): the runtime imports both from here.
+from twllm.files import PRIVATE_FILE as PRIVATE_FILE
+from twllm.files import write_atomic as write_atomic
+from twllm.gateway.settings import GatewaySettings
+from twllm.plan.model import Plan
+
 PRIVATE_DIR = 0o700
-PRIVATE_FILE = 0o600
 DB_PASSWORD_FILE = "db_password"
 """In ``secrets/``: the embedded PostgreSQL's password (see twllm.runtime.database)."""
 ROOT_RUN_AS = "twllm-postgres"
@@ -43,15 +50,45 @@ _NOT_TIGHTENED = frozenset({"postgres", "postgres.initdb"})
 runs as root)."""
 
 
-@dataclass
-class ComponentState:
+class ComponentStatus(StrEnum):
+    """A component's status in state.json (written as the plain string)."""
+
+    WAITING = "waiting"
+    """Not started yet: an earlier kind (database, engines, gateway) is not ready."""
+    PROVISIONING = "provisioning"
+    """Started; pulling or creating what it serves (Ollama's models) before readiness is polled."""
+    STARTING = "starting"
+    """Started; polled until it answers."""
+    READY = "ready"
+    RESTARTING = "restarting"
+    """Exited or stopped answering after it was ready; restarts after a backoff."""
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class DeploymentStatus(StrEnum):
+    """The whole deployment's status in state.json (written as the plain string)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DEGRADED = "degraded"
+    """Was ready; some component is not ready now (restarting)."""
+    RELOADING = "reloading"
+    """Applying a redeploy."""
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class ComponentState(BaseModel):
     """What the supervisor knows of one component."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str
     kind: str
     """database | engine | gateway."""
-    status: str = "waiting"
-    """waiting | starting | provisioning | ready | restarting | failed | stopped."""
+    status: ComponentStatus = ComponentStatus.WAITING
     pid: int | None = None
     port: int | None = None
     restarts: int = 0
@@ -62,33 +99,38 @@ class ComponentState:
     fingerprint: str = ""
 
 
-@dataclass
-class DeploymentState:
-    """state.json: the supervisor's view, read by status, logs, stop and deploy."""
+class DeploymentState(BaseModel):
+    """state.json: the supervisor's view, read by status, logs, stop and deploy (this class writes
+    and reads it)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str
-    status: str = "starting"
-    """starting | ready | reloading | failed | stopping | stopped."""
+    status: DeploymentStatus = DeploymentStatus.STARTING
     supervisor_pid: int | None = None
     gateway_url: str | None = None
     generation: int = 0
     """Increases by one with every deploy the supervisor has applied."""
-    updated_at: float = field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
     error: str | None = None
     failed_component: str | None = None
     secret_digest: str = ""
-    components: list[ComponentState] = field(default_factory=list)
+    components: list[ComponentState] = Field(default_factory=list)
 
     def component(self, name: str) -> ComponentState | None:
         return next((c for c in self.components if c.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data, statuses as their strings (`twllm status --json`)."""
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DeploymentState:
-        comps = [ComponentState(**c) for c in data.get("components", [])]
-        return cls(**{**data, "components": comps})
+    def from_json(cls, text: str | bytes) -> DeploymentState:
+        """ValueError (pydantic's ValidationError) when it is not a state this twllm wrote."""
+        return cls.model_validate_json(text)
 
 
 class StateDir:
@@ -104,7 +146,6 @@ class StateDir:
     supervisor_log = property(lambda self: self.root / "supervisor.log")
     logs = property(lambda self: self.root / "logs")
     secrets_dir = property(lambda self: self.root / "secrets")
-    reload_request = property(lambda self: self.root / "reload.json")
 
     def log_of(self, component: str) -> Path:
         return self.logs / f"{component}.log"
@@ -121,27 +162,29 @@ class StateDir:
 
     def read_state(self) -> DeploymentState | None:
         try:
-            return DeploymentState.from_dict(json.loads(self.state_file.read_text()))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return DeploymentState.from_json(self.state_file.read_bytes())
+        except (FileNotFoundError, ValueError):  # ValueError: not JSON, an unknown key or status
             return None
 
     def write_state(self, state: DeploymentState) -> None:
         state.updated_at = time.time()
-        write_atomic(self.state_file, json.dumps(state.to_dict(), indent=2))
+        write_atomic(self.state_file, state.to_json())
 
-    def read_plan(self) -> dict[str, Any] | None:
+    def read_plan(self) -> Plan | None:
+        """The plan being run (None: never deployed here); ContractError when plan.json does not
+        read back as a Plan."""
         try:
-            return json.loads(self.plan.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            return Plan.read(self.plan)
+        except FileNotFoundError:
             return None
 
     def guard_policies(self) -> list[str] | None:
         """The guard policies the rendered gateway settings define (None: nothing rendered yet)."""
         try:
-            settings = json.loads((self.rendered / "gateway.json").read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+            settings = GatewaySettings.load(self.rendered / "gateway.json")
+        except FileNotFoundError:
             return None
-        return sorted((settings.get("guard") or {}).get("policies") or {})
+        return sorted(settings.guard.policies)
 
     def supervisor_alive(self) -> int | None:
         """The supervisor's pid when it is running, else None."""
@@ -150,16 +193,6 @@ class StateDir:
         except (FileNotFoundError, ValueError):
             return None
         return pid if pid_alive(pid) else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename; the file is 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        os.fchmod(fd, PRIVATE_FILE)  # a leftover tmp file keeps its old mode through O_TRUNC
-        handle.write(text)
-    tmp.replace(path)
 
 
 def mkdir_private(path: Path) -> None:

@@ -26,11 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twllm.errors import EXIT_NOT_READY, TwllmError
-from twllm.plan.build import ENGINE_KEY_ENV, Plan, plan_from_dict
+from twllm.plan.model import Plan
 from twllm.runtime.components import KIND_ORDER, Component, build_components
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.logs import RotatingLog
-from twllm.runtime.state import ComponentState, DeploymentState, StateDir, write_atomic
+from twllm.runtime.state import (
+    ComponentState,
+    ComponentStatus,
+    DeploymentState,
+    DeploymentStatus,
+    StateDir,
+    write_atomic,
+)
+from twllm.settings import ENGINE_KEY_ENV
 
 UMASK = 0o077
 """Of the supervisor and every process it starts: what they create is readable by this user only."""
@@ -42,6 +50,8 @@ MAINTENANCE_EVERY_S = 24 * 3600.0
 PROBE_EVERY_S = 1.0
 STABLE_AFTER_S = 60.0
 """A component up this long gets its backoff reset."""
+_RUNNING = (ComponentStatus.STARTING, ComponentStatus.PROVISIONING, ComponentStatus.READY)
+"""Phases with a live process to watch."""
 
 
 @dataclass
@@ -51,8 +61,9 @@ class _Run:
     comp: Component
     state: ComponentState
     proc: subprocess.Popen | None = None
-    phase: str = "waiting"
-    """waiting | starting | provisioning | ready | backoff | failed | stopped."""
+    phase: ComponentStatus = ComponentStatus.WAITING
+    """What the supervisor is doing with it; also its status in state.json (RESTARTING: waiting
+    out a backoff before the next launch)."""
     deadline: float = 0.0
     restart_at: float = 0.0
     failures_in_row: int = 0
@@ -119,14 +130,14 @@ class Supervisor:
                     event = None
                 if event == "stop":
                     self._stop_all()
-                    self.state.status = "stopped"
+                    self.state.status = DeploymentStatus.STOPPED
                     self._save()
                     return 0
                 if event == "reload":
                     self._reload()
                 if not self._tick():
                     self._stop_all()
-                    self.state.status = "failed"
+                    self.state.status = DeploymentStatus.FAILED
                     self._save()
                     return EXIT_NOT_READY
         finally:
@@ -140,27 +151,31 @@ class Supervisor:
         changed = False
         for run in self.runs:
             changed |= self._step(run, now)
-        if self.initial and any(r.phase == "failed" for r in self.runs):
-            failed = next(r for r in self.runs if r.phase == "failed")
-            self.state.status = "failed"
+        if self.initial and any(r.phase == ComponentStatus.FAILED for r in self.runs):
+            failed = next(r for r in self.runs if r.phase == ComponentStatus.FAILED)
+            self.state.status = DeploymentStatus.FAILED
             self.state.failed_component = failed.comp.name
             self.state.error = f"{failed.comp.name}: {failed.state.detail}"
             return False
-        if self.settling and all(r.phase in ("ready", "failed", "stopped") for r in self.runs):
+        settled = (ComponentStatus.READY, ComponentStatus.FAILED, ComponentStatus.STOPPED)
+        if self.settling and all(r.phase in settled for r in self.runs):
             self.settling = False
             self.initial = False
-            failed = [r for r in self.runs if r.phase == "failed"]
-            self.state.status = "failed" if failed else "ready"
-            self.state.error = "; ".join(f"{r.comp.name}: {r.state.detail}" for r in failed) or None
-            self.state.failed_component = failed[0].comp.name if failed else None
+            failed_runs = [r for r in self.runs if r.phase == ComponentStatus.FAILED]
+            self.state.status = DeploymentStatus.FAILED if failed_runs else DeploymentStatus.READY
+            self.state.error = "; ".join(f"{r.comp.name}: {r.state.detail}" for r in failed_runs) or None
+            self.state.failed_component = failed_runs[0].comp.name if failed_runs else None
             self.state.generation += 1
             changed = True
         elif not self.settling:
             if now >= self.next_maintenance:
                 self.next_maintenance = now + MAINTENANCE_EVERY_S
                 threading.Thread(target=self._maintain, daemon=True, name="maintenance").start()
-            status = "ready" if all(r.phase == "ready" for r in self.runs) else "degraded"
-            if status != self.state.status and not (self.state.status == "failed" and status == "degraded"):
+            ready = all(r.phase == ComponentStatus.READY for r in self.runs)
+            status = DeploymentStatus.READY if ready else DeploymentStatus.DEGRADED
+            if status != self.state.status and not (
+                self.state.status == DeploymentStatus.FAILED and status == DeploymentStatus.DEGRADED
+            ):
                 self.state.status = status
                 changed = True
         if changed:
@@ -183,23 +198,23 @@ class Supervisor:
     def _may_start(self, run: _Run) -> bool:
         """Initial order: a component starts once every earlier kind is ready."""
         mine = KIND_ORDER[run.comp.kind]
-        return all(r.phase == "ready" for r in self.runs if KIND_ORDER[r.comp.kind] < mine)
+        return all(r.phase == ComponentStatus.READY for r in self.runs if KIND_ORDER[r.comp.kind] < mine)
 
     def _step(self, run: _Run, now: float) -> bool:
         phase = run.phase
-        if phase == "waiting" and self._may_start(run):
+        if phase == ComponentStatus.WAITING and self._may_start(run):
             self._launch(run, now)
-        elif phase in ("starting", "provisioning", "ready") and run.proc is not None and run.proc.poll() is not None:
+        elif phase in _RUNNING and run.proc is not None and run.proc.poll() is not None:
             self._exited(run, now)
-        elif phase == "provisioning":
+        elif phase == ComponentStatus.PROVISIONING:
             if run.provision_thread is not None and not run.provision_thread.is_alive():
                 if run.provision_error:
                     self._fail_start(run, now, run.provision_error)
                 else:
-                    self._set(run, "starting")
+                    self._set(run, ComponentStatus.STARTING)
             elif now > run.deadline:
                 self._fail_start(run, now, f"not provisioned within {run.comp.start_timeout_s:g} s")
-        elif phase == "starting" and now >= run.next_probe:
+        elif phase == ComponentStatus.STARTING and now >= run.next_probe:
             run.next_probe = now + PROBE_EVERY_S
             if run.comp.ready():
                 try:
@@ -209,12 +224,16 @@ class Supervisor:
                     return True
                 run.ever_ready = True
                 run.state.ready_at = time.time()
-                self._set(run, "ready", "")
+                self._set(run, ComponentStatus.READY, "")
             elif now > run.deadline:
                 self._fail_start(run, now, f"not ready within {run.comp.start_timeout_s:g} s")
-        elif phase == "ready" and run.failures_in_row and time.time() - (run.state.ready_at or 0) > STABLE_AFTER_S:
+        elif (
+            phase == ComponentStatus.READY
+            and run.failures_in_row
+            and time.time() - (run.state.ready_at or 0) > STABLE_AFTER_S
+        ):
             run.failures_in_row = 0
-        elif phase == "backoff" and now >= run.restart_at:
+        elif phase == ComponentStatus.RESTARTING and now >= run.restart_at:
             self._launch(run, now)
         return phase != run.phase
 
@@ -259,21 +278,22 @@ class Supervisor:
 
         run.provision_thread = threading.Thread(target=provision, daemon=True, name=f"provision-{comp.name}")
         run.provision_thread.start()
-        self._set(run, "provisioning", "")
+        self._set(run, ComponentStatus.PROVISIONING, "")
 
     def _exited(self, run: _Run, now: float) -> None:
         code = run.proc.returncode if run.proc else None
-        run.log and run.log.note(f"twllm: {run.comp.name} exited with status {code}")
+        if run.log:
+            run.log.note(f"twllm: {run.comp.name} exited with status {code}")
         run.state.pid = None
         if not run.ever_ready and self.initial:
-            self._set(run, "failed", f"exited with status {code} before it was ready")
+            self._set(run, ComponentStatus.FAILED, f"exited with status {code} before it was ready")
             return
         self._schedule_restart(run, now, f"exited with status {code}")
 
     def _fail_start(self, run: _Run, now: float, why: str) -> None:
         self._kill(run)
         if self.initial or not run.ever_ready:
-            self._set(run, "failed", why)
+            self._set(run, ComponentStatus.FAILED, why)
         else:
             self._schedule_restart(run, now, why)
 
@@ -282,7 +302,7 @@ class Supervisor:
         run.state.restarts += 1
         delay = min(BACKOFF_BASE_S * 2 ** (run.failures_in_row - 1), BACKOFF_MAX_S)
         run.restart_at = now + delay
-        self._set(run, "backoff", f"{why}; restart {run.state.restarts} in {delay:g} s")
+        self._set(run, ComponentStatus.RESTARTING, f"{why}; restart {run.state.restarts} in {delay:g} s")
 
     # ---- redeploy --------------------------------------------------------------------------
 
@@ -292,9 +312,7 @@ class Supervisor:
         staged_rendered = self.sd.root / "rendered.next"
         if not staged_plan.exists() or not staged_rendered.exists():
             return
-        import json
-
-        plan = plan_from_dict(json.loads(staged_plan.read_text()))
+        plan = Plan.read(staged_plan)
         old_rendered = self.sd.root / "rendered.old"
         shutil.rmtree(old_rendered, ignore_errors=True)
         self.sd.rendered.rename(old_rendered)
@@ -308,14 +326,14 @@ class Supervisor:
         keep = {
             c.name
             for c in new
-            if (r := self._run(c.name)) and r.comp.fingerprint == c.fingerprint and r.phase == "ready"
+            if (r := self._run(c.name)) and r.comp.fingerprint == c.fingerprint and r.phase == ComponentStatus.READY
         }
         for run in [r for r in reversed(self.runs) if r.comp.name not in keep]:
             self._stop(run)
         self.runs = [r for r in self.runs if r.comp.name in keep]
         self._adopt([c for c in new if c.name not in keep])
         self.runs.sort(key=lambda r: KIND_ORDER[r.comp.kind])
-        self.state.status = "reloading"
+        self.state.status = DeploymentStatus.RELOADING
         self.initial = False
         self.settling = True
         self._save()
@@ -339,7 +357,7 @@ class Supervisor:
 
     def _stop_all(self) -> None:
         """Gateway first, then engines, then the database."""
-        self.state.status = "stopping"
+        self.state.status = DeploymentStatus.STOPPING
         self._save()
         for run in sorted(self.runs, key=lambda r: -KIND_ORDER[r.comp.kind]):
             self._stop(run)
@@ -350,8 +368,8 @@ class Supervisor:
         self._kill(run)
         if had_process:
             run.comp.after_stop()
-        if run.phase != "failed":  # keep why it failed visible in status
-            self._set(run, "stopped", "")
+        if run.phase != ComponentStatus.FAILED:  # keep why it failed visible in status
+            self._set(run, ComponentStatus.STOPPED, "")
 
     def _kill(self, run: _Run) -> None:
         proc = run.proc
@@ -365,9 +383,9 @@ class Supervisor:
 
     # ---- state -----------------------------------------------------------------------------
 
-    def _set(self, run: _Run, phase: str, detail: str | None = None) -> None:
+    def _set(self, run: _Run, phase: ComponentStatus, detail: str | None = None) -> None:
         run.phase = phase
-        run.state.status = {"backoff": "restarting"}.get(phase, phase)
+        run.state.status = phase
         if detail is not None:
             run.state.detail = detail
 
@@ -432,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.umask(UMASK)
     sd = StateDir(args.state_dir)
-    plan = plan_from_dict(__import__("json").loads(sd.plan.read_text()))
+    plan = Plan.read(sd.plan)
     supervisor = Supervisor(sd, plan, runtime_context(sd, plan))
     supervisor.install_signal_handlers()
     return supervisor.run()

@@ -8,6 +8,7 @@ import typing
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from twllm.errors import SpecIssue, did_you_mean
 from twllm.spec.source import Path_, SpecSource, format_path
@@ -70,7 +71,7 @@ def _refine(loc: Path_, message: str, source: SpecSource) -> tuple[Path_, str]:
     return loc, message
 
 
-def _message(err: dict[str, Any], loc: Path_, root: type[BaseModel]) -> str:
+def _message(err: ErrorDetails, loc: Path_, root: type[BaseModel]) -> str:
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
         fields = _fields_at(root, loc[:-1])

@@ -1,6 +1,6 @@
 """Load a spec file and resolve it against the model registry: `twllm validate` in one call.
 
-Loading is parse (source.py) → shape and bounds (spec.py) → rules across models and against the
+Loading is parse (source.py) → shape and bounds (schema.py) → rules across models and against the
 registry (here). Every problem becomes a SpecIssue with file, line and field path; all problems
 found in one pass are reported together.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from twllm.errors import RegistryError, SpecError, SpecIssue, did_you_mean
 from twllm.model_registry import ModelEntry, Registry, load_registry
 from twllm.spec.guard_layers import effective_guards
 from twllm.spec.located_errors import issues_from_validation
-from twllm.spec.schema import ModelSpec, Spec
+from twllm.spec.schema import ArgValue, ModelSpec, Spec
 from twllm.spec.source import Path_, SpecSource, format_path, load_source, parse_source
 
 # vLLM flags twllm sets from typed fields; engine_args may not set them behind the plan's back.
@@ -64,7 +64,7 @@ class ResolvedModel:
         """Estimated weight memory, or None when the model is not in the registry."""
         if self.entry is None:
             return None
-        key = self.spec.quantization if self.spec.quantization in ("awq", "gptq", "fp8") else None
+        key: str | None = self.spec.quantization if self.spec.quantization in ("awq", "gptq", "fp8") else None
         if key is None:
             key = self.entry.default_dtype if self.dtype == "auto" else self.dtype
         return self.entry.weight_gib("int4" if key in ("awq", "gptq") else key)
@@ -78,6 +78,9 @@ class LoadedSpec:
     source: SpecSource
     models: tuple[ResolvedModel, ...]
     path: Path | None = None
+    local_folders: tuple[tuple[str, str], ...] = ()
+    """(field, folder as written) of every guard model the spec gives as a local folder. The spec
+    stage never looks at the disk; the runtime's preflight checks that each is a folder."""
 
     def model(self, name: str) -> ResolvedModel:
         return next(m for m in self.models if m.name == name)
@@ -86,8 +89,7 @@ class LoadedSpec:
 def load_spec(path: Path, env: Mapping[str, str] | None = None, registry: Registry | None = None) -> LoadedSpec:
     """Read, validate and resolve the spec at ``path``; raise SpecError listing every problem."""
     source = load_source(Path(path), os.environ if env is None else env)
-    loaded = _validate(source, registry)
-    return LoadedSpec(loaded.spec, loaded.source, loaded.models, Path(path))
+    return replace(_validate(source, registry), path=Path(path))
 
 
 def parse_spec(
@@ -108,7 +110,7 @@ def _validate(source: SpecSource, registry: Registry | None) -> LoadedSpec:
     checker.cross_model(spec, registry)
     if checker.issues:
         raise SpecError(sorted(checker.issues, key=lambda i: (i.line or 0, i.path)))
-    return LoadedSpec(spec, source, models)
+    return LoadedSpec(spec, source, models, local_folders=tuple(checker.local_folders))
 
 
 class _Checker:
@@ -118,6 +120,7 @@ class _Checker:
         self.source = source
         self.base = Path(source.file).parent if not source.file.startswith("<") else Path.cwd()
         self.issues: list[SpecIssue] = []
+        self.local_folders: list[tuple[str, str]] = []
 
     def add(self, path: Path_, message: str) -> None:
         self.issues.append(SpecIssue(self.source.file, self.source.line_of(path), format_path(path), message))
@@ -151,7 +154,7 @@ class _Checker:
                     (*at, "engine_args", flag),
                     f"set by twllm; use the field `{RESERVED_FLAGS[flag.lstrip('-')]}` instead",
                 )
-        args = dict(entry.engine_args) if entry is not None and engine == "vllm" else {}
+        args: dict[str, ArgValue] = dict(entry.engine_args) if entry is not None and engine == "vllm" else {}
         args.update({k.lstrip("-"): v for k, v in m.engine_args.items()})
         return ResolvedModel(
             spec=m,
@@ -213,7 +216,10 @@ class _Checker:
             self.add(path, f"no model named '{name}'{did_you_mean(name, names)}")
 
     def _guard_model(self, path: Path_, ref: str, names: dict, registry: Registry, task: str) -> None:
-        if ref in names or Path(ref).expanduser().is_dir():  # served here, or a local folder
+        if ref in names:  # served here
+            return
+        if is_local_folder(ref):  # whether it is one is for the runtime's preflight to check
+            self.local_folders.append((format_path(path), ref))
             return
         try:
             entry = registry.get(ref)
@@ -226,6 +232,12 @@ class _Checker:
             return
         if entry.task != task:
             self.add(path, f"'{ref}' is a {entry.task} model, not a {task} model")
+
+
+def is_local_folder(ref: str) -> bool:
+    """Whether a guard model reference names a local folder, told by its shape alone (a ``/``, or
+    a leading ``~`` or ``.``): model names and registry ids have neither. Never looks at the disk."""
+    return "/" in ref or ref.startswith(("~", "."))
 
 
 def _default_task(entry: ModelEntry) -> str:

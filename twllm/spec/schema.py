@@ -2,11 +2,13 @@
 
 Each field's docstring is its documentation; the JSON Schema (`twllm schema`) is generated from
 these models. Shape and bounds live here; rules that need the model registry live in resolve.py;
-facts about the host (ports, GPUs, binaries) are checked later, never here.
+facts about the host (GPUs, ports, binaries) are checked by the plan and the runtime's preflight,
+never here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -156,7 +158,7 @@ class ZhTwSpec(_Model):
     `system_prompt` wins)."""
 
 
-def _check_stages(input: list[str] | None, output: list[str] | None) -> None:
+def _check_stages(input: Sequence[str] | None, output: Sequence[str] | None) -> None:
     for where, stages in (("input", input), ("output", output)):
         if stages is not None and len(set(stages)) != len(stages):
             raise ValueError(f"{where}: a stage is listed twice")

@@ -7,12 +7,13 @@ from urllib.parse import urlsplit
 
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
+from twllm.settings import MASTER_KEY_ENV
 from twllm.spec.source import EnvStr
 
 _ENV_REF_SCHEMA = {
     "type": "string",
     "pattern": r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}$",
-    "description": "A reference to an environment variable, e.g. ${TWLLM_MASTER_KEY}.",
+    "description": f"A reference to an environment variable, e.g. ${{{MASTER_KEY_ENV}}}.",
 }
 
 
@@ -62,7 +63,7 @@ def _env_secret(value: Any) -> SecretRef:
     if isinstance(value, str):
         raise ValueError(
             "secrets are never written in the spec file: put the value in an environment "
-            "variable and write ${TWLLM_MASTER_KEY} (or another variable name)"
+            f"variable and write ${{{MASTER_KEY_ENV}}} (or another variable name)"
         )
     raise ValueError("expected a ${VAR} reference")
 

@@ -1,4 +1,4 @@
-"""Traditional Chinese (Taiwan) output: Simplified → Taiwan Traditional normalisation and its terms."""
+"""Traditional Chinese (Taiwan) output: Simplified → Taiwan Traditional normalisation, its terms, the eval."""
 
 from twllm.zh_tw.mainland import mainland_terms
 from twllm.zh_tw.normalize import SEGMENT_CAP, StreamNormalizer, is_simplified, normalize

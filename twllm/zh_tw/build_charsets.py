@@ -1,5 +1,4 @@
-"""Regenerates twllm/zh_tw/charsets.py and phrases.py from the dictionaries inside the installed
-`opencc` wheel.
+"""Regenerates charsets.py and phrases.py from the dictionaries inside the installed `opencc` wheel.
 
     python -m twllm.zh_tw.build_charsets          # rewrite charsets.py and phrases.py
     python -m twllm.zh_tw.build_charsets --check  # exit 1 when either is stale
@@ -27,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TypedDict
 
 import opencc
 
@@ -109,7 +109,17 @@ def _wrap(text: str, width: int = 64) -> str:
     return "\n".join(f'    "{text[i : i + width]}"' for i in range(0, len(text), width))
 
 
-def phrase_data() -> dict[str, object]:
+class PhraseData(TypedDict):
+    """What phrases.py holds, unpacked."""
+
+    opencc: str
+    segmentation: list[str]
+    taiwan: list[str]
+    pairs: str
+    shared: str
+
+
+def phrase_data() -> PhraseData:
     """What phrases.py must hold, read from the installed wheel's dictionaries."""
     segmentation = sorted({key for name in SEGMENTATION for key in read_dictionary(name)})
     taiwan = sorted({key for name in TAIWAN_PHRASES for key in read_dictionary(name) if len(key) > 1})
@@ -127,7 +137,7 @@ def phrase_data() -> dict[str, object]:
     }
 
 
-def shipped_phrase_data() -> dict[str, object]:
+def shipped_phrase_data() -> PhraseData:
     """The same, as phrases.py holds it (compressed bytes may differ between xz builds; the
     content may not)."""
     from twllm.zh_tw import phrases
@@ -142,7 +152,7 @@ def shipped_phrase_data() -> dict[str, object]:
     }
 
 
-def render_phrases(data: dict | None = None) -> str:
+def render_phrases(data: PhraseData | None = None) -> str:
     data = data or phrase_data()
     segmentation, taiwan = data["segmentation"], data["taiwan"]
     packed = base64.b85encode(lzma.compress("\n".join(segmentation).encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))

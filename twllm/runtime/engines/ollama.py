@@ -27,13 +27,13 @@ from typing import Any
 import httpx
 
 from twllm.errors import RuntimeFailure
-from twllm.plan.build import EngineProcess
+from twllm.plan.model import EngineProcess
 from twllm.runtime.engines.base import Launch, Progress, RuntimeContext
 from twllm.runtime.state import mkdir_private
-from twllm.settings import Settings
+from twllm.settings import OLLAMA_BIN_ENV, Settings
 
 INSTALL_HINT = (
-    "install Ollama from https://ollama.com/download, or set TWLLM_OLLAMA_BIN to the path of the ollama executable"
+    f"install Ollama from https://ollama.com/download, or set {OLLAMA_BIN_ENV} to the path of the ollama executable"
 )
 PULL_HINT = "check the tag at https://ollama.com/library; pulling needs access to registry.ollama.ai"
 
@@ -89,7 +89,7 @@ class OllamaDriver:
         configured = (self._settings or Settings.from_env()).ollama_bin
         exe = shutil.which(configured)
         if exe is None:
-            where = "on PATH" if configured == "ollama" else f"at TWLLM_OLLAMA_BIN={configured}"
+            where = "on PATH" if configured == "ollama" else f"at {OLLAMA_BIN_ENV}={configured}"
             raise RuntimeFailure(f"{proc.id}: no ollama executable {where}", hint=INSTALL_HINT)
         env = dict(proc.env)
         if models_dir := env.get("OLLAMA_MODELS"):

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from twllm.errors import RuntimeFailure
-from twllm.plan.build import EngineProcess
+from twllm.plan.model import EngineProcess
 from twllm.runtime.engines.base import Launch, Progress, RuntimeContext
 from twllm.runtime.engines.envs import PREFERENCE, find_engine, inspect_engine, installed_version
 

@@ -7,24 +7,30 @@ order, so two renders of one spec are byte-identical. Secrets appear only as ref
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from twllm.files import write_atomic
+from twllm.gateway.settings import (
+    DatabaseSettings,
+    GatewaySettings,
+    GuardSettings,
+    HttpSettings,
+    ModelSettings,
+    PriceSettings,
+    RemoteGuardSettings,
+)
 from twllm.guard.policy import GuardPolicies
-from twllm.plan.build import Plan, Route
+from twllm.plan.model import Plan, Route
 from twllm.spec.guard_layers import served_guard_models, spec_layers
 from twllm.spec.schema import Spec
 
 LITELLM_CONFIG = "litellm_config.yaml"
 GATEWAY_SETTINGS = "gateway.json"
 PLAN_FILE = "plan.json"
-SETTINGS_ENV = "TWLLM_GATEWAY_SETTINGS"
-"""The variable through which the gateway process finds gateway.json."""
-
 
 GUARDRAIL_NAME = "twllm-guard"
 GUARDRAIL_CLASS = "twllm.guard.gateway.TwllmGuardrail"
@@ -147,69 +153,62 @@ def _deployment(route: Route, timeout: float, has_siblings: bool = False) -> dic
     return {"model_name": route.model_name, "litellm_params": params, "model_info": info}
 
 
-def guard_settings(spec: Spec, plan: Plan | None = None) -> dict[str, Any]:
+def guard_settings(spec: Spec, plan: Plan | None = None) -> GuardSettings:
     """gateway.json's ``guard`` section: the spec's layers (gateway-wide, each model's own, the
     named policies) and where each guard model served by this deployment answers."""
-    remote: dict[str, Any] = {}
+    remote: dict[str, RemoteGuardSettings] = {}
     if plan is not None:
         for name in sorted(served_guard_models(spec)):
             routes = [r for r in plan.routes if r.model_name == name]
-            remote[name] = {
-                "api_bases": [r.api_base for r in routes],
-                "api_key_env": routes[0].api_key_env if routes else None,
-            }
-    return {**spec_layers(spec), "remote": remote}
+            remote[name] = RemoteGuardSettings(
+                api_bases=tuple(r.api_base for r in routes),
+                api_key_env=routes[0].api_key_env if routes else None,
+            )
+    return GuardSettings.model_validate({**spec_layers(spec), "remote": remote})
 
 
-def gateway_settings(plan: Plan, spec: Spec) -> dict[str, Any]:
-    """What our hooks inside the gateway read (never prod.yaml itself)."""
-    models: dict[str, Any] = {}
+def gateway_settings(plan: Plan, spec: Spec) -> GatewaySettings:
+    """What our hooks inside the gateway read (never prod.yaml itself): gateway.json's content."""
+    deployments: dict[str, list[str]] = {}
     for route in plan.routes:
-        entry = models.setdefault(
-            route.model_name,
-            {
-                "task": route.task,
-                "price": {
-                    "input_per_token": route.input_cost_per_token,
-                    "output_per_token": route.output_cost_per_token,
-                    "currency": route.currency,
-                },
-                "deployments": [],
-            },
-        )
-        entry["deployments"].append(route.deployment_id)
-    return {
-        "name": plan.name,
-        "spec_file": plan.spec_file,
-        "master_key_env": plan.gateway.master_key_env,
-        "database": {
-            "embedded": plan.database.embedded,
-            "url_env": plan.database.url_env,
-            "url": plan.database.url,
+        deployments.setdefault(route.model_name, []).append(route.deployment_id)
+    first = {name: next(r for r in plan.routes if r.model_name == name) for name in deployments}
+    return GatewaySettings(
+        name=plan.name,
+        spec_file=plan.spec_file,
+        master_key_env=plan.gateway.master_key_env,
+        database=DatabaseSettings(
+            embedded=plan.database.embedded, url_env=plan.database.url_env, url=plan.database.url
+        ),
+        guard=guard_settings(spec, plan),
+        http=HttpSettings(max_request_bytes=plan.gateway.max_request_bytes, cors_origins=plan.gateway.cors_origins),
+        models={
+            name: ModelSettings(
+                task=route.task,
+                price=PriceSettings(
+                    input_per_token=route.input_cost_per_token,
+                    output_per_token=route.output_cost_per_token,
+                    currency=route.currency,
+                ),
+                deployments=tuple(deployments[name]),
+            )
+            for name, route in first.items()
         },
-        "guard": guard_settings(spec, plan),
-        "http": {
-            "max_request_bytes": plan.gateway.max_request_bytes,
-            "cors_origins": list(plan.gateway.cors_origins),
-        },
-        "models": models,
-    }
+    )
 
 
 def render(plan: Plan, spec: Spec, out: Path) -> list[Path]:
-    """Write the LiteLLM config, gateway settings and plan into ``out``; return the paths."""
+    """Write the LiteLLM config, gateway settings and plan into ``out``, each replaced atomically
+    (0600, twllm.files.write_atomic); return the paths."""
     out.mkdir(parents=True, exist_ok=True)
     files = {
         LITELLM_CONFIG: "# Rendered by twllm from the deployment spec; edit the spec, not this file.\n"
         + yaml.safe_dump(litellm_config(plan, spec), sort_keys=False, allow_unicode=True),
-        GATEWAY_SETTINGS: json.dumps(gateway_settings(plan, spec), indent=2, ensure_ascii=False) + "\n",
-        PLAN_FILE: json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) + "\n",
+        GATEWAY_SETTINGS: gateway_settings(plan, spec).to_json(),
+        PLAN_FILE: plan.to_json(),
     }
     written = []
     for name, text in files.items():
-        path = out / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-        written.append(path)
+        write_atomic(out / name, text)
+        written.append(out / name)
     return written
