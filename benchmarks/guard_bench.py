@@ -71,6 +71,7 @@ def main() -> int:
 
     import torch
     import transformers
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' model builders
     from tiny_guard_models import build_tiny_llama_guard, build_tiny_prompt_guard
 

@@ -54,6 +54,7 @@ FILLER = "我想再補充一些背景說明，讓你更清楚我的情況。"
 def build(out: Path, layers: int | None, dtype: str) -> Path:
     import torch
     import transformers
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the tests' model builders
     from tiny_guard_models import BOS, EOS, EOT, PAD, _byte_level_tokenizer
 
