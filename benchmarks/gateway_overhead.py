@@ -90,8 +90,8 @@ from twllm.spec.resolve import parse_spec
 from twllm.spec.schema import Spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pgutil import Postgres
-from proxyutil import ProxyHandle, start_proxy
+from pgutil import Postgres  # the tests' embedded PostgreSQL (tests/ is not a package)
+from proxyutil import ProxyHandle, start_proxy  # the tests' proxy starter
 
 CHAT_MODEL = "demo-chat"
 PROMPT = "你好，請用一句話介紹台北。"

@@ -347,7 +347,7 @@ def stream_once(
             else:
                 for event in sse_events(reply.iter_lines()):
                     stats.add(event, time.perf_counter() - started)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a failed request is a sample with an error
         stats.error = repr(exc)[:300]
     total = time.perf_counter() - started
     return {

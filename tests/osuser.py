@@ -62,7 +62,7 @@ def as_user(uid: int, gid: int, probe: Callable[..., Any], *args: Any) -> Any:
             os.setgid(gid)
             os.setuid(uid)
             data = json.dumps({"result": probe(*args)}).encode()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
             data = json.dumps({"crash": repr(exc)}).encode()
         try:
             while data:

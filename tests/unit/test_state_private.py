@@ -63,7 +63,7 @@ def test_concurrent_writers_of_one_file_never_interleave(tmp_path: Path, wide_um
             start.wait()
             for _ in range(rounds):
                 write_atomic(target, docs[w])
-        except BaseException as exc:  # surfaced in the main thread
+        except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]

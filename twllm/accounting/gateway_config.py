@@ -175,7 +175,7 @@ class Database:
         try:
             if self._pool is not None:
                 await self._pool.check()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a failed check changes nothing; the next use retries
             pass
 
     async def _open(self) -> AsyncConnectionPool:

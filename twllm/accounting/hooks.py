@@ -156,7 +156,7 @@ class Runtime:
         if self.db.url is not None:
             try:
                 replay_folder(self.db.url, self.spool.folder, include_pid=self.pid)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the rows stay journaled
                 log.warning("twllm accounting: rows left journaled in %s at exit (%s)", self.spool.folder, exc)
 
 
@@ -250,7 +250,7 @@ class SpendLogger(CustomLogger):
         try:
             guard = await _guard_record(kwargs, failed=not success)
             runtime().record(kwargs, success=success, guard=guard)
-        except Exception:
+        except Exception:  # a logging bug must not fail the request; it is logged loudly
             log.exception("twllm spend logger: could not record call %s", kwargs.get("litellm_call_id"))
 
 

@@ -315,7 +315,7 @@ class LedgerWriter:
                 raise
             except DatabaseUnavailable:
                 pass  # logged by Database; the rows stay journaled and the next replay retries
-            except Exception:
+            except Exception:  # the writer must outlive any one failure
                 log.exception("twllm ledger: unexpected error in the writer (rows stay journaled)")
 
     async def flush(self) -> None:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the one place unexpected errors are shown
         if _state["debug"] or "--debug" in args:
             traceback.print_exc()
         stderr.print(f"[bold red]internal error:[/] {type(error).__name__}: ", end="")

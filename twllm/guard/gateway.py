@@ -483,7 +483,7 @@ def _warm_up() -> None:
         for name in dict.fromkeys([*pipeline.stages("input"), *pipeline.stages("output")]):
             if name in ("llama_guard", "prompt_guard"):
                 pipeline._model(name)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the requests will meet the failure policy
         log.warning("twllm guard: could not load the guard models ahead of requests: %s", exc)
 
 

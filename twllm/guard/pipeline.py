@@ -213,7 +213,7 @@ class GuardPipeline:
             start = time.perf_counter()
             try:
                 outcome = self._stages[name](text, stage, messages)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any guard failure goes through the failure policy
                 outcome = self._failed(name, stage, text, exc)
             latency[name] = (time.perf_counter() - start) * 1000
             text = outcome.text

@@ -36,7 +36,7 @@ def detect_gpus() -> GpuInventory | None:
     finally:
         try:
             nvml.nvmlShutdown()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort on a foreign library
             pass
 
 

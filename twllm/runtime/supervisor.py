@@ -192,7 +192,7 @@ class Supervisor:
             return
         try:
             maintain(url, self.plan.database.retention_days)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - retried tomorrow; visible in the supervisor log
             print(f"twllm: ledger maintenance failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     def _may_start(self, run: _Run) -> bool:
@@ -273,7 +273,7 @@ class Supervisor:
                 comp.provision(lambda line: self._detail(run, line))
             except TwllmError as exc:
                 run.provision_error = exc.message
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported as the component's failure
                 run.provision_error = f"{type(exc).__name__}: {exc}"
 
         run.provision_thread = threading.Thread(target=provision, daemon=True, name=f"provision-{comp.name}")
