@@ -125,7 +125,7 @@ def test_no_test_helpers_ship_in_the_package() -> None:
 HAND_JSON = {
     "twllm/plan/model.py": "the Plan contract itself",
     "twllm/gateway/settings.py": "the GatewaySettings contract itself",
-    "twllm/runtime/state.py": "the DeploymentState contract itself",
+    "twllm/status.py": "the DeploymentState contract itself",
     "twllm/cli/accounts_cmds.py": "--json documents on stdout",
     "twllm/cli/bench_cmds.py": "--json documents on stdout",
     "twllm/cli/commands.py": "--json documents on stdout",
