@@ -32,6 +32,7 @@ BENCH_IGNORE_EOS_ENV = BENCH_PREFIX + "IGNORE_EOS"
 BENCH_PROMPT_SET_ENV = BENCH_PREFIX + "PROMPT_SET"
 BENCH_API_KEY_ENV_ENV = BENCH_PREFIX + "API_KEY_ENV"
 BENCH_SAMPLES_FILE_ENV = BENCH_PREFIX + "SAMPLES_FILE"
+PROMETHEUS_MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 XDG_STATE_HOME_ENV = "XDG_STATE_HOME"
 XDG_DATA_HOME_ENV = "XDG_DATA_HOME"
 PREFIX = "TWLLM_"
@@ -69,6 +70,11 @@ TABLE: tuple[tuple[str, str], ...] = (
     (BENCH_PROMPT_SET_ENV, "Load test: zh-tw or a YAML/JSON file of prompts (its --prompt-set)."),
     (BENCH_API_KEY_ENV_ENV, "Load test: the name of the variable holding the API key (its --api-key-env)."),
     (BENCH_SAMPLES_FILE_ENV, "Load test: where to write every request's measurements (its --samples-file)."),
+    (
+        PROMETHEUS_MULTIPROC_DIR_ENV,
+        "prometheus_client's multiprocess folder, where every gateway worker keeps its series for one "
+        "/metrics scrape; set by the supervisor (<state_dir>/gateway-metrics), emptied at each gateway start.",
+    ),
     (XDG_STATE_HOME_ENV, "Base of the default per-user state directory (~/.local/state)."),
     (XDG_DATA_HOME_ENV, "Base of the default engines directory (~/.local/share)."),
 )

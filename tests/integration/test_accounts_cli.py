@@ -79,8 +79,11 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     # Before migrating, admin commands say what to do.
     done = cli("tenants", "list")
     assert done.returncode == 1 and "twllm db migrate" in done.stderr
-    assert cli.ok("db", "migrate", "--dry-run").stdout.strip() == "pending: 0001_accounts, 0002_guard_policy"
-    assert cli.json("db", "migrate") == {"applied": ["0001_accounts", "0002_guard_policy"]}
+    assert (
+        cli.ok("db", "migrate", "--dry-run").stdout.strip()
+        == "pending: 0001_accounts, 0002_guard_policy, 0003_tenant_disabled"
+    )
+    assert cli.json("db", "migrate") == {"applied": ["0001_accounts", "0002_guard_policy", "0003_tenant_disabled"]}
     assert "nothing to apply" in cli.ok("db", "migrate").stdout
 
     # Tenants.
@@ -242,7 +245,7 @@ def test_the_database_url_from_a_variable_and_never_its_password(url: str, tmp_p
     cli.env["ACCOUNTS_TEST_DB_URL"] = url
     done = cli("db", "migrate", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"applied": ["0001_accounts", "0002_guard_policy"]}
+    assert json.loads(done.stdout) == {"applied": ["0001_accounts", "0002_guard_policy", "0003_tenant_disabled"]}
     assert password not in done.stdout + done.stderr
     cli.env["ACCOUNTS_TEST_DB_URL"] = url.replace(password, "Hunter2-secret")
     done = cli("tenants", "list")

@@ -63,7 +63,8 @@ def gateway_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = out / "litellm_config.yaml"
     config = yaml.safe_load(path.read_text())
     assert config["general_settings"]["custom_auth"] == "twllm.accounting.hooks.user_api_key_auth"
-    assert config["litellm_settings"]["callbacks"] == ["twllm.accounting.hooks.spend_logger"]
+    # The spend ledger first; LiteLLM's Prometheus logger with it (monitoring.metrics is on by default).
+    assert config["litellm_settings"]["callbacks"] == ["twllm.accounting.hooks.spend_logger", "prometheus"]
     for deployment in config["model_list"]:
         deployment["litellm_params"]["mock_response"] = MOCK_TEXT
     config["model_list"].append(

@@ -35,6 +35,8 @@ pytestmark = pytest.mark.integration
 
 MASTER = "sk-hardening-master-0123456789"
 ORIGIN = "https://app.example.tw"
+CONSOLE = "/console"
+"""twllm's web console (twllm.console): served by the shield itself, before LiteLLM."""
 SPEC = """
 name: hardening
 gateway:
@@ -223,6 +225,8 @@ def test_every_route_of_the_app_works_or_is_404(gateway: Gateway) -> None:
         for method, path in routes:
             if method == "WEBSOCKET":
                 continue
+            if path == CONSOLE or path.startswith(CONSOLE + "/"):
+                continue  # the deliberate exception: twllm's console (test_the_console_is_the_one_exception)
             body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "input": "hi"}
             reply = client.request(method, path, json=body if method in ("POST", "PUT", "PATCH") else None)
             assert reply.status_code < 500, (method, path, reply.text[:300])
@@ -245,6 +249,20 @@ def test_every_route_of_the_app_works_or_is_404(gateway: Gateway) -> None:
         assert ui.status_code == 404 and "twllm keys" in ui.json()["error"]["message"]
         for path in ("/key/generate", "/user/new", "/team/new", "/spend/logs"):
             assert "twllm usage" in client.post(path, json={}).json()["error"]["message"]
+
+
+def test_the_console_is_the_one_exception(gateway: Gateway) -> None:
+    """/console is served by twllm's own console (not LiteLLM, not the allowlist): its page, and
+    an API that refuses every request without a key."""
+    with gateway.client() as client:
+        page = client.get(CONSOLE)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"] and "set-cookie" not in page.headers
+        for path in ("/console/api/tenants", "/console/api/keys", "/console/api/usage"):
+            reply = client.get(path, headers={"Authorization": ""})  # the client sends the master key otherwise
+            assert reply.status_code == 401 and reply.json()["error"]["code"] == "missing_api_key"
+        assert client.get("/console/api/tenants", headers={"Authorization": f"Bearer {MASTER}"}).status_code == 200
+        assert client.get("/console/../ui/").status_code == 404
 
 
 def test_websocket_routes_are_closed(gateway: Gateway) -> None:

@@ -174,5 +174,5 @@ def test_rendered_file_on_disk_is_what_litellm_loaded(tmp_path):
     plan = make_plan(loaded, GpuInventory(8, 80, "test"), tmp_path / "state")
     render(plan, loaded.spec, tmp_path)
     on_disk = yaml.safe_load((tmp_path / "litellm_config.yaml").read_text())
-    assert on_disk == litellm_config(plan)
+    assert on_disk == litellm_config(plan, loaded.spec)
     assert MASTER not in (tmp_path / "litellm_config.yaml").read_text()

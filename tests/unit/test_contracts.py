@@ -102,6 +102,7 @@ def test_plan_json_keeps_its_keys(tmp_path: Path) -> None:
         "routes",
         "notes",
         "vllm_python",
+        "monitoring",
     ]
     assert data["database"] == {
         "embedded": False,

@@ -267,7 +267,7 @@ def test_a_key_that_cannot_be_checked_is_503():
 
 
 def test_key_cache_reads_once_for_concurrent_misses_and_serves_stale_while_down():
-    row = (7, 3, "moe", "sk-tw-AbCdEf", ["chat-a"], 5, None, Decimal("1.5"), "daily", None, None, "strict")
+    row = (7, 3, "moe", "sk-tw-AbCdEf", ["chat-a"], 5, None, Decimal("1.5"), "daily", None, None, "strict", False)
     db = FakeDb({"FROM api_keys": row}, delay=0.01)
     cache = KeyCache(db, ttl_s=5)  # type: ignore[arg-type]
 

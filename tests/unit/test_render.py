@@ -11,6 +11,7 @@ from twllm.plan.build import make_plan
 from twllm.plan.placement import GpuInventory
 from twllm.render.litellm_config import gateway_settings, litellm_config, render
 from twllm.spec.resolve import load_spec
+from twllm.spec.schema import MetricsSpec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MASTER = "sk-render-master-9f8e7d"
@@ -116,3 +117,31 @@ models:
     assert remote["guard"].api_bases == tuple(r.api_base for r in plan.routes if r.model_name == "guard")
     assert len(remote["guard"].api_bases) == 2
     assert plan.gateway.probe_model == "chat"  # the gateway's readiness probe never asks the guard
+
+
+def test_metrics_on_by_default_add_litellms_prometheus_logger_and_the_gateway_section():
+    loaded, plan = prod()
+    settings = litellm_config(plan, loaded.spec)["litellm_settings"]
+    assert settings["callbacks"] == ["twllm.accounting.hooks.spend_logger", "prometheus"]
+    # No key hash or alias, no client-chosen value as a LiteLLM label.
+    assert {"hashed_api_key", "api_key_alias", "end_user", "requested_model"} <= set(
+        settings["prometheus_exclude_labels"]
+    )
+    metrics = gateway_settings(plan, loaded.spec).metrics
+    assert metrics.enabled is True and metrics.port is None
+    assert litellm_config(plan)["litellm_settings"]["callbacks"] == ["twllm.accounting.hooks.spend_logger"]
+
+
+def test_metrics_off_or_on_a_port_of_their_own():
+    loaded, plan = prod()
+    off = loaded.spec.model_copy(
+        update={"monitoring": loaded.spec.monitoring.model_copy(update={"metrics": MetricsSpec(enabled=False)})}
+    )
+    settings = litellm_config(plan, off)["litellm_settings"]
+    assert settings["callbacks"] == ["twllm.accounting.hooks.spend_logger"]
+    assert "prometheus_exclude_labels" not in settings
+    assert gateway_settings(plan, off).metrics.enabled is False
+    apart = loaded.spec.model_copy(
+        update={"monitoring": loaded.spec.monitoring.model_copy(update={"metrics": MetricsSpec(port=9464)})}
+    )
+    assert gateway_settings(plan, apart).metrics.port == 9464

@@ -10,6 +10,7 @@ no key                                401     invalid_request_error / missing_ap
 unknown key                           401     invalid_request_error / invalid_api_key
 revoked key                           401     invalid_request_error / revoked_api_key
 expired key                           401     invalid_request_error / expired_api_key
+key of a disabled tenant              403     permission_error / tenant_disabled
 key unknown and PostgreSQL down       503     service_unavailable / accounts_unavailable
 route other than the inference API    403     permission_error / route_not_allowed
 model (or fallback) not in the key's  403     permission_error / model_not_allowed
@@ -49,6 +50,7 @@ from decimal import Decimal
 from twllm.accounting.gateway_config import Database, DatabaseUnavailable
 from twllm.accounting.keys import hash_key
 from twllm.accounting.limits import BudgetTracker, RateLimiter
+from twllm.gateway import metrics
 
 KEY_CACHE_TTL_S = 5.0
 """How long a worker trusts what it read about a key: the delay before a revocation bites."""
@@ -57,7 +59,7 @@ KEY_CACHE_MAX = 10_000
 
 LOOKUP_SQL = """
 SELECT k.id, k.tenant_id, t.name, k.prefix, k.models, k.rpm, k.tpm, k.budget, k.budget_period,
-       k.expires_at, k.revoked_at, coalesce(k.guard_policy, t.guard_policy)
+       k.expires_at, k.revoked_at, coalesce(k.guard_policy, t.guard_policy), t.disabled_at IS NOT NULL
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
 WHERE k.key_hash = %s
 """
@@ -89,6 +91,8 @@ class KeyInfo:
     revoked_at: datetime | None = None
     guard_policy: str | None = None
     """The key's guard policy, else its tenant's (a name from the spec's guard.policies)."""
+    tenant_disabled: bool = False
+    """The tenant is disabled (``store.set_tenant_disabled``): every key of it is refused."""
 
     def status(self, now: datetime) -> str:
         """active | revoked | expired (the same rule as ``store.KeyRecord.status``)."""
@@ -176,8 +180,10 @@ class KeyCache:
         if entry is not None and time.monotonic() - entry.read_at < self.ttl_s:
             self._entries.move_to_end(key_hash)
             self.hits += 1
+            metrics.observe_key_lookup(hit=True)
             return entry.key
         self.misses += 1
+        metrics.observe_key_lookup(hit=False)
         running = self._reads.get(key_hash)
         if running is None:
             running = asyncio.get_running_loop().create_task(self._read(key_hash))
@@ -201,9 +207,21 @@ class KeyCache:
             row = await cur.fetchone()
         key = None
         if row is not None:
-            (id_, tenant_id, tenant, prefix, models, rpm, tpm, budget, period, expires_at, revoked_at, guard_policy) = (
-                row
-            )
+            (
+                id_,
+                tenant_id,
+                tenant,
+                prefix,
+                models,
+                rpm,
+                tpm,
+                budget,
+                period,
+                expires_at,
+                revoked_at,
+                guard_policy,
+                tenant_disabled,
+            ) = row
             key = KeyInfo(
                 id_,
                 tenant_id,
@@ -217,6 +235,7 @@ class KeyCache:
                 expires_at,
                 revoked_at,
                 guard_policy,
+                bool(tenant_disabled),
             )
         self._entries[key_hash] = _Entry(key, time.monotonic())
         self._entries.move_to_end(key_hash)
@@ -274,6 +293,10 @@ class Authenticator:
         state = key.status(now)
         if state != "active":
             raise Rejection(401, "invalid_request_error", f"{state}_api_key", f"The API key {key.prefix}… was {state}.")
+        if key.tenant_disabled:
+            raise Rejection(
+                403, "permission_error", "tenant_disabled", f"The tenant of the API key {key.prefix}… is disabled."
+            )
         kind, path_model = route_kind(route)
         if kind is None:
             raise Rejection(

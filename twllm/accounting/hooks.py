@@ -38,7 +38,7 @@ from twllm.accounting.auth import Authenticator, Identity, Rejection
 from twllm.accounting.gateway_config import Database, GatewayConfig
 from twllm.accounting.ledger import LedgerWriter, replay_folder, row_from_logging
 from twllm.accounting.spool import Spool
-from twllm.gateway import streams
+from twllm.gateway import metrics, streams
 from twllm.gateway.streams import EngineStreamCut, faithful
 from twllm.settings import DATABASE_URL_ENV, GATEWAY_SETTINGS_ENV
 
@@ -126,6 +126,8 @@ class Runtime:
         if key_id is not None:
             self.auth.budgets.note_queued(key_id, row.cost)
             self.auth.limiter.note_tokens(key_id, row.prompt_tokens + row.completion_tokens)
+        # Counted from the row just queued, so Prometheus's per-tenant counts are the ledger's.
+        metrics.observe_row(row, "" if key_id is None else self.tenant_name(slo.get("metadata") or {}))
 
     def attribute(self, metadata: Mapping[str, Any]) -> tuple[int | None, int | None] | None:
         """(tenant id, key id) of an event — (None, None) for the master key — or None."""
@@ -145,6 +147,18 @@ class Runtime:
             if key is not None:
                 return key.tenant_id, key.id
         return None
+
+    def tenant_name(self, metadata: Mapping[str, Any]) -> str:
+        """The tenant's name of a tenant key's event ('' when it cannot be told)."""
+        ours = metadata.get("user_api_key_auth_metadata") or {}
+        if ours.get("twllm_tenant"):
+            return str(ours["twllm_tenant"])
+        key_hash = metadata.get("user_api_key_hash")
+        try:
+            key = self.auth.cache.peek(bytes.fromhex(key_hash)) if isinstance(key_hash, str) else None
+        except ValueError:
+            key = None
+        return key.tenant if key is not None else ""
 
     def at_exit(self) -> None:
         """On a normal interpreter exit, store what is still journaled. (Workers stopped by a

@@ -32,6 +32,7 @@ import psycopg
 
 from twllm.accounting.gateway_config import CONNECT_TIMEOUT_S, Database, DatabaseUnavailable, Price
 from twllm.accounting.spool import Spool, adopt, encode, read_rows, segments
+from twllm.gateway import metrics
 from twllm.gateway.errors import public_error
 
 log = logging.getLogger(__name__)
@@ -269,16 +270,42 @@ class LedgerWriter:
         """Rows this writer put into the database (new and replayed)."""
         self.spooled = 0
         """Rows left in sealed segments because PostgreSQL could not take them."""
+        # For the spool gauges: when the oldest row still in memory was queued (monotonic), the
+        # batch being inserted, and the rows (and oldest) left to the replay since the backlog began.
+        self._queued_since: float | None = None
+        self._inflight: tuple[int, float | None] | None = None
+        self._backlog_rows = 0
+        self._backlog_since: float | None = None
 
     @property
     def pending(self) -> int:
         with self._lock:
             return len(self._rows) + len(self._unjournaled)
 
+    def unwritten(self) -> tuple[int, float]:
+        """This writer's rows not yet in PostgreSQL (queued, being inserted, or left to the replay)
+        and the seconds since the oldest of them was queued (0 when none)."""
+        with self._lock:
+            rows = len(self._rows) + len(self._unjournaled) + self._backlog_rows
+            since = [t for t in (self._queued_since, self._backlog_since) if t is not None]
+            if self._inflight is not None:
+                rows += self._inflight[0]
+                since += [self._inflight[1]] if self._inflight[1] is not None else []
+        return rows, (time.monotonic() - min(since) if rows and since else 0.0)
+
+    def _to_backlog(self, rows: int, since: float | None) -> None:
+        """Count ``rows`` (queued at ``since``) as left to the replay (under the lock)."""
+        if rows:
+            self._backlog_rows += rows
+            if since is not None and (self._backlog_since is None or since < self._backlog_since):
+                self._backlog_since = since
+
     def enqueue(self, row: LedgerRow) -> None:
         """Journal and queue a row; never waits on the database (safe from any thread)."""
         line = encode(row.to_json())
         with self._lock:
+            if not self._rows and not self._unjournaled:
+                self._queued_since = time.monotonic()
             try:
                 self.spool.append(line)
             except OSError:
@@ -317,6 +344,7 @@ class LedgerWriter:
                 pass  # logged by Database; the rows stay journaled and the next replay retries
             except Exception:  # the writer must outlive any one failure
                 log.exception("twllm ledger: unexpected error in the writer (rows stay journaled)")
+            metrics.set_ledger_backlog(*self.unwritten())
 
     async def flush(self) -> None:
         """Store the queued rows now, or, while PostgreSQL is away, leave them to the replay."""
@@ -327,12 +355,17 @@ class LedgerWriter:
                 # The rows are in the open journal segment already: free the memory and let the
                 # replay store them, after the older ones, once PostgreSQL is back.
                 self.spooled += len(self._rows)
+                self._to_backlog(len(self._rows), self._queued_since)
                 self._rows = []
+                if not self._unjournaled:
+                    self._queued_since = None
                 self._backlog = True
                 return
             rows, self._rows = self._rows, []
             memory, self._unjournaled = self._unjournaled, []
             segment = self.spool.seal()
+            since, self._queued_since = self._queued_since, None
+            self._inflight = (len(rows) + len(memory), since)
         try:
             for start in range(0, len(rows) + len(memory), BATCH_MAX_ROWS):
                 await self._store((rows + memory)[start : start + BATCH_MAX_ROWS], fresh=True)
@@ -347,7 +380,13 @@ class LedgerWriter:
                 self.spooled += len(rows)
                 self._backlog = True
                 self._unjournaled[:0] = memory
+                self._inflight = None
+                self._to_backlog(len(rows), since)
+                if memory and since is not None:
+                    self._queued_since = min(since, self._queued_since or since)
             return
+        with self._lock:
+            self._inflight = None
         if segment is not None:
             segment.unlink(missing_ok=True)
         if self.on_stored is not None:
@@ -361,13 +400,18 @@ class LedgerWriter:
             with self._lock:
                 self.spool.seal()  # the rows queued since the outage began are in it: drop them here
                 self.spooled += len(self._rows)
+                self._to_backlog(len(self._rows), self._queued_since)
                 self._rows = []
+                if not self._unjournaled:
+                    self._queued_since = None
                 own = self.spool.sealed_segments()
             for path in own:
                 rows = await self._replay_segment(path)
                 if self.on_stored is not None:
                     self.on_stored(rows)
             self._backlog = False
+            with self._lock:
+                self._backlog_rows, self._backlog_since = 0, None
         for pid in self.spool.other_pids():
             with self.spool.adopt(pid) as segments:
                 for path in segments or ():

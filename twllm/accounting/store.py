@@ -55,6 +55,12 @@ class Tenant:
     """Keys neither revoked nor expired."""
     guard_policy: str | None = None
     """The guard policy of the tenant's keys that name none themselves."""
+    disabled_at: datetime | None = None
+    """Set: the tenant is disabled and the gateway refuses all its keys."""
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +69,8 @@ class Tenant:
             "created_at": self.created_at.isoformat(),
             "active_keys": self.active_keys,
             "guard_policy": self.guard_policy,
+            "disabled": self.disabled,
+            "disabled_at": self.disabled_at.isoformat() if self.disabled_at is not None else None,
         }
 
 
@@ -237,17 +245,31 @@ def set_tenant_policy(conn: psycopg.Connection, name: str, guard_policy: str | N
     return get_tenant(conn, name)
 
 
+def set_tenant_disabled(conn: psycopg.Connection, name: str, disabled: bool) -> tuple[Tenant, bool]:
+    """Disable a tenant (the gateway then refuses every key of it, within the key cache's TTL) or
+    enable it again; the tenant and whether anything changed. Its keys keep their own state."""
+    tenant = get_tenant(conn, name)
+    if disabled:
+        query = "UPDATE tenants SET disabled_at = now() WHERE id = %s AND disabled_at IS NULL RETURNING id"
+    else:
+        query = "UPDATE tenants SET disabled_at = NULL WHERE id = %s AND disabled_at IS NOT NULL RETURNING id"
+    changed = conn.execute(query, (tenant.id,)).fetchone() is not None
+    return get_tenant(conn, name), changed
+
+
 def list_tenants(conn: psycopg.Connection) -> list[Tenant]:
     rows = conn.execute(
         "SELECT t.id, t.name, t.created_at, count(k.id) FILTER (WHERE k.revoked_at IS NULL "
-        "AND (k.expires_at IS NULL OR k.expires_at > now())), t.guard_policy "
+        "AND (k.expires_at IS NULL OR k.expires_at > now())), t.guard_policy, t.disabled_at "
         "FROM tenants t LEFT JOIN api_keys k ON k.tenant_id = t.id GROUP BY t.id ORDER BY t.name"
     ).fetchall()
     return [Tenant(*row) for row in rows]
 
 
 def get_tenant(conn: psycopg.Connection, name: str) -> Tenant:
-    row = conn.execute("SELECT id, name, created_at, 0, guard_policy FROM tenants WHERE name = %s", (name,)).fetchone()
+    row = conn.execute(
+        "SELECT id, name, created_at, 0, guard_policy, disabled_at FROM tenants WHERE name = %s", (name,)
+    ).fetchone()
     if row is None:
         known = [r[0] for r in conn.execute("SELECT name FROM tenants").fetchall()]
         raise AccountsError(

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperCommand
 
 from twllm.cli.output import table as _table
 from twllm.model_registry import load_registry
 from twllm.plan.build import make_plan
 from twllm.plan.model import Plan
 from twllm.render.litellm_config import render as render_files
+from twllm.render.monitoring import render_monitoring
 from twllm.runtime.hardware import inventory
 from twllm.settings import STATE_DIR_ENV, Settings
 from twllm.spec.json_schema import spec_json_schema
@@ -105,15 +108,34 @@ def plan(
         stdout.print(f"[yellow]note:[/] {note}")
 
 
+RENDER_FORMS = ("monitoring",)
+
+
+class _RenderCommand(TyperCommand):
+    """`render`'s usage line leaves out its hidden form argument (`twllm render monitoring …`)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not (isinstance(param, TyperArgument) and param.hidden):
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
 def render(
+    what: str | None = typer.Argument(None, hidden=True, metavar="[monitoring]", show_default=False),
     config: Path = CONFIG,
     out: Path = typer.Option(..., "--out", help="Folder to write the files into."),
     gpus: int | None = GPUS,
     state_dir: Path | None = STATE_DIR,
 ) -> None:
     """Write the LiteLLM proxy config, the gateway settings and the plan into a folder."""
+    if what is not None and what not in RENDER_FORMS:
+        raise typer.BadParameter(f"{what!r} is not something to render (only: monitoring)", param_hint="WHAT")
     loaded, the_plan = build_plan(config, gpus, state_dir)
-    for path in render_files(the_plan, loaded.spec, out):
+    # `twllm render monitoring`: prometheus.yml and the Grafana dashboard (README, "Monitoring").
+    paths = render_monitoring(the_plan, out) if what == "monitoring" else render_files(the_plan, loaded.spec, out)
+    for path in paths:
         stdout.print(str(path))
 
 
@@ -168,5 +190,5 @@ def models_show(
 def register(app: typer.Typer) -> None:
     """Add validate, plan, render, schema and the models group to the root command."""
     for command in (validate, plan, render, schema):
-        app.command()(command)
+        app.command(cls=_RenderCommand if command is render else None)(command)
     app.add_typer(models_app, name="models")

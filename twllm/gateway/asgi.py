@@ -10,6 +10,10 @@ objects, so streams pass at the engine's pace) and:
 - refuses a body over ``max_request_bytes`` with 413 before the body is read or parsed;
 - rewrites every error — a response with status >= 400, or an error event inside a stream —
   into OpenAI's shape with the engine's status (``errors.public_error``);
+- answers ``GET /metrics`` itself (``scrape.MetricsRoute``, behind the master key) when the
+  spec serves metrics on the gateway's port; LiteLLM's own unauthenticated /metrics is never reached;
+- hands every path under ``/console`` to the web console (``MOUNTS``; its own routes, auth
+  and headers), before the allowlist and LiteLLM, with the same body limit;
 - drops response headers that show the machinery (``x-litellm-*``, ``llm_provider-*``) and
   LiteLLM's blanket CORS headers; CORS is answered for the configured origins only (default none).
 
@@ -20,14 +24,15 @@ both set by ``twllm.gateway.serve``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from twllm.gateway import errors, failfast, streams
+from twllm.gateway import errors, failfast, scrape, streams
 from twllm.gateway.settings import GatewaySettings, HttpSettings
 from twllm.settings import GATEWAY_SETTINGS_ENV
 
@@ -65,6 +70,27 @@ MANAGEMENT_MESSAGE = (
     "the deployment's health with `twllm status`."
 )
 HOP_HEADERS = (b"x-litellm-", b"llm_provider-", b"access-control-")
+MOUNTS: Mapping[str, str] = {"/console": "twllm.console.app:build_app"}
+"""Path prefix -> the factory of the ASGI app served there instead of LiteLLM. Loaded by name,
+as LiteLLM loads our hooks: the console imports the accounting hooks, which import this
+package, so importing it here would make the packages import each other."""
+
+
+def load_mounts(mounts: Mapping[str, str] = MOUNTS) -> dict[str, ASGIApp]:
+    """Each prefix's app, built by calling its factory (``module:function``)."""
+    apps: dict[str, ASGIApp] = {}
+    for prefix, target in mounts.items():
+        module, _, name = target.partition(":")
+        apps[prefix] = getattr(importlib.import_module(module), name)()
+    return apps
+
+
+def mounted(mounts: Mapping[str, ASGIApp], path: str) -> ASGIApp | None:
+    """The app mounted at ``path``'s prefix (the prefix itself or anything below it)."""
+    for prefix, app in mounts.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return app
+    return None
 
 
 def http_settings_from_env() -> HttpSettings:
@@ -93,9 +119,19 @@ async def send_error(send: Send, error: errors.PublicError) -> None:
 class Shield:
     """See the module docstring."""
 
-    def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: HttpSettings,
+        metrics: ASGIApp | None = None,
+        mounts: Mapping[str, ASGIApp] | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
+        self.mounts = dict(mounts or {})
+        """Path prefix -> app served there instead of LiteLLM (``MOUNTS``)."""
+        self.metrics = metrics
+        """/metrics on this port (None: not served here, a plain 404)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -107,6 +143,18 @@ class Shield:
             return
         method = scope["method"]
         path = scope["path"]
+        if self.metrics is not None and path.rstrip("/") == scrape.PATH:
+            await self.metrics(scope, receive, send)
+            return
+        mount = mounted(self.mounts, path)
+        if mount is not None:
+            if method in ("POST", "PUT", "PATCH"):
+                limited = await self._limited(scope, receive, send)
+                if limited is None:
+                    return
+                receive = limited
+            await mount(scope, receive, send)
+            return
         verdict = allowed(method, path)
         if verdict is None:
             if MANAGEMENT.fullmatch(path.rstrip("/") or "/"):
@@ -314,8 +362,11 @@ def build(settings: HttpSettings | None = None) -> ASGIApp:
     streams.install()
     failfast.install()
 
-    settings = settings or http_settings_from_env()
-    shielded: ASGIApp = Shield(proxy_app, settings)
+    gateway = scrape.settings_from_env()
+    settings = settings or gateway.http
+    shielded: ASGIApp = Shield(
+        proxy_app, settings, scrape.route(gateway.metrics, scrape.master_key(gateway)), load_mounts()
+    )
     if settings.cors_origins:
         return CORSMiddleware(
             shielded,

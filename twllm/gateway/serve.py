@@ -3,14 +3,24 @@
 Runs LiteLLM's proxy app behind twllm's shield (``asgi.py``) with uvicorn: one process, or a
 supervisor with ``--workers`` processes that each import the app. LiteLLM's own command line is
 not used: it would serve the bare proxy app, and with it every internal route.
+
+Before the workers start it empties the Prometheus multiprocess folder (``PROMETHEUS_MULTIPROC_DIR``,
+set by the supervisor; a private temporary one when metrics are on and it is not set) and, when
+gateway.json puts /metrics on a port of its own, starts that listener in this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+from twllm.gateway.settings import GatewaySettings
+from twllm.settings import GATEWAY_SETTINGS_ENV, PROMETHEUS_MULTIPROC_DIR_ENV
 
 WORKER_HEALTHCHECK_S = 120
 """uvicorn kills a new worker that has not answered its health ping within 5 s by default, and
@@ -41,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["NUM_WORKERS"] = str(args.workers)
     # Our hooks are imported by module name relative to the config's folder first.
     sys.path.insert(0, str(config.parent))
+    prepare_metrics(args.host)
     import uvicorn
 
     options: dict[str, object] = {
@@ -64,6 +75,33 @@ def main(argv: list[str] | None = None) -> None:
         options["ssl_certfile"] = str(args.ssl_certfile)
         options["ssl_keyfile"] = str(args.ssl_keyfile)
     uvicorn.run("twllm.gateway.asgi:app", **options)  # type: ignore[arg-type]
+
+
+def prepare_metrics(host: str) -> None:
+    """An empty multiprocess folder for this start, and the separate /metrics listener if any.
+
+    The folder is named in the environment before prometheus_client is imported: it picks its
+    per-process value files then (in this process, and in every worker, which inherit it)."""
+    path = os.environ.get(GATEWAY_SETTINGS_ENV)
+    try:
+        metrics = GatewaySettings.load(path).metrics if path else None
+    except (OSError, ValueError) as exc:
+        sys.exit(f"twllm gateway: cannot read the gateway settings {path}: {exc}")
+    folder = os.environ.get(PROMETHEUS_MULTIPROC_DIR_ENV)
+    if not folder and metrics is not None and metrics.enabled:
+        # Without the folder each worker would answer with its own counts only.
+        folder = tempfile.mkdtemp(prefix="twllm-gateway-metrics-")
+        atexit.register(shutil.rmtree, folder, True)
+        os.environ[PROMETHEUS_MULTIPROC_DIR_ENV] = folder
+    from twllm.gateway import scrape
+
+    if folder:
+        scrape.prepare_folder(Path(folder))
+    if metrics is not None and metrics.enabled and metrics.port is not None:
+        try:
+            scrape.start_listener(host, metrics.port)
+        except OSError as exc:
+            sys.exit(f"twllm gateway: cannot serve /metrics on {host}:{metrics.port}: {exc}")
 
 
 if __name__ == "__main__":

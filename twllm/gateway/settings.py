@@ -6,7 +6,9 @@ the plan and the spec and writes ``to_json()``; every hook reads the file back t
 
 - ``twllm.accounting.gateway_config``: ``master_key_env``, ``database``, ``models`` (prices);
 - ``twllm.guard``: ``guard`` (the spec's guard layers and the guard models served here);
-- ``twllm.gateway.asgi``: ``http`` (the shield's body limit and CORS origins).
+- ``twllm.console``: ``state_dir`` (components' health from state.json);
+- ``twllm.gateway.asgi``: ``http`` (the shield's body limit and CORS origins) and ``metrics``
+  (``twllm.gateway.serve`` and ``twllm.gateway.scrape``: where /metrics is served).
 
 Every section and field has a default, so a hand-written file may leave out what it does not
 need; a key this twllm does not know is a ``ContractError`` (also a ValueError) naming it. This
@@ -100,17 +102,32 @@ class HttpSettings(_Section):
     cors_origins: tuple[str, ...] = ()
 
 
+class MetricsSettings(_Section):
+    """Where the gateway serves /metrics (the spec's ``monitoring.metrics``)."""
+
+    enabled: bool = False
+    """Off in a hand-written file that leaves the section out; the render writes the spec's value."""
+    port: int | None = None
+    """None: /metrics on the gateway's port, behind the master key. A port: a separate plain
+    listener on the gateway's host that serves /metrics only, without a key (and the gateway's
+    own port answers 404 there)."""
+
+
 class GatewaySettings(_Section):
     """The whole of gateway.json."""
 
     name: str | None = None
     """The deployment's name."""
     spec_file: str | None = None
+    state_dir: str | None = None
+    """The deployment's state folder, where the supervisor writes state.json (``twllm.status``):
+    the console's health view reads it. None: the console shows no component health."""
     master_key_env: str | None = None
     """The variable holding the master key (None or empty: TWLLM_MASTER_KEY)."""
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     guard: GuardSettings = Field(default_factory=GuardSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     """Client-facing model name -> its task, price and deployments."""
 

@@ -43,9 +43,10 @@ from typing import Any, get_args
 from litellm.integrations.custom_guardrail import CustomGuardrail
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
+from twllm.gateway import metrics
 from twllm.gateway.settings import GatewaySettings
 from twllm.gateway.streams import faithful
-from twllm.guard.pipeline import GuardPipeline, GuardResult, ModelCache, Stage
+from twllm.guard.pipeline import PROMPT_INJECTION, GuardPipeline, GuardResult, ModelCache, Stage
 from twllm.guard.policy import GuardPolicies, UnknownPolicy
 from twllm.guard.streaming import OutputStream, StreamBlocked
 from twllm.settings import GATEWAY_SETTINGS_ENV
@@ -84,6 +85,9 @@ class GuardBlocked(ProxyException):
 
 
 PII_ENTITIES = frozenset(get_args(PiiEntity))
+METRIC_CATEGORIES = PII_ENTITIES | {PROMPT_INJECTION} | {f"S{n}" for n in range(1, 15)}
+"""The categories a verdict may carry as a metric label (anything else, say a category a guard
+model made up, counts as ``other``): a bounded set, never text."""
 
 
 def block_code(result: GuardResult) -> str:
@@ -136,6 +140,11 @@ class GuardState:
 
     # --- verdicts for the ledger ---------------------------------------------------------------
     def note(self, call_id: str | None, stage: str, result: GuardResult) -> None:
+        metrics.observe_guard(
+            stage,
+            [c if c in METRIC_CATEGORIES else metrics.OTHER for c in result.categories],
+            result.verdict,
+        )
         if not call_id:
             return
         record = self.records.setdefault(call_id, {})
@@ -270,6 +279,8 @@ class TwllmGuardrail(CustomGuardrail):
                 result = await _run(pipeline, "input", _screen_field, pipeline, data, "input", ["pii"])
                 if result.verdict != "allow":
                     st.note(call_id, "input", result)
+                else:  # an allowed input is kept out of the ledger's record, but counted
+                    metrics.observe_guard("input", [], "allow")
                 if result.blocked:
                     raise GuardBlocked(result, block_code(result))
             return data
@@ -279,6 +290,8 @@ class TwllmGuardrail(CustomGuardrail):
             result = await _run(pipeline, "input", self._screen_request, pipeline, data)
             if result.verdict != "allow":
                 st.note(call_id, "input", result)
+            else:  # an allowed input is kept out of the ledger's record, but counted
+                metrics.observe_guard("input", [], "allow")
             if result.blocked:
                 raise GuardBlocked(result, block_code(result))
         if pipeline.stages("output"):

@@ -13,6 +13,7 @@ from typing import Any
 from twllm import settings
 from twllm.errors import PlanError
 from twllm.plan.model import DatabasePlan, EngineProcess, GatewayPlan, Plan, Route
+from twllm.plan.monitoring import monitoring_plan
 from twllm.plan.placement import GpuInventory, place_replicas
 from twllm.plan.vllm_flags import field_flags_argv
 from twllm.spec.guard_layers import served_guard_models
@@ -47,6 +48,11 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
                 ports.reserve(f"vllm-{model.name}-{replica}", model.spec.port + replica)
     if any(m.engine == "ollama" for m in loaded.models):
         ports.reserve("ollama", spec.ollama.port)
+    mon = spec.monitoring
+    if mon.metrics.enabled and mon.metrics.port is not None:
+        ports.reserve("gateway metrics", mon.metrics.port)
+    if mon.prometheus == "embedded":
+        ports.reserve("prometheus", mon.prometheus_port)
     engines: list[EngineProcess] = []
     routes: list[Route] = []
     notes: list[str] = []
@@ -87,6 +93,8 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
                 f"{model.name}: {model.entry.hf_repo} is gated; set HF_TOKEN for an account that accepted its licence"
             )
 
+    # Taken after every engine's, so turning metrics on or off moves no engine.
+    supervisor_port = ports.take("supervisor metrics") if mon.metrics.enabled else None
     gw = spec.gateway
     fallbacks = dict(gw.fallbacks)
     for model in loaded.models:
@@ -94,7 +102,7 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
             fallbacks[model.name] = list(model.spec.fallbacks)
     db = spec.database
     guard_only = served_guard_models(spec)  # answered on their engines, not through the gateway
-    return Plan(
+    plan = Plan(
         name=spec.name,
         spec_file=str(loaded.path) if loaded.path else None,
         state_dir=str(state_dir),
@@ -132,6 +140,9 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
         routes=tuple(routes),
         notes=tuple(notes),
         vllm_python=str(spec.engines.vllm_python.expanduser()) if spec.engines.vllm_python else None,
+    )
+    return plan.model_copy(
+        update={"monitoring": monitoring_plan(mon, plan.gateway, plan.engines, state_dir, supervisor_port)}
     )
 
 

@@ -105,6 +105,54 @@ class DatabasePlan(_Frozen):
     retention_days: int | None = None
 
 
+class ScrapeTarget(_Frozen):
+    """One /metrics endpoint Prometheus scrapes."""
+
+    job: str
+    """twllm-gateway | vllm | twllm-supervisor (prometheus.yml's job_name)."""
+    component: str
+    """The component it belongs to (its ``component`` label)."""
+    scheme: str
+    address: str
+    """host:port."""
+    path: str = "/metrics"
+    bearer_env: str | None = None
+    """Variable of the deployment's environment holding the bearer token (the master key); None:
+    the endpoint needs none."""
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class PrometheusPlan(_Frozen):
+    """The embedded Prometheus, one more supervised component (started after the gateway)."""
+
+    port: int
+    """Where it listens (127.0.0.1)."""
+    config_file: str
+    """The rendered prometheus.yml it reads."""
+    data_dir: str
+    retention_days: int
+    argv: tuple[str, ...]
+    """argv[0] is ``prometheus``, found on PATH by the runtime."""
+    ready_url: str
+    start_timeout_s: float = 60.0
+
+
+class MonitoringPlan(_Frozen):
+    """Metrics endpoints, what scrapes them, and where the scraper's bearer token is kept."""
+
+    metrics_enabled: bool
+    """The gateway serves /metrics and the supervisor its component metrics."""
+    scrape_interval_s: int
+    supervisor_port: int | None
+    """Where the supervisor serves twllm_component_* (127.0.0.1); None when metrics are off."""
+    credentials_file: str
+    """The file prometheus.yml names for the gateway's bearer token (the embedded Prometheus's
+    component writes the master key there, 0600; the key itself is never rendered)."""
+    targets: tuple[ScrapeTarget, ...]
+    prometheus: PrometheusPlan | None = None
+    """None: no embedded Prometheus (``monitoring.prometheus: off``)."""
+
+
 class Plan(_Frozen):
     """The whole deployment as plain data; plan.json is ``to_json()``, read back by ``from_json``."""
 
@@ -119,6 +167,8 @@ class Plan(_Frozen):
     notes: tuple[str, ...] = Field(default=())
     vllm_python: str | None = None
     """The spec's engines.vllm_python, if it names one."""
+    monitoring: MonitoringPlan | None = None
+    """Metrics and the embedded Prometheus (None only in plans made before monitoring existed)."""
 
     def engine(self, engine_id: str) -> EngineProcess:
         return next(e for e in self.engines if e.id == engine_id)

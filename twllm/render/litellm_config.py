@@ -19,6 +19,7 @@ from twllm.gateway.settings import (
     GatewaySettings,
     GuardSettings,
     HttpSettings,
+    MetricsSettings,
     ModelSettings,
     PriceSettings,
     RemoteGuardSettings,
@@ -34,6 +35,23 @@ PLAN_FILE = "plan.json"
 
 GUARDRAIL_NAME = "twllm-guard"
 GUARDRAIL_CLASS = "twllm.guard.gateway.TwllmGuardrail"
+SPEND_LOGGER = "twllm.accounting.hooks.spend_logger"
+PROMETHEUS_CALLBACK = "prometheus"
+"""LiteLLM's open-source Prometheus logger; its series join twllm's on the shield's /metrics."""
+PROMETHEUS_EXCLUDED_LABELS = (
+    "end_user",
+    "user",
+    "user_email",
+    "user_alias",
+    "hashed_api_key",
+    "api_key_alias",
+    "requested_model",
+    "tag",
+    "client_ip",
+    "user_agent",
+)
+"""LiteLLM labels left out of its series: a key's hash or prefix, and what a client chooses
+(a model name, tags, its address or agent) would make one series per value."""
 
 
 def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
@@ -86,7 +104,7 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
             "request_timeout": gw.request_timeout_s,
             "telemetry": False,
             # The spend ledger: an instance (LiteLLM refuses a class), found on the import path.
-            "callbacks": ["twllm.accounting.hooks.spend_logger"],
+            "callbacks": [SPEND_LOGGER],
         },
         "general_settings": {
             "master_key": f"os.environ/{gw.master_key_env}",
@@ -99,6 +117,10 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
             "store_model_in_db": False,
         },
     }
+    if spec is not None and spec.monitoring.metrics.enabled:
+        settings = config["litellm_settings"]
+        settings["callbacks"].append(PROMETHEUS_CALLBACK)
+        settings["prometheus_exclude_labels"] = list(PROMETHEUS_EXCLUDED_LABELS)
     if policies is not None and policies.active():
         # One guardrail, on for every request; it reads its policies from gateway.json.
         config["guardrails"] = [
@@ -176,12 +198,14 @@ def gateway_settings(plan: Plan, spec: Spec) -> GatewaySettings:
     return GatewaySettings(
         name=plan.name,
         spec_file=plan.spec_file,
+        state_dir=plan.state_dir,
         master_key_env=plan.gateway.master_key_env,
         database=DatabaseSettings(
             embedded=plan.database.embedded, url_env=plan.database.url_env, url=plan.database.url
         ),
         guard=guard_settings(spec, plan),
         http=HttpSettings(max_request_bytes=plan.gateway.max_request_bytes, cors_origins=plan.gateway.cors_origins),
+        metrics=MetricsSettings(enabled=spec.monitoring.metrics.enabled, port=spec.monitoring.metrics.port),
         models={
             name: ModelSettings(
                 task=route.task,

@@ -2,7 +2,7 @@
 
 Each component knows how to launch itself, how to tell it is ready, what to provision once it
 answers, and a fingerprint of everything that would make a running copy stale. The supervisor
-treats them all alike, in order: database, engines, gateway.
+treats them all alike, in order: database, engines, gateway, then the embedded Prometheus.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twllm.plan.model import EngineProcess, Plan
+from twllm.plan.monitoring import PROMETHEUS_CONFIG
 from twllm.render.litellm_config import GATEWAY_SETTINGS, LITELLM_CONFIG
 from twllm.runtime.engines.base import Launch, Progress, RuntimeContext
 from twllm.runtime.engines.drivers import driver_for
 from twllm.runtime.gateway import gateway_launch, gateway_ready
+from twllm.runtime.prometheus import launch as prometheus_launch
+from twllm.runtime.prometheus import prepare as prometheus_prepare
+from twllm.runtime.prometheus import ready as prometheus_ready
 
 DATABASE_START_TIMEOUT_S = 60.0
 
@@ -29,7 +33,7 @@ class Component:
 
     name: str
     kind: str
-    """database | engine | gateway (also the start order)."""
+    """database | engine | gateway | monitoring (also the start order)."""
     port: int | None
     start_timeout_s: float
     launch: Callable[[], Launch]
@@ -49,7 +53,7 @@ class Component:
         self.log_name = self.log_name or self.name
 
 
-KIND_ORDER = {"database": 0, "engine": 1, "gateway": 2}
+KIND_ORDER = {"database": 0, "engine": 1, "gateway": 2, "monitoring": 3}
 
 
 def _digest(*parts: object) -> str:
@@ -76,7 +80,12 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
             port=gw.port,
             start_timeout_s=gw.start_timeout_s,
             launch=lambda: gateway_launch(
-                gw, rendered, ctx.secrets, database_url_for(plan, ctx), ctx.state_dir / "spool"
+                gw,
+                rendered,
+                ctx.secrets,
+                database_url_for(plan, ctx),
+                ctx.state_dir / "spool",
+                metrics_dir=ctx.state_dir / "gateway-metrics",
             ),
             prepare=lambda: _migrate(plan, ctx),
             after_stop=lambda: _replay_spool(plan, ctx),
@@ -85,6 +94,25 @@ def build_components(plan: Plan, ctx: RuntimeContext, rendered: Path) -> list[Co
             stop_timeout_s=20.0,
         )
     )
+    mon = plan.monitoring
+    if mon is not None and mon.prometheus is not None:
+        prom = mon.prometheus
+        components.append(
+            Component(
+                name="prometheus",
+                kind="monitoring",
+                port=prom.port,
+                start_timeout_s=prom.start_timeout_s,
+                launch=lambda: prometheus_launch(mon),
+                prepare=lambda: prometheus_prepare(mon, ctx.secrets),
+                ready=lambda: prometheus_ready(prom),
+                fingerprint=_digest(
+                    mon,
+                    (rendered / PROMETHEUS_CONFIG).read_text() if (rendered / PROMETHEUS_CONFIG).exists() else "",
+                    hashlib.sha256(master_key.encode()).hexdigest(),
+                ),
+            )
+        )
     return components
 
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twllm.errors import EXIT_NOT_READY, RuntimeFailure, TwllmError
-from twllm.plan.model import Plan
+from twllm.plan.model import MonitoringPlan, Plan
 from twllm.render.litellm_config import render
+from twllm.render.monitoring import render_monitoring
 from twllm.runtime.state import (
     PRIVATE_DIR,
     PRIVATE_FILE,
@@ -108,6 +109,7 @@ def preflight(loaded: LoadedSpec, plan: Plan, sd: StateDir) -> None:
     wanted += [(e.id, e.host, e.port) for e in plan.engines]
     if plan.database.embedded and plan.database.port:
         wanted.append(("database", "127.0.0.1", plan.database.port))
+    problems += _monitoring_problems(plan, wanted)
     for owner, host, port in wanted:
         if port not in ours and port_in_use(host, port):
             problems.append(f"{owner}: port {port} is already in use by another program")
@@ -116,6 +118,34 @@ def preflight(loaded: LoadedSpec, plan: Plan, sd: StateDir) -> None:
             "the host is not ready for this deployment:\n  " + "\n  ".join(problems),
             hint="nothing was started or changed",
         )
+
+
+def _monitoring_problems(plan: Plan, wanted: list[tuple[str, str, int]]) -> list[str]:
+    """The embedded Prometheus needs its binary; its port and the metrics ports join ``wanted``."""
+    mon = plan.monitoring
+    if mon is None:
+        return []
+    problems = []
+    if mon.prometheus is not None:
+        from twllm.runtime.prometheus import INSTALL_HINT, find_prometheus
+
+        if find_prometheus() is None:
+            problems.append(f"monitoring.prometheus is embedded but `prometheus` is not installed: {INSTALL_HINT}")
+        wanted.append(("prometheus", "127.0.0.1", mon.prometheus.port))
+    for owner, port in sorted(_metrics_ports(mon).items(), key=lambda item: item[1]):
+        wanted.append((owner, plan.gateway.host if owner == "gateway metrics" else "127.0.0.1", port))
+    return problems
+
+
+def _metrics_ports(mon: MonitoringPlan) -> dict[str, int]:
+    """The gateway's separate /metrics listener and the supervisor's, when the plan has them."""
+    ports = {}
+    for target in mon.targets:
+        if target.component == "gateway" and not target.bearer_env and target.address.rsplit(":", 1)[1].isdigit():
+            ports["gateway metrics"] = int(target.address.rsplit(":", 1)[1])
+    if mon.supervisor_port is not None:
+        ports["supervisor metrics"] = mon.supervisor_port
+    return ports
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -129,7 +159,14 @@ def _ports_held_by_us(sd: StateDir) -> set[int]:
     state = sd.read_state()
     if state is None or sd.supervisor_alive() is None:
         return set()
-    return {c.port for c in state.components if c.port is not None and c.status != ComponentStatus.STOPPED}
+    ports = {c.port for c in state.components if c.port is not None and c.status != ComponentStatus.STOPPED}
+    try:
+        running = sd.read_plan()
+    except TwllmError:
+        running = None
+    if running is not None and running.monitoring is not None:  # listeners that are no component
+        ports.update(_metrics_ports(running.monitoring).values())
+    return ports
 
 
 def deploy(
@@ -193,6 +230,8 @@ def _write_plan(loaded: LoadedSpec, plan: Plan, plan_path: Path, rendered: Path)
     mkdir_private(rendered)
     rendered.chmod(PRIVATE_DIR)
     render(plan, loaded.spec, rendered)  # every file through write_atomic: 0600 whatever the umask
+    if plan.monitoring is not None:
+        render_monitoring(plan, rendered)  # prometheus.yml and the Grafana dashboard
     write_atomic(plan_path, plan.to_json())
 
 

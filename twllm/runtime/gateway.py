@@ -11,7 +11,13 @@ import httpx
 from twllm.plan.model import GatewayPlan
 from twllm.render.litellm_config import GATEWAY_SETTINGS, LITELLM_CONFIG
 from twllm.runtime.engines.base import Launch
-from twllm.settings import DATABASE_URL_ENV, ENGINE_KEY_ENV, GATEWAY_SETTINGS_ENV, SPOOL_DIR_ENV
+from twllm.settings import (
+    DATABASE_URL_ENV,
+    ENGINE_KEY_ENV,
+    GATEWAY_SETTINGS_ENV,
+    PROMETHEUS_MULTIPROC_DIR_ENV,
+    SPOOL_DIR_ENV,
+)
 
 PROBE_TEXT = "ping"
 
@@ -22,9 +28,11 @@ def gateway_launch(
     secrets: Mapping[str, str],
     database_url: str | None = None,
     spool_dir: Path | None = None,
+    metrics_dir: Path | None = None,
 ) -> Launch:
     """The gateway command: LiteLLM's proxy app behind twllm's shield (``twllm.gateway.serve``),
-    run with twllm's own Python so our hooks import."""
+    run with twllm's own Python so our hooks import. ``metrics_dir``: the private folder where
+    every worker keeps its Prometheus series (``twllm.gateway.serve`` empties it at each start)."""
     argv = [
         sys.executable,
         "-m",
@@ -55,6 +63,8 @@ def gateway_launch(
     if spool_dir is not None:
         # In the state dir, not beside gateway.json: rendered/ is replaced on every redeploy.
         env[SPOOL_DIR_ENV] = str(spool_dir)
+    if metrics_dir is not None:
+        env[PROMETHEUS_MULTIPROC_DIR_ENV] = str(metrics_dir)
     return Launch(argv=argv, env=env, cwd=rendered)
 
 

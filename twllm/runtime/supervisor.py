@@ -30,6 +30,7 @@ from twllm.plan.model import Plan
 from twllm.runtime.components import KIND_ORDER, Component, build_components
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.logs import RotatingLog
+from twllm.runtime.metrics import ComponentSample, MetricsServer
 from twllm.runtime.state import (
     ComponentState,
     ComponentStatus,
@@ -108,6 +109,7 @@ class Supervisor:
         self.initial = True
         self.settling = True
         self.next_maintenance = 0.0
+        self.metrics = MetricsServer(self._samples)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -121,6 +123,7 @@ class Supervisor:
         self.sd.ensure()
         write_atomic(self.sd.supervisor_pid, str(os.getpid()))
         try:
+            self._serve_metrics()
             self._adopt(self.build(self.plan, self.ctx, self.sd.rendered))
             self._save()
             while True:
@@ -141,7 +144,20 @@ class Supervisor:
                     self._save()
                     return EXIT_NOT_READY
         finally:
+            self.metrics.stop()
             self.sd.supervisor_pid.unlink(missing_ok=True)
+
+    def _serve_metrics(self) -> None:
+        """The component metrics, on the plan's port (moved when a redeploy moves it)."""
+        mon = self.plan.monitoring
+        if mon is not None and mon.supervisor_port is not None:
+            self.metrics.start(mon.supervisor_port)
+
+    def _samples(self) -> list[ComponentSample]:
+        return [
+            ComponentSample(r.comp.name, r.comp.kind, r.phase == ComponentStatus.READY, r.state.restarts)
+            for r in list(self.runs)
+        ]
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -322,6 +338,7 @@ class Supervisor:
         self.plan = plan
         self.ctx = runtime_context(self.sd, plan)
         self.state.gateway_url = plan.gateway.url
+        self._serve_metrics()
         new = self.build(plan, self.ctx, self.sd.rendered)
         keep = {
             c.name
@@ -356,7 +373,7 @@ class Supervisor:
     # ---- stopping --------------------------------------------------------------------------
 
     def _stop_all(self) -> None:
-        """Gateway first, then engines, then the database."""
+        """The embedded Prometheus first, then the gateway, the engines, the database."""
         self.state.status = DeploymentStatus.STOPPING
         self._save()
         for run in sorted(self.runs, key=lambda r: -KIND_ORDER[r.comp.kind]):

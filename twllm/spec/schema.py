@@ -240,6 +240,31 @@ class EnginesSpec(_Model):
     """Seconds an engine may take to load its model (downloads included)."""
 
 
+class MetricsSpec(_Model):
+    """The gateway's Prometheus metrics (LiteLLM's series and twllm's own)."""
+
+    enabled: bool = True
+    """Serve /metrics in Prometheus text format."""
+    port: Port | None = None
+    """A separate listener on ``gateway.host`` that serves only /metrics, without a key (for a
+    scraper on a private network). When omitted, /metrics is on the gateway's port and needs the
+    master key as a bearer token."""
+
+
+class MonitoringSpec(_Model):
+    """Metrics, and the Prometheus that scrapes them (`twllm render monitoring` writes its config)."""
+
+    metrics: MetricsSpec = MetricsSpec()
+    prometheus: Literal["off", "embedded"] = "off"
+    """embedded: run the host's `prometheus` binary as one more supervised component."""
+    prometheus_port: Port = 9090
+    """Where the embedded Prometheus listens (127.0.0.1)."""
+    scrape_interval_s: int = Field(15, ge=1, le=3600)
+    """How often Prometheus scrapes the gateway and every vLLM engine."""
+    retention_days: int = Field(15, ge=1, le=3650)
+    """How long the embedded Prometheus keeps its samples."""
+
+
 class HardwareSpec(_Model):
     """The GPUs of the machine, used when they cannot be detected (and for planning elsewhere)."""
 
@@ -400,5 +425,6 @@ class Spec(_Model):
     ollama: OllamaSpec = OllamaSpec()
     engines: EnginesSpec = EnginesSpec()
     hardware: HardwareSpec = HardwareSpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
     models: list[ModelSpec] = Field(min_length=1)
     """The models served. At least one."""
