@@ -92,6 +92,15 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     done = cli("tenants", "create", "acme")
     assert done.returncode == 2 and "tenant 'acme' already exists" in done.stderr
     assert [t["name"] for t in cli.json("tenants", "list")] == ["acme", "beta"]
+    assert "tenant beta disabled" in cli.ok("tenants", "disable", "beta").stdout
+    assert "already was" in cli.ok("tenants", "disable", "beta").stdout
+    with psycopg.connect(url, autocommit=True) as c:
+        assert c.execute("SELECT disabled_at IS NOT NULL FROM tenants WHERE name = 'beta'").fetchone() == (True,)
+    assert cli.json("tenants", "enable", "beta")["changed"] is True
+    with psycopg.connect(url, autocommit=True) as c:
+        assert c.execute("SELECT disabled_at IS NULL FROM tenants WHERE name = 'beta'").fetchone() == (True,)
+    done = cli("tenants", "disable", "nobody")
+    assert done.returncode == 2 and "nobody" in done.stderr
 
     # A key: the secret alone on stdout, once, with a warning on stderr.
     done = cli.ok(

@@ -120,6 +120,39 @@ def tenants_set_policy(
         typer.echo(f"✓ tenant {tenant.name}: guard policy {tenant.guard_policy or '(gateway-wide)'}")
 
 
+def _set_disabled(name: str, disabled: bool, state_dir: Path | None, config: Path | None, json_out: bool) -> None:
+    with _database(state_dir, config) as (conn, _sd):
+        tenant, changed = store.set_tenant_disabled(conn, name, disabled)
+    if json_out:
+        _emit_json({**tenant.to_dict(), "changed": changed})
+        return
+    state = "disabled" if disabled else "enabled"
+    note = "" if changed else " (it already was)"
+    typer.echo(f"✓ tenant {tenant.name} {state}{note}")
+
+
+@tenants_app.command("disable")
+def tenants_disable(
+    name: str = typer.Argument(..., help="The tenant."),
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    json_out: bool = JSON,
+) -> None:
+    """Disable a tenant: the gateway refuses every key of it (403) within 5 s; its keys are kept."""
+    _set_disabled(name, True, state_dir, config, json_out)
+
+
+@tenants_app.command("enable")
+def tenants_enable(
+    name: str = typer.Argument(..., help="The tenant."),
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    json_out: bool = JSON,
+) -> None:
+    """Enable a disabled tenant again: its keys work as before (those not revoked or expired)."""
+    _set_disabled(name, False, state_dir, config, json_out)
+
+
 def _check_policy(sd: StateDir, policy: str | None) -> None:
     """Refuse a policy the running deployment does not define (exit 2)."""
     if policy is None:
