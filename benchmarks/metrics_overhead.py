@@ -11,9 +11,14 @@ Each round sends ``--requests`` chat completions from ``--concurrency`` clients 
 each gateway in turn, alternating the order every round to cancel drift, after ``--warmup``
 uncounted requests. While the metrics-on gateway is loaded, /metrics is scraped every
 ``--scrape-interval`` seconds with the master key, as Prometheus would. Reported: p50, p95 and
-requests/s per target over all rounds, and on/off ratios.
+requests/s per target over all rounds, the CPU time the gateway's processes (master and workers,
+from psutil) spent per request, and on/off ratios, pooled and as the median of the rounds' ratios.
 
-    .venv/bin/python benchmarks/metrics_overhead.py --requests 300 --rounds 2
+On a 2-core machine the load generator, PostgreSQL and the gateway share the cores, so wall-clock
+figures swing by tens of percent from round to round; CPU per request is what the metrics add to
+the gateway's own work and is the steadier figure. Run many short rounds:
+
+    .venv/bin/python benchmarks/metrics_overhead.py --requests 200 --rounds 8
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import yaml
 
@@ -91,6 +97,19 @@ def load(url: str, key: str, requests: int, concurrency: int) -> tuple[list[floa
     return latencies, time.perf_counter() - start
 
 
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the gateway's master and workers)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def scraper(url: str, interval: float, stop: threading.Event, sizes: list[int]) -> None:
     """Scrape /metrics as Prometheus would, until ``stop``."""
     with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
@@ -136,9 +155,12 @@ def main() -> None:
                 load(handles[target].base_url, key, args.warmup, min(args.concurrency, args.warmup))
             latencies: dict[str, list[float]] = {t: [] for t in TARGETS}
             walls: dict[str, float] = dict.fromkeys(TARGETS, 0.0)
+            cpus: dict[str, float] = dict.fromkeys(TARGETS, 0.0)
+            per_round: list[dict[str, tuple[float, float, float]]] = []
             sizes: list[int] = []
             for round_no in range(args.rounds):
                 order = TARGETS if round_no % 2 == 0 else tuple(reversed(TARGETS))
+                this_round: dict[str, tuple[float, float, float]] = {}
                 for target in order:
                     stop = threading.Event()
                     thread = None
@@ -147,17 +169,22 @@ def main() -> None:
                             target=scraper, args=(handles[target].base_url, args.scrape_interval, stop, sizes)
                         )
                         thread.start()
+                    cpu_before = tree_cpu(handles[target].pid)
                     lat, wall = load(handles[target].base_url, key, args.requests, args.concurrency)
+                    cpu = tree_cpu(handles[target].pid) - cpu_before
                     stop.set()
                     if thread is not None:
                         thread.join()
                     latencies[target] += lat
                     walls[target] += wall
+                    cpus[target] += cpu
+                    this_round[target] = (statistics.median(lat), len(lat) / wall, cpu / len(lat))
                     print(
                         f"round {round_no + 1} {target:12s} p50 {statistics.median(lat) * 1000:7.1f} ms  "
-                        f"{len(lat) / wall:7.1f} req/s",
+                        f"{len(lat) / wall:7.1f} req/s  {cpu / len(lat) * 1000:6.2f} CPU ms/request",
                         flush=True,
                     )
+                per_round.append(this_round)
         finally:
             for handle in handles.values():
                 handle.stop()
@@ -173,10 +200,24 @@ def main() -> None:
         lat = sorted(latencies[target])
         p50, p95 = statistics.median(lat), lat[int(0.95 * (len(lat) - 1))]
         rps = len(lat) / walls[target]
-        summary[target] = (p50, rps)
-        print(f"{target:12s} p50 {p50 * 1000:7.1f} ms  p95 {p95 * 1000:7.1f} ms  {rps:7.1f} req/s")
-    (off_p50, off_rps), (on_p50, on_rps) = summary["metrics-off"], summary["metrics-on"]
-    print(f"on/off: p50 x{on_p50 / off_p50:.3f}, throughput x{on_rps / off_rps:.3f}")
+        cpu_ms = cpus[target] / len(lat) * 1000
+        summary[target] = (p50, rps, cpu_ms)
+        print(
+            f"{target:12s} p50 {p50 * 1000:7.1f} ms  p95 {p95 * 1000:7.1f} ms  {rps:7.1f} req/s  "
+            f"{cpu_ms:6.2f} gateway CPU ms/request"
+        )
+    (off_p50, off_rps, off_cpu), (on_p50, on_rps, on_cpu) = summary["metrics-off"], summary["metrics-on"]
+    print(
+        f"on/off pooled: p50 x{on_p50 / off_p50:.3f}, throughput x{on_rps / off_rps:.3f}, CPU/request x{on_cpu / off_cpu:.3f}"
+    )
+
+    def median_ratio(index: int) -> float:
+        return statistics.median(r["metrics-on"][index] / r["metrics-off"][index] for r in per_round)
+
+    print(
+        f"on/off median of {len(per_round)} rounds: p50 x{median_ratio(0):.3f}, "
+        f"throughput x{median_ratio(1):.3f}, CPU/request x{median_ratio(2):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ gets a database of its own, dropped afterwards, so no state leaks between tests.
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -113,7 +114,8 @@ def test_admin_commands_see_an_unmigrated_database(url: str) -> None:
     with (
         connect(url) as c,
         pytest.raises(
-            RuntimeFailure, match="0001_accounts, 0002_guard_policy, 0003_tenant_disabled not applied"
+            RuntimeFailure,
+            match="0001_accounts, 0002_guard_policy, 0003_tenant_disabled, 0004_tenant_display_name not applied",
         ) as caught,
     ):
         mig.check_current(c)
@@ -435,6 +437,46 @@ def test_tenants_are_unique_and_named_sensibly(conn: psycopg.Connection) -> None
     assert store.get_tenant(conn, "acme").id == acme.id
     with pytest.raises(AccountsError, match="no tenant 'acm' \\(did you mean 'acme'\\?\\)"):
         store.create_key(conn, "acm")
+
+
+def test_tenant_display_names_are_text_for_people(conn: psycopg.Connection) -> None:
+    xss = "<img src=x onerror=alert(1)>"
+    rad = store.create_tenant(conn, "ntuh-rad", display_name=" 臺大醫院 放射科 ")
+    assert (rad.display_name, rad.label) == ("臺大醫院 放射科", "臺大醫院 放射科")
+    plain = store.create_tenant(conn, "plain")
+    assert (plain.display_name, plain.label, plain.to_dict()["display_name"]) == (None, "plain", None)
+    with pytest.raises(AccountsError, match="invalid tenant name"):
+        store.create_tenant(conn, xss)  # the name stays a slug
+    assert store.set_tenant_display_name(conn, "plain", xss).display_name == xss  # any text: shown as text
+    for bad, message in [
+        ("   ", "is empty"),
+        ("a\nb", "U+000A"),
+        ("a\tb", "U+0009"),
+        ("a\u200bb", "U+200B ZERO WIDTH SPACE"),
+        ("a\u202eb", "U+202E"),
+        ("a\x00b", "U+0000"),
+        ("名" * 101, "101 characters long"),
+    ]:
+        with pytest.raises(AccountsError, match=re.escape(message)) as caught:
+            store.set_tenant_display_name(conn, "ntuh-rad", bad)
+        assert "1-100 characters" in (caught.value.hint or "")
+        with pytest.raises(AccountsError):
+            store.create_tenant(conn, "refused", display_name=bad)
+    assert store.set_tenant_display_name(conn, "ntuh-rad", "名" * 100).display_name == "名" * 100
+    assert "refused" not in [t.name for t in store.list_tenants(conn)]
+    with pytest.raises(AccountsError, match="no tenant 'nobody'"):
+        store.set_tenant_display_name(conn, "nobody", "x")
+    # Every read of tenants and keys carries it.
+    key, _ = store.create_key(conn, "plain")
+    listed = {t.name: t.display_name for t in store.list_tenants(conn)}
+    assert listed == {"ntuh-rad": "名" * 100, "plain": xss}
+    assert store.get_tenant(conn, "plain").to_dict()["label"] == xss
+    assert store.find_key(conn, str(key.id)).tenant_display_name == xss
+    assert store.list_keys(conn, "plain")[0].to_dict()["tenant_display_name"] == xss
+    new, _, old = store.rotate_key(conn, str(key.id))
+    assert (new.tenant, new.tenant_display_name, old.tenant_display_name) == ("plain", xss, xss)
+    assert store.set_tenant_display_name(conn, "plain", None).display_name is None
+    assert store.find_key(conn, str(new.id)).tenant_display_name is None
 
 
 def test_a_key_stores_only_its_hash_and_keeps_its_settings(conn: psycopg.Connection) -> None:

@@ -29,6 +29,7 @@ from twllm.spec.resolve import parse_spec
 pytestmark = pytest.mark.integration
 UTC = UTC
 ROOT = Path(__file__).resolve().parents[2]
+MIGRATIONS = ["0001_accounts", "0002_guard_policy", "0003_tenant_disabled", "0004_tenant_display_name"]
 
 
 SPEC = """
@@ -81,9 +82,9 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     assert done.returncode == 1 and "twllm db migrate" in done.stderr
     assert (
         cli.ok("db", "migrate", "--dry-run").stdout.strip()
-        == "pending: 0001_accounts, 0002_guard_policy, 0003_tenant_disabled"
+        == "pending: 0001_accounts, 0002_guard_policy, 0003_tenant_disabled, 0004_tenant_display_name"
     )
-    assert cli.json("db", "migrate") == {"applied": ["0001_accounts", "0002_guard_policy", "0003_tenant_disabled"]}
+    assert cli.json("db", "migrate") == {"applied": MIGRATIONS}
     assert "nothing to apply" in cli.ok("db", "migrate").stdout
 
     # Tenants.
@@ -92,6 +93,31 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     done = cli("tenants", "create", "acme")
     assert done.returncode == 2 and "tenant 'acme' already exists" in done.stderr
     assert [t["name"] for t in cli.json("tenants", "list")] == ["acme", "beta"]
+
+    # Display names: any text for people; the name stays the slug commands use.
+    created = cli.json("tenants", "create", "ntuh-rad", "--display-name", "  臺大醫院 放射科 ")
+    assert (created["name"], created["display_name"], created["label"]) == (
+        "ntuh-rad",
+        "臺大醫院 放射科",
+        "臺大醫院 放射科",
+    )
+    done = cli.ok("tenants", "set-display-name", "ntuh-rad", '<b>臺大 "影像"</b>')
+    assert 'display name <b>臺大 "影像"</b>' in done.stdout
+    listed = {t["name"]: t for t in cli.json("tenants", "list")}
+    assert listed["ntuh-rad"]["display_name"] == '<b>臺大 "影像"</b>' and listed["acme"]["display_name"] is None
+    assert listed["acme"]["label"] == "acme"
+    lines = cli.ok("tenants", "list").stdout.splitlines()
+    assert lines[0].split() == ["tenant", "display", "name", "id", "active", "keys", "created"]
+    assert any(line.startswith("ntuh-rad") and '<b>臺大 "影像"</b>' in line for line in lines)
+    for bad, message in (("", "is empty"), ("a\nb", "U+000A"), ("x" * 101, "101 characters")):
+        done = cli("tenants", "set-display-name", "ntuh-rad", bad)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    done = cli("tenants", "create", "other", "--display-name", "tab\there")
+    assert done.returncode == 2 and "control character (U+0009" in done.stderr
+    assert cli.json("tenants", "set-display-name", "ntuh-rad")["display_name"] is None
+    with psycopg.connect(url, autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM tenants WHERE name = 'other'").fetchone() == (0,)
+        c.execute("DELETE FROM tenants WHERE name = 'ntuh-rad'")
     assert "tenant beta disabled" in cli.ok("tenants", "disable", "beta").stdout
     assert "already was" in cli.ok("tenants", "disable", "beta").stdout
     with psycopg.connect(url, autocommit=True) as c:
@@ -254,7 +280,7 @@ def test_the_database_url_from_a_variable_and_never_its_password(url: str, tmp_p
     cli.env["ACCOUNTS_TEST_DB_URL"] = url
     done = cli("db", "migrate", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"applied": ["0001_accounts", "0002_guard_policy", "0003_tenant_disabled"]}
+    assert json.loads(done.stdout) == {"applied": MIGRATIONS}
     assert password not in done.stdout + done.stderr
     cli.env["ACCOUNTS_TEST_DB_URL"] = url.replace(password, "Hunter2-secret")
     done = cli("tenants", "list")

@@ -14,7 +14,15 @@ from psycopg import sql
 
 from twllm.accounting import migrate as mig
 from twllm.accounting.keys import KEY_PREFIX, display_prefix, generate_key, hash_key, looks_like_key
-from twllm.accounting.store import AccountsError, KeySettings, parse_amount, parse_duration, parse_models, period_start
+from twllm.accounting.store import (
+    AccountsError,
+    KeySettings,
+    check_display_name,
+    parse_amount,
+    parse_duration,
+    parse_models,
+    period_start,
+)
 from twllm.accounting.usage import GROUPS, UsageFilter, build_query
 from twllm.errors import EXIT_INVALID, ContractError, RuntimeFailure
 from twllm.plan.build import make_plan
@@ -74,6 +82,44 @@ def test_key_settings_defaults_and_checks() -> None:
     for settings, message in cases:
         with pytest.raises(AccountsError, match=re.escape(message)):
             settings.checked()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("臺大醫院 放射科", "臺大醫院 放射科"),
+        ("  ACME Corp.  ", "ACME Corp."),
+        ("<img src=x onerror=alert(1)>", "<img src=x onerror=alert(1)>"),
+        ("\"quoted\" & 'single' [b]", "\"quoted\" & 'single' [b]"),
+        ("x" * 100, "x" * 100),
+        ("名" * 100, "名" * 100),
+        ("a\u3000b", "a\u3000b"),  # an ideographic space is a space, not a control character
+    ],
+)
+def test_display_names_are_any_text_on_one_line(text: str, expected: str) -> None:
+    assert check_display_name(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is empty"),
+        (" \u3000 ", "is empty"),
+        ("x" * 101, "101 characters long, more than 100"),
+        ("line\nbreak", "U+000A"),
+        ("tab\there", "U+0009"),
+        ("nul\x00", "U+0000"),
+        ("esc\x1b[31m", "U+001B"),
+        ("zero\u200bwidth", "U+200B ZERO WIDTH SPACE"),
+        ("bidi\u202eoverride", "U+202E RIGHT-TO-LEFT OVERRIDE"),
+        ("sep\u2028arator", "U+2028 LINE SEPARATOR"),
+    ],
+)
+def test_bad_display_names_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(AccountsError) as caught:
+        check_display_name(text)
+    assert caught.value.exit_code == EXIT_INVALID
+    assert message in caught.value.message and "1-100 characters" in (caught.value.hint or "")
 
 
 def test_keys_look_like_openai_keys_and_only_their_hash_is_kept() -> None:

@@ -261,3 +261,15 @@ def test_real_entry_point(write_spec) -> None:
     assert f"{path}:7 models[0].gpus: must be ≥ 1" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert bad.stdout == ""
+
+
+def test_table_cells_are_text_never_markup(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tenant's display name like "[/]" or "[b]x" is data: a terminal table shows it as typed."""
+    from rich.console import Console
+
+    from twllm.cli import output
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    output.table(("name", "display name"), [("a", "[/]"), ("b", "[b]bold?[/b]")])
+    shown = capsys.readouterr().out
+    assert "[/]" in shown and "[b]bold?[/b]" in shown

@@ -280,3 +280,35 @@ def test_the_runtime_gives_the_gateway_its_metrics_folder(tmp_path: Path) -> Non
     secrets = {"TWLLM_MASTER_KEY": "sk-m", ENGINE_KEY_ENV: "sk-e"}
     launch = gateway_launch(plan.gateway, tmp_path, secrets, metrics_dir=tmp_path / "state" / "gateway-metrics")
     assert launch.env[PROMETHEUS_MULTIPROC_DIR_ENV] == str(tmp_path / "state" / "gateway-metrics")
+
+
+def test_a_dead_workers_backlog_is_forgotten_its_counters_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers in one multiprocess folder: one exits (as a killed worker would) after setting
+    its spool backlog, the other stays. The scrape adds up only the live worker's backlog, and
+    the dead worker's counted requests stay in the counter."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    writer = (
+        "import sys, time\n"
+        "from twllm.gateway import metrics\n"
+        "metrics.SPOOL_ROWS.set(int(sys.argv[1]))\n"
+        "metrics.REQUESTS.labels(tenant='t', key='1', model='chat-a', status='200').inc()\n"
+        "print('set', flush=True)\n"
+        "time.sleep(float(sys.argv[2]))\n"
+    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(folder), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", writer, "7", "0"], env=env, check=True, timeout=60)
+    live = subprocess.Popen([sys.executable, "-c", writer, "3", "60"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None and live.stdout.readline().strip() == "set"
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+        families = {f.name: f for f in text_string_to_metric_families(scrape.latest().decode())}
+        assert [s.value for s in families["twllm_spool_rows"].samples] == [3.0]
+        requests = [s for s in families["twllm_requests"].samples if s.name == "twllm_requests_total"]
+        assert sum(s.value for s in requests) == 2.0
+    finally:
+        live.kill()
+        live.wait()

@@ -238,3 +238,21 @@ def test_preflight_fails_before_anything_starts_without_prometheus(
     assert "apt install prometheus" in info.value.message
     assert info.value.hint == "nothing was started or changed"
     assert not (tmp_path / "state.json").exists()
+
+
+def test_deploy_says_where_the_console_the_metrics_and_prometheus_are() -> None:
+    from twllm.cli.runtime_cmds import _monitoring_urls
+
+    assert _monitoring_urls(plan_of()) == [
+        ("console", "http://127.0.0.1:4000/console"),
+        ("metrics", "http://127.0.0.1:4000/metrics"),
+    ]
+    separate = plan_of("monitoring: {metrics: {port: 9400}, prometheus: embedded, prometheus_port: 9191}\n")
+    assert _monitoring_urls(separate) == [
+        ("console", "http://127.0.0.1:4000/console"),
+        ("metrics", "http://127.0.0.1:9400/metrics"),
+        ("prometheus", "http://127.0.0.1:9191/graph"),
+    ]
+    assert _monitoring_urls(plan_of("monitoring: {metrics: {enabled: false}}\n")) == [
+        ("console", "http://127.0.0.1:4000/console")
+    ]

@@ -127,6 +127,16 @@ def test_metrics_on_by_default_add_litellms_prometheus_logger_and_the_gateway_se
     assert {"hashed_api_key", "api_key_alias", "end_user", "requested_model"} <= set(
         settings["prometheus_exclude_labels"]
     )
+    # Series of features twllm does itself (spend, budgets, limits) are left out, by names LiteLLM
+    # knows (it refuses to start on an unknown one); its request, latency and token series stay.
+    from typing import get_args
+
+    from litellm.types.integrations.prometheus import DEFINED_PROMETHEUS_METRICS
+
+    excluded = set(settings["prometheus_exclude_metrics"])
+    assert excluded <= set(get_args(DEFINED_PROMETHEUS_METRICS))
+    assert {"litellm_spend_metric", "litellm_remaining_api_key_budget_metric"} <= excluded
+    assert not excluded & {"litellm_requests_metric", "litellm_llm_api_time_to_first_token_metric"}
     metrics = gateway_settings(plan, loaded.spec).metrics
     assert metrics.enabled is True and metrics.port is None
     assert litellm_config(plan)["litellm_settings"]["callbacks"] == ["twllm.accounting.hooks.spend_logger"]

@@ -16,6 +16,7 @@ the month, ``total`` since the key (or the first key it was rotated from) was ma
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,11 @@ PERIODS = ("daily", "monthly", "total")
 """Budget periods, as the api_keys.budget_period check allows them."""
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """The same rule as the tenants.name check in migration 0001."""
+DISPLAY_NAME_MAX = 100
+"""A tenant's display name: at most this many characters (after stripping surrounding spaces)."""
+_DISPLAY_NAME_REFUSED = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Unicode categories a display name may not hold: control and format characters (newline, tab,
+zero-width and bidirectional marks …), surrogates, line and paragraph separators."""
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 """A guard policy name (as the spec's Name type)."""
 _DURATION_PART = re.compile(r"(\d+)\s*([wdhms])")
@@ -57,10 +63,17 @@ class Tenant:
     """The guard policy of the tenant's keys that name none themselves."""
     disabled_at: datetime | None = None
     """Set: the tenant is disabled and the gateway refuses all its keys."""
+    display_name: str | None = None
+    """A name for people (any text, e.g. '臺大醫院 放射科'); None: the name is shown."""
 
     @property
     def disabled(self) -> bool:
         return self.disabled_at is not None
+
+    @property
+    def label(self) -> str:
+        """What people see: the display name, else the name."""
+        return self.display_name or self.name
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +84,8 @@ class Tenant:
             "guard_policy": self.guard_policy,
             "disabled": self.disabled,
             "disabled_at": self.disabled_at.isoformat() if self.disabled_at is not None else None,
+            "display_name": self.display_name,
+            "label": self.label,
         }
 
 
@@ -139,6 +154,8 @@ class KeyRecord:
     created_at: datetime
     guard_policy: str | None = None
     """The key's own guard policy (None: its tenant's)."""
+    tenant_display_name: str | None = None
+    """The tenant's display name (None: it has none)."""
     spend: Decimal = field(default=Decimal(0))
     """Cost in the current budget period (the current UTC month for keys without a budget)."""
 
@@ -175,6 +192,7 @@ class KeyRecord:
             "rotated_from": self.rotated_from,
             "created_at": stamp(self.created_at),
             "guard_policy": self.guard_policy,
+            "tenant_display_name": self.tenant_display_name,
         }
 
 
@@ -216,7 +234,30 @@ def parse_models(text: str) -> tuple[str, ...]:
 # --- tenants ------------------------------------------------------------------------------------
 
 
-def create_tenant(conn: psycopg.Connection, name: str, guard_policy: str | None = None) -> Tenant:
+def check_display_name(text: str) -> str:
+    """A tenant's display name, stripped; AccountsError unless it is 1-100 characters without
+    control characters. Any other text is allowed (CJK, '<', quotes …): it is shown as text."""
+    cleaned = text.strip()
+    hint = f"1-{DISPLAY_NAME_MAX} characters of text on one line, e.g. '臺大醫院 放射科'"
+    if not cleaned:
+        raise AccountsError("the display name is empty", hint=hint)
+    if len(cleaned) > DISPLAY_NAME_MAX:
+        raise AccountsError(
+            f"the display name is {len(cleaned)} characters long, more than {DISPLAY_NAME_MAX}", hint=hint
+        )
+    bad = next((c for c in cleaned if unicodedata.category(c) in _DISPLAY_NAME_REFUSED), None)
+    if bad is not None:
+        what = " ".join(filter(None, (f"U+{ord(bad):04X}", unicodedata.name(bad, ""))))
+        raise AccountsError(
+            f"the display name holds a control character ({what})",
+            hint=hint + "; no newlines, tabs or invisible formatting characters",
+        )
+    return cleaned
+
+
+def create_tenant(
+    conn: psycopg.Connection, name: str, guard_policy: str | None = None, display_name: str | None = None
+) -> Tenant:
     if not TENANT_NAME.match(name):
         raise AccountsError(
             f"invalid tenant name {name!r}",
@@ -224,16 +265,18 @@ def create_tenant(conn: psycopg.Connection, name: str, guard_policy: str | None 
         )
     if guard_policy is not None and not POLICY_NAME.match(guard_policy):
         raise AccountsError(f"invalid guard policy name {guard_policy!r}")
+    if display_name is not None:
+        display_name = check_display_name(display_name)
     try:
         row = conn.execute(
-            "INSERT INTO tenants (name, guard_policy) VALUES (%s, %s) RETURNING id, name, created_at",
-            (name, guard_policy),
+            "INSERT INTO tenants (name, guard_policy, display_name) VALUES (%s, %s, %s) RETURNING id, name, created_at",
+            (name, guard_policy, display_name),
         ).fetchone()
     except psycopg.errors.UniqueViolation:
         raise AccountsError(f"tenant {name!r} already exists", hint="twllm tenants list") from None
     assert row is not None  # INSERT … RETURNING yields the inserted row
     tenant_id, stored_name, created_at = row
-    return Tenant(tenant_id, stored_name, created_at, guard_policy=guard_policy)
+    return Tenant(tenant_id, stored_name, created_at, guard_policy=guard_policy, display_name=display_name)
 
 
 def set_tenant_policy(conn: psycopg.Connection, name: str, guard_policy: str | None) -> Tenant:
@@ -242,6 +285,15 @@ def set_tenant_policy(conn: psycopg.Connection, name: str, guard_policy: str | N
         raise AccountsError(f"invalid guard policy name {guard_policy!r}")
     tenant = get_tenant(conn, name)
     conn.execute("UPDATE tenants SET guard_policy = %s WHERE id = %s", (guard_policy, tenant.id))
+    return get_tenant(conn, name)
+
+
+def set_tenant_display_name(conn: psycopg.Connection, name: str, display_name: str | None) -> Tenant:
+    """Give a tenant a display name (checked by ``check_display_name``); None: remove it. The
+    name, which commands, URLs and metrics use, stays as it is."""
+    cleaned = check_display_name(display_name) if display_name is not None else None
+    tenant = get_tenant(conn, name)
+    conn.execute("UPDATE tenants SET display_name = %s WHERE id = %s", (cleaned, tenant.id))
     return get_tenant(conn, name)
 
 
@@ -260,7 +312,7 @@ def set_tenant_disabled(conn: psycopg.Connection, name: str, disabled: bool) -> 
 def list_tenants(conn: psycopg.Connection) -> list[Tenant]:
     rows = conn.execute(
         "SELECT t.id, t.name, t.created_at, count(k.id) FILTER (WHERE k.revoked_at IS NULL "
-        "AND (k.expires_at IS NULL OR k.expires_at > now())), t.guard_policy, t.disabled_at "
+        "AND (k.expires_at IS NULL OR k.expires_at > now())), t.guard_policy, t.disabled_at, t.display_name "
         "FROM tenants t LEFT JOIN api_keys k ON k.tenant_id = t.id GROUP BY t.id ORDER BY t.name"
     ).fetchall()
     return [Tenant(*row) for row in rows]
@@ -268,7 +320,8 @@ def list_tenants(conn: psycopg.Connection) -> list[Tenant]:
 
 def get_tenant(conn: psycopg.Connection, name: str) -> Tenant:
     row = conn.execute(
-        "SELECT id, name, created_at, 0, guard_policy, disabled_at FROM tenants WHERE name = %s", (name,)
+        "SELECT id, name, created_at, 0, guard_policy, disabled_at, display_name FROM tenants WHERE name = %s",
+        (name,),
     ).fetchone()
     if row is None:
         known = [r[0] for r in conn.execute("SELECT name FROM tenants").fetchall()]
@@ -284,7 +337,7 @@ def get_tenant(conn: psycopg.Connection, name: str) -> Tenant:
 
 _KEY_COLUMNS = sql.SQL(
     "SELECT k.id, k.prefix, t.name, k.tenant_id, k.name, k.models, k.rpm, k.tpm, k.budget, "
-    "k.budget_period, k.expires_at, k.revoked_at, k.rotated_from, k.created_at, k.guard_policy "
+    "k.budget_period, k.expires_at, k.revoked_at, k.rotated_from, k.created_at, k.guard_policy, t.display_name "
     "FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
 )
 

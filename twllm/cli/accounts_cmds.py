@@ -33,6 +33,9 @@ JSON = typer.Option(False, "--json", help="Write one JSON document to stdout.")
 GUARD_POLICY = typer.Option(
     None, "--guard-policy", help="A policy of the spec's guard.policies (default: the gateway-wide guard settings)."
 )
+DISPLAY_NAME = typer.Option(
+    None, "--display-name", help="A name for people, e.g. '臺大醫院 放射科' (1-100 characters; any text)."
+)
 SHOWN_ONCE = (
     "this is the only time the key is shown: store it now "
     "(twllm keeps only its hash; a lost key is rotated, not recovered)"
@@ -86,18 +89,47 @@ def _when(value: Any) -> str:
 def tenants_create(
     name: str = typer.Argument(..., help="Tenant name: letters, digits, '.', '_', '-'."),
     guard_policy: str | None = GUARD_POLICY,
+    display_name: str | None = DISPLAY_NAME,
     state_dir: Path | None = STATE_DIR_FIND,
     config: Path | None = CONFIG_FIND,
     json_out: bool = JSON,
 ) -> None:
     """Create a tenant."""
+    if display_name is not None:
+        store.check_display_name(display_name)  # before finding the deployment: a typo fails fast
     with _database(state_dir, config) as (conn, sd):
         _check_policy(sd, guard_policy)
-        tenant = store.create_tenant(conn, name, guard_policy)
+        tenant = store.create_tenant(conn, name, guard_policy, display_name)
     if json_out:
         _emit_json(tenant.to_dict())
     else:
-        typer.echo(f"✓ tenant {tenant.name} created (id {tenant.id}); next: twllm keys create --tenant {tenant.name}")
+        typer.echo(
+            f"✓ tenant {_named(tenant)} created (id {tenant.id}); next: twllm keys create --tenant {tenant.name}"
+        )
+
+
+@tenants_app.command("set-display-name")
+def tenants_set_display_name(
+    name: str = typer.Argument(..., help="The tenant."),
+    display_name: str | None = typer.Argument(
+        None, help="A name for people, e.g. '臺大醫院 放射科' (quote it); omit it to remove the display name."
+    ),
+    state_dir: Path | None = STATE_DIR_FIND,
+    config: Path | None = CONFIG_FIND,
+    json_out: bool = JSON,
+) -> None:
+    """Set the name people see for a tenant (console, `tenants list`); its name itself stays."""
+    with _database(state_dir, config) as (conn, _sd):
+        tenant = store.set_tenant_display_name(conn, name, display_name)
+    if json_out:
+        _emit_json(tenant.to_dict())
+    else:
+        typer.echo(f"✓ tenant {tenant.name}: display name {tenant.display_name or '(none)'}")
+
+
+def _named(tenant: store.Tenant) -> str:
+    """'acme' or, with a display name, 'acme (ACME Corp.)'."""
+    return f"{tenant.name} ({tenant.display_name})" if tenant.display_name else tenant.name
 
 
 @tenants_app.command("set-policy")
@@ -179,8 +211,8 @@ def tenants_list(
         stderr.print("no tenants yet; create one with: twllm tenants create NAME")
         return
     table(
-        ("tenant", "id", "active keys", "created"),
-        [(t.name, str(t.id), str(t.active_keys), _when(t.created_at)) for t in tenants],
+        ("tenant", "display name", "id", "active keys", "created"),
+        [(t.name, t.display_name or "-", str(t.id), str(t.active_keys), _when(t.created_at)) for t in tenants],
     )
 
 

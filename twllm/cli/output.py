@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 """Progress, warnings and errors: everything that is not the command's result."""
@@ -20,7 +21,7 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         for column in columns:
             rich_table.add_column(column)
         for row in rows:
-            rich_table.add_row(*row)
+            rich_table.add_row(*(Text(str(cell)) for cell in row))  # cells are data, never markup
         console.print(rich_table)
         return
     widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows)]

@@ -116,6 +116,8 @@ def _print_ready(plan, sd: StateDir, result) -> None:
     model = gw.probe_model or gw.probe_embed_model or "MODEL"
     stdout.print(f"  endpoint:  {gw.url}")
     stdout.print(f"  models:    {', '.join(sorted({r.model_name for r in plan.routes}))}")
+    for label, url in _monitoring_urls(plan):
+        stdout.print(f"  {label + ':':<10} {url}", markup=False)
     stdout.print("  try it:")
     if gw.probe_model:
         body = json.dumps(
@@ -131,6 +133,18 @@ def _print_ready(plan, sd: StateDir, result) -> None:
     stdout.print(
         f"  next:      twllm status --state-dir {sd.root}   ·   twllm stop --state-dir {sd.root}", markup=False
     )
+
+
+def _monitoring_urls(plan) -> list[tuple[str, str]]:
+    """Where an operator looks: the console, the gateway's /metrics, the embedded Prometheus."""
+    root = plan.gateway.url.removesuffix("/v1")
+    urls = [("console", f"{root}/console")]
+    mon = plan.monitoring
+    if mon is not None and mon.metrics_enabled:
+        urls += [("metrics", f"{t.scheme}://{t.address}{t.path}") for t in mon.targets if t.job == "twllm-gateway"]
+    if mon is not None and mon.prometheus is not None:
+        urls.append(("prometheus", f"http://127.0.0.1:{mon.prometheus.port}/graph"))
+    return urls
 
 
 def _stay_attached(sd: StateDir) -> None:

@@ -161,7 +161,8 @@ class ConsoleApi:
     async def create_tenant(self, call: Call) -> dict[str, Any]:
         name = _text(call.body, "name", required=True)
         assert name is not None
-        return (await self.run(lambda conn: store.create_tenant(conn, name))).to_dict()
+        display_name = _text(call.body, "display_name")  # empty: none
+        return (await self.run(lambda conn: store.create_tenant(conn, name, display_name=display_name))).to_dict()
 
     async def disable_tenant(self, call: Call) -> dict[str, Any]:
         name, disabled = call.params["name"], call.params["action"] == "disable"

@@ -57,17 +57,23 @@ def usage_rows(
     conn: psycopg.Connection, by: str, days: int, tenant: str | None = None, now: datetime | None = None
 ) -> list[dict[str, Any]]:
     """Usage over the last ``days`` days grouped ``by`` (day | model | tenant), each row with its
-    label under ``group``."""
+    group under ``group`` and what people see for it under ``label`` (a tenant's display name,
+    where it has one)."""
     if by not in USAGE_GROUPS:
         raise store.AccountsError(f"cannot group usage by {by!r}", hint=f"one of: {', '.join(USAGE_GROUPS)}")
     rows = usage.usage(conn, tenant=tenant, since=timedelta(days=days), by=by, now=now)
-    return [{"group": r.group, **r.to_dict(by)} for r in rows]
+    labels: dict[str, str] = {}
+    if by == "tenant":
+        found = conn.execute("SELECT name, display_name FROM tenants WHERE display_name IS NOT NULL").fetchall()
+        labels = {name: display_name for name, display_name in found}
+    return [{"group": r.group, "label": labels.get(r.group, r.group), **r.to_dict(by)} for r in rows]
 
 
 def tenant_overview(conn: psycopg.Connection, tenant: str, days: int) -> dict[str, Any]:
     """A tenant's own view: its keys (limits, spend, what the budget has left) and its usage."""
     return {
         "tenant": tenant,
+        "display_name": store.get_tenant(conn, tenant).display_name,
         "days": days,
         "keys": [key_dict(k) for k in store.list_keys(conn, tenant)],
         "usage": {by: usage_rows(conn, by, days, tenant) for by in ("day", "model")},
@@ -78,17 +84,18 @@ def guard_events(conn: psycopg.Connection, limit: int) -> list[dict[str, Any]]:
     """The most recent requests the guard acted on (newest first): when, whose, which model,
     and per stage the action, categories and rule names."""
     rows = conn.execute(
-        "SELECT l.ts, t.name, l.model, l.status_code, l.guard FROM spend_ledger l "
+        "SELECT l.ts, t.name, t.display_name, l.model, l.status_code, l.guard FROM spend_ledger l "
         "LEFT JOIN tenants t ON t.id = l.tenant_id WHERE l.guard IS NOT NULL ORDER BY l.ts DESC LIMIT %s",
         (min(max(limit, 1), GUARD_EVENTS_MAX),),
     ).fetchall()
     events = []
-    for ts, tenant, model, status_code, guard in rows:
+    for ts, tenant, display_name, model, status_code, guard in rows:
         stages = [_stage(name, guard.get(name)) for name in GUARD_STAGES if isinstance(guard, dict)]
         events.append(
             {
                 "ts": ts.isoformat(),
                 "tenant": tenant,
+                "tenant_display_name": display_name,
                 "model": model,
                 "status": status_code,
                 "stages": [s for s in stages if s is not None],

@@ -54,9 +54,34 @@ def prepare_folder(folder: Path) -> None:
     folder.chmod(0o700)
 
 
+def forget_dead_workers(folder: Path) -> list[int]:
+    """Drop the live gauges (spool rows, ledger lag) of workers that no longer run: a worker killed
+    and replaced would otherwise report its last backlog forever. Counters and histograms of dead
+    workers stay, as Prometheus counters must. The pids forgotten."""
+    dead = set()
+    for path in folder.glob("gauge_live*_*.db"):
+        pid_text = path.stem.rpartition("_")[2]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            dead.add(int(pid_text))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, str(folder))
+    return sorted(dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def latest() -> bytes:
     """Every worker's series in Prometheus text format (this process's alone without the folder)."""
-    if os.environ.get(PROMETHEUS_MULTIPROC_DIR_ENV):
+    if folder := os.environ.get(PROMETHEUS_MULTIPROC_DIR_ENV):
+        forget_dead_workers(Path(folder))
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)

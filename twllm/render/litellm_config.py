@@ -52,6 +52,56 @@ PROMETHEUS_EXCLUDED_LABELS = (
 )
 """LiteLLM labels left out of its series: a key's hash or prefix, and what a client chooses
 (a model name, tags, its address or agent) would make one series per value."""
+PROMETHEUS_EXCLUDED_METRICS = (
+    # Spend: LiteLLM prices in USD from its own price map; twllm_spend_total is the ledger's.
+    "litellm_spend_metric",
+    "litellm_zero_cost_requests_total",
+    "litellm_spend_capture_rate",
+    # Budgets and rate limits: twllm enforces its own (the accounting hooks); LiteLLM's gauges of
+    # teams, orgs, users, customers and its virtual keys would read empty or wrong.
+    "litellm_remaining_team_budget_metric",
+    "litellm_team_max_budget_metric",
+    "litellm_team_budget_remaining_hours_metric",
+    "litellm_team_members_metric",
+    "litellm_remaining_org_budget_metric",
+    "litellm_org_max_budget_metric",
+    "litellm_org_budget_remaining_hours_metric",
+    "litellm_remaining_api_key_budget_metric",
+    "litellm_api_key_max_budget_metric",
+    "litellm_api_key_budget_remaining_hours_metric",
+    "litellm_remaining_user_budget_metric",
+    "litellm_user_max_budget_metric",
+    "litellm_user_budget_remaining_hours_metric",
+    "litellm_remaining_customer_budget_metric",
+    "litellm_customer_max_budget_metric",
+    "litellm_customer_budget_remaining_hours_metric",
+    "litellm_remaining_api_key_requests_for_model",
+    "litellm_remaining_api_key_tokens_for_model",
+    "litellm_api_key_rate_limit_allowed_metric",
+    "litellm_api_key_rate_limit_used_metric",
+    "litellm_team_rate_limit_allowed_metric",
+    "litellm_team_rate_limit_used_metric",
+    "litellm_project_model_rate_limit_allowed_metric",
+    "litellm_project_model_rate_limit_used_metric",
+    "litellm_remaining_requests_metric",
+    "litellm_remaining_tokens_metric",
+    # LiteLLM's own spend-log queues, which disable_spend_logs leaves empty.
+    "litellm_pod_lock_manager_size",
+    "litellm_in_memory_daily_spend_update_queue_size",
+    "litellm_redis_daily_spend_update_queue_size",
+    "litellm_in_memory_spend_update_queue_size",
+    "litellm_redis_spend_update_queue_size",
+    # Media and managed batches/files, which no twllm engine serves.
+    "litellm_video_duration_seconds_metric",
+    "litellm_images_generated_metric",
+    "litellm_input_audio_tokens_metric",
+    "litellm_output_audio_tokens_metric",
+    "litellm_managed_batch_created_total",
+    "litellm_managed_file_size_bytes",
+    "litellm_managed_batch_duration_seconds",
+)
+"""LiteLLM series left out: features twllm does not use or does itself. Its request, latency,
+time-to-first-token, token and deployment-health series stay."""
 
 
 def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
@@ -121,6 +171,7 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
         settings = config["litellm_settings"]
         settings["callbacks"].append(PROMETHEUS_CALLBACK)
         settings["prometheus_exclude_labels"] = list(PROMETHEUS_EXCLUDED_LABELS)
+        settings["prometheus_exclude_metrics"] = list(PROMETHEUS_EXCLUDED_METRICS)
     if policies is not None and policies.active():
         # One guardrail, on for every request; it reads its policies from gateway.json.
         config["guardrails"] = [

@@ -17,6 +17,7 @@ const TEXT = {
     requests: "請求數", cost: "花費", guard_events: "近期防護事件", time: "時間", model: "模型", stage: "階段",
     action: "動作", categories: "類別", all_models: "全部", none: "無", no_health: "無法取得健康狀態：",
     deployment: "部署", confirm_revoke: "確定撤銷此金鑰？", confirm_disable: "確定停用此租戶？", admin: "管理者",
+    display_name: "顯示名稱", display_name_hint: "例：臺大醫院 放射科（選填）",
   },
   en: {
     title: "twllm console", login_title: "Log in", api_key: "API key", login: "Log in", logout: "Log out",
@@ -32,6 +33,7 @@ const TEXT = {
     requests: "Requests", cost: "Cost", guard_events: "Recent guard events", time: "Time", model: "Model", stage: "Stage",
     action: "Action", categories: "Categories", all_models: "all", none: "none", no_health: "Health unavailable: ",
     deployment: "Deployment", confirm_revoke: "Revoke this key?", confirm_disable: "Disable this tenant?", admin: "administrator",
+    display_name: "Display name", display_name_hint: "e.g. 臺大醫院 放射科 (optional)",
   },
 };
 const KEY_STORE = "twllm.console.key";
@@ -107,18 +109,23 @@ function statusText(status) {
 const when = (iso) => (iso ? new Date(iso).toLocaleString(lang) : "");
 const money = (value) => (value === null || value === undefined ? "" : Number(value).toFixed(4));
 const models = (list) => (list ? list.join(", ") : t("all_models"));
+// What people see for a tenant: its display name (any text, shown as text) where it has one.
+const tenantLabel = (name, displayName) => displayName || name;
+const tenantLong = (name, displayName) => (displayName ? `${displayName} (${name})` : name);
 
 // A bar chart of requests and a line of cost (one per currency) for usage rows.
 function drawUsage(canvasId, rows) {
   if (charts[canvasId]) charts[canvasId].destroy();
-  const labels = [...new Set(rows.map((r) => r.group))];
+  const groups = [...new Set(rows.map((r) => r.group))];
+  const labelOf = new Map(rows.map((r) => [r.group, r.label ?? r.group]));
+  const labels = groups.map((g) => labelOf.get(g));
   const currencies = [...new Set(rows.map((r) => r.currency))];
   const sum = (group, field, currency) => rows
     .filter((r) => r.group === group && (!currency || r.currency === currency))
     .reduce((total, r) => total + r[field], 0);
-  const datasets = [{ type: "bar", label: t("requests"), data: labels.map((g) => sum(g, "requests")), yAxisID: "y" }];
+  const datasets = [{ type: "bar", label: t("requests"), data: groups.map((g) => sum(g, "requests")), yAxisID: "y" }];
   for (const currency of currencies) {
-    datasets.push({ type: "line", label: `${t("cost")} (${currency})`, data: labels.map((g) => sum(g, "cost", currency)), yAxisID: "cost" });
+    datasets.push({ type: "line", label: `${t("cost")} (${currency})`, data: groups.map((g) => sum(g, "cost", currency)), yAxisID: "cost" });
   }
   charts[canvasId] = new Chart($(canvasId), {
     data: { labels, datasets },
@@ -143,7 +150,7 @@ async function loadHealth() {
 async function loadTenants() {
   const tenants = await api("tenants");
   fill("tenant-rows", tenants, (tn) => [
-    tn.name, when(tn.created_at), String(tn.active_keys), statusText(tn.disabled ? "disabled" : "active"),
+    tn.name, tn.display_name ?? "", when(tn.created_at), String(tn.active_keys), statusText(tn.disabled ? "disabled" : "active"),
     tn.disabled
       ? button(t("enable"), () => api(`tenants/${encodeURIComponent(tn.name)}/enable`, {}).then(loadTenants))
       : button(t("disable"), async () => {
@@ -152,7 +159,12 @@ async function loadTenants() {
   ]);
   const select = $("key-tenant");
   const chosen = select.value;
-  select.replaceChildren(...tenants.map((tn) => { const o = document.createElement("option"); o.value = tn.name; o.textContent = tn.name; return o; }));
+  select.replaceChildren(...tenants.map((tn) => {
+    const o = document.createElement("option");
+    o.value = tn.name;
+    o.textContent = tenantLong(tn.name, tn.display_name);
+    return o;
+  }));
   if (chosen) select.value = chosen;
 }
 
@@ -171,7 +183,7 @@ async function loadKeys() {
         button(t("revoke"), async () => { if (confirm(t("confirm_revoke"))) { await api(`keys/${k.id}/revoke`, {}); await loadKeys(); } }, true),
       );
     }
-    return [String(k.id), k.prefix, k.tenant, k.name, statusText(k.status), models(k.models), k.rpm, k.tpm,
+    return [String(k.id), k.prefix, tenantLabel(k.tenant, k.tenant_display_name), k.name, statusText(k.status), models(k.models), k.rpm, k.tpm,
       k.budget === null ? "" : `${money(k.budget)} / ${t(k.budget_period)}`, money(k.spend), when(k.expires_at), actions];
   });
 }
@@ -186,14 +198,16 @@ async function loadUsage() {
 
 async function loadGuard() {
   const events = await api("guard-events?limit=50");
-  const rows = events.flatMap((e) => e.stages.map((s) => ({ ...s, ts: e.ts, tenant: e.tenant, model: e.model })));
+  const rows = events.flatMap((e) => e.stages.map((s) => ({
+    ...s, ts: e.ts, tenant: e.tenant && tenantLabel(e.tenant, e.tenant_display_name), model: e.model,
+  })));
   fill("guard-rows", rows, (r) => [when(r.ts), r.tenant ?? t("admin"), r.model, r.stage, r.action,
     [...r.categories, ...r.rules].join(", ") || t("none")]);
 }
 
 async function loadTenantView() {
   const me = await api("me");
-  $("tenant-title").textContent = `${t("tenant")}: ${me.tenant}`;
+  $("tenant-title").textContent = `${t("tenant")}: ${tenantLong(me.tenant, me.display_name)}`;
   fill("my-key-rows", me.keys, (k) => [k.prefix, k.name, statusText(k.status), models(k.models), k.rpm, k.tpm,
     k.budget === null ? "" : `${money(k.budget)} / ${t(k.budget_period)}`, money(k.spend), money(k.remaining), when(k.expires_at)]);
   drawUsage("chart-my-day", me.usage.day);
@@ -256,9 +270,10 @@ document.addEventListener("DOMContentLoaded", () => {
     document.body.dataset.lang = lang;
   });
   on("tenant-form", "submit", async () => {
-    const tenant = await api("tenants", { name: $("tenant-name").value });
+    const tenant = await api("tenants", { name: $("tenant-name").value, display_name: $("tenant-display-name").value });
     $("tenant-name").value = "";
-    say(`${t("tenant")} ${tenant.name} ✓`);
+    $("tenant-display-name").value = "";
+    say(`${t("tenant")} ${tenantLong(tenant.name, tenant.display_name)} ✓`);
     await loadTenants();
   });
   on("key-form", "submit", async () => {
