@@ -14,6 +14,7 @@ from twllm.cli.output import table as _table
 from twllm.model_registry import load_registry
 from twllm.plan.build import make_plan
 from twllm.plan.model import Plan
+from twllm.render.k8s import K8sOptions, render_k8s, write_k8s
 from twllm.render.litellm_config import render as render_files
 from twllm.render.monitoring import render_monitoring
 from twllm.runtime.hardware import inventory
@@ -108,7 +109,7 @@ def plan(
         stdout.print(f"[yellow]note:[/] {note}")
 
 
-RENDER_FORMS = ("monitoring",)
+RENDER_FORMS = ("monitoring", "k8s")
 
 
 class _RenderCommand(TyperCommand):
@@ -123,15 +124,36 @@ class _RenderCommand(TyperCommand):
 
 
 def render(
-    what: str | None = typer.Argument(None, hidden=True, metavar="[monitoring]", show_default=False),
+    what: str | None = typer.Argument(None, hidden=True, metavar="[monitoring|k8s]", show_default=False),
     config: Path = CONFIG,
-    out: Path = typer.Option(..., "--out", help="Folder to write the files into."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the files into."),
     gpus: int | None = GPUS,
     state_dir: Path | None = STATE_DIR,
+    namespace: str | None = typer.Option(
+        None, "--namespace", help="k8s: the namespace (default: the spec's kubernetes.namespace)."
+    ),
+    image: str | None = typer.Option(None, "--image", help="k8s: the gateway image (default: twllm-gateway:VERSION)."),
 ) -> None:
     """Write the LiteLLM proxy config, the gateway settings and the plan into a folder."""
     if what is not None and what not in RENDER_FORMS:
-        raise typer.BadParameter(f"{what!r} is not something to render (only: monitoring)", param_hint="WHAT")
+        raise typer.BadParameter(
+            f"{what!r} is not something to render (only: {', '.join(RENDER_FORMS)})", param_hint="WHAT"
+        )
+    if what != "k8s" and (namespace is not None or image is not None):
+        raise typer.BadParameter("--namespace and --image are for `twllm render k8s`")
+    if what == "k8s":
+        # `twllm render k8s`: manifests for a cluster (README, "From one machine to a cluster").
+        result = render_k8s(load_spec(config), options=K8sOptions(namespace=namespace, image=image))
+        for path in write_k8s(result, out):
+            stdout.print(str(path))
+        for note in result.notes:
+            stdout.print(f"[yellow]note:[/] {note}")
+        stdout.print(
+            f"next: create the Secret {result.secret_name} ({', '.join(result.secret_keys)}; HF_TOKEN optional), "
+            f"then kubectl apply -k {out}",
+            markup=False,
+        )
+        return
     loaded, the_plan = build_plan(config, gpus, state_dir)
     # `twllm render monitoring`: prometheus.yml and the Grafana dashboard (README, "Monitoring").
     paths = render_monitoring(the_plan, out) if what == "monitoring" else render_files(the_plan, loaded.spec, out)

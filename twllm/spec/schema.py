@@ -265,6 +265,96 @@ class MonitoringSpec(_Model):
     """How long the embedded Prometheus keeps its samples."""
 
 
+K8sName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")]
+
+
+class TolerationSpec(_Model):
+    """A Kubernetes toleration (core/v1 Toleration) given to GPU engine pods."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class GpuNodesSpec(_Model):
+    """Where GPU engine pods may run."""
+
+    resource: str = "nvidia.com/gpu"
+    """The extended resource a GPU is requested as (NVIDIA's device plugin / GPU operator)."""
+    node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+    """Labels a GPU node carries (the GPU operator's feature discovery sets this one)."""
+    tolerations: list[TolerationSpec] = [TolerationSpec(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+    """Taints of GPU nodes that engine pods tolerate."""
+
+
+class ModelCacheSpec(_Model):
+    """The volume engines keep downloaded weights on (a PersistentVolumeClaim shared by them)."""
+
+    size: Quantity = "200Gi"
+    storage_class: str | None = None
+    """None: the cluster's default StorageClass."""
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = "ReadWriteMany"
+    """ReadWriteMany lets every engine pod on every node share one download."""
+
+
+class KedaSpec(_Model):
+    """Scale each vLLM model's pods on its queue length with KEDA (a ScaledObject per model)."""
+
+    enabled: bool = False
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    """The Prometheus KEDA queries for ``vllm:num_requests_waiting``."""
+    queue_per_replica: int = Field(5, ge=1, le=10_000)
+    """Waiting requests per pod above which KEDA adds a pod."""
+    max_replicas: int = Field(4, ge=1, le=1000)
+    """Most pods per model (the spec's ``replicas`` is the least)."""
+
+
+class GatewayScalingSpec(_Model):
+    """The gateway Deployment: its replicas, autoscaling and each pod's resources."""
+
+    replicas: int = Field(2, ge=1, le=1000)
+    """Pods when the cluster is quiet (and the HorizontalPodAutoscaler's minimum)."""
+    max_replicas: int = Field(10, ge=1, le=1000)
+    """The HorizontalPodAutoscaler's maximum."""
+    cpu_target_percent: int = Field(70, ge=1, le=100)
+    """Average CPU use (of the request) the autoscaler keeps the pods at."""
+    cpu: Quantity = "1"
+    """CPU requested per pod (per ``gateway.workers`` worker, roughly one core)."""
+    memory: Quantity = "2Gi"
+
+    @model_validator(mode="after")
+    def _bounds(self) -> GatewayScalingSpec:
+        if self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below replicas ({self.replicas})")
+        return self
+
+
+class KubernetesSpec(_Model):
+    """How `twllm render k8s` writes the deployment for a cluster (ignored by `twllm deploy`)."""
+
+    namespace: K8sName = "twllm"
+    """The namespace every object goes into (`--namespace` overrides it)."""
+    gateway_image: str | None = None
+    """The gateway's image (built from the repository's Dockerfile); None: twllm-gateway:<version>.
+    `--image` overrides it."""
+    vllm_image: str = "vllm/vllm-openai:v0.33.0"
+    """vLLM's official OpenAI server image (the release twllm's GPU engine pin tests)."""
+    ollama_image: str = "ollama/ollama:0.13.5"
+    gateway: GatewayScalingSpec = GatewayScalingSpec()
+    gpu_nodes: GpuNodesSpec = GpuNodesSpec()
+    model_cache: ModelCacheSpec = ModelCacheSpec()
+    keda: KedaSpec = KedaSpec()
+    service_monitor: bool = False
+    """Write a ServiceMonitor (Prometheus operator) for the gateway and the engines."""
+    monitoring_namespace: K8sName = "monitoring"
+    """Where the cluster's Prometheus runs: the NetworkPolicy lets it scrape the engines."""
+    secret_name: K8sName | None = None
+    """The Secret holding the master key, the engine key, the database URL and HF_TOKEN (created by
+    the operator, never rendered); None: <name>-secrets."""
+
+
 class HardwareSpec(_Model):
     """The GPUs of the machine, used when they cannot be detected (and for planning elsewhere)."""
 
@@ -334,6 +424,10 @@ class ModelSpec(_Model):
     """vLLM pipeline-parallel size."""
     replicas: int = Field(1, ge=1, le=64)
     """Independent copies behind one name; the gateway balances across them."""
+    nodes: int = Field(1, ge=1, le=64)
+    """Nodes one replica spans in Kubernetes (vLLM over Ray: tensor parallel within a node,
+    pipeline parallel across nodes; pipeline_parallel must be a multiple of it). `twllm deploy`
+    runs the same tensor × pipeline split on one host's GPUs."""
     max_model_len: int | None = Field(None, ge=16)
     """Context length served; at most the model's own."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -373,6 +467,8 @@ class ModelSpec(_Model):
                     raise ValueError(f"{field}: not available with engine: ollama (vLLM only)")
             if self.replicas != 1:
                 raise ValueError("replicas: ollama serves each model once; raise ollama.num_parallel instead")
+            if self.nodes != 1:
+                raise ValueError("nodes: not available with engine: ollama (vLLM only)")
             if self.source is not None and self.source.kind == "hf":
                 raise ValueError("source.hf: ollama needs source.ollama or source.gguf")
         else:
@@ -383,6 +479,14 @@ class ModelSpec(_Model):
                     if getattr(self, field) is not None:
                         raise ValueError(f"{field}: not available with device: cpu")
             tp, pp = self.tensor_parallel or 1, self.pipeline_parallel or 1
+            if self.nodes > 1:
+                if self.device == "cpu":
+                    raise ValueError("nodes: a model spans nodes on GPUs only")
+                if pp % self.nodes:
+                    raise ValueError(
+                        f"nodes: {self.nodes} needs pipeline_parallel to be a multiple of it "
+                        f"(pipeline stages are split across nodes), not {pp}"
+                    )
             if self.gpus is not None and (self.tensor_parallel or self.pipeline_parallel) and self.gpus != tp * pp:
                 raise ValueError(f"gpus: {self.gpus} does not equal tensor_parallel × pipeline_parallel = {tp * pp}")
         if self.name in self.fallbacks:
@@ -426,5 +530,6 @@ class Spec(_Model):
     engines: EnginesSpec = EnginesSpec()
     hardware: HardwareSpec = HardwareSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
+    kubernetes: KubernetesSpec = KubernetesSpec()
     models: list[ModelSpec] = Field(min_length=1)
     """The models served. At least one."""
