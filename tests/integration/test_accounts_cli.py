@@ -29,7 +29,13 @@ from twllm.spec.resolve import parse_spec
 pytestmark = pytest.mark.integration
 UTC = UTC
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ["0001_accounts", "0002_guard_policy", "0003_tenant_disabled", "0004_tenant_display_name"]
+MIGRATIONS = [
+    "0001_accounts",
+    "0002_guard_policy",
+    "0003_tenant_disabled",
+    "0004_tenant_display_name",
+    "0005_budget_holds",
+]
 
 
 SPEC = """
@@ -80,10 +86,7 @@ def test_operator_flow(url: str, tmp_path: Path) -> None:
     # Before migrating, admin commands say what to do.
     done = cli("tenants", "list")
     assert done.returncode == 1 and "twllm db migrate" in done.stderr
-    assert (
-        cli.ok("db", "migrate", "--dry-run").stdout.strip()
-        == "pending: 0001_accounts, 0002_guard_policy, 0003_tenant_disabled, 0004_tenant_display_name"
-    )
+    assert cli.ok("db", "migrate", "--dry-run").stdout.strip() == "pending: " + ", ".join(MIGRATIONS)
     assert cli.json("db", "migrate") == {"applied": MIGRATIONS}
     assert "nothing to apply" in cli.ok("db", "migrate").stdout
 

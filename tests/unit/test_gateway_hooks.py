@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import json
 import os
@@ -19,7 +20,14 @@ from twllm.accounting.auth import Authenticator, Identity, KeyCache, KeyInfo, Re
 from twllm.accounting.gateway_config import DatabaseUnavailable, GatewayConfig, Price
 from twllm.accounting.keys import hash_key
 from twllm.accounting.ledger import LedgerRow, LedgerWriter, insert_params, row_from_logging
-from twllm.accounting.limits import BudgetTracker, RateDecision, RateLimiter, decide
+from twllm.accounting.limits import (
+    BudgetTracker,
+    BudgetVerdict,
+    RateDecision,
+    RateLimiter,
+    budget_admits,
+    decide,
+)
 from twllm.accounting.spool import Spool, adopt, lock_file, read_rows
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -114,13 +122,33 @@ class StaticBudgets:
         return self.spent
 
 
-def authenticator(keys: dict[str, KeyInfo], *, down: bool = False, limiter=None, budgets=None) -> Authenticator:
+class StaticGate:
+    """The shared budget gate: admits while ``spent`` < budget; ``down``: PostgreSQL unreachable."""
+
+    def __init__(self, spent: Decimal = Decimal(0), *, down: bool = False) -> None:
+        self.spent = spent
+        self.down = down
+        self.calls: list[tuple[int, Decimal, datetime | None]] = []
+
+    async def admit(self, key_id: int, budget: Decimal, since: datetime | None) -> BudgetVerdict:
+        if self.down:
+            raise DatabaseUnavailable("down")
+        self.calls.append((key_id, budget, since))
+        allowed = self.spent < budget
+        return BudgetVerdict(allowed, f"hold-{len(self.calls)}" if allowed else None, self.spent)
+
+
+def authenticator(
+    keys: dict[str, KeyInfo], *, down: bool = False, limiter=None, budgets=None, gate=None
+) -> Authenticator:
+    """Budgets: ``gate`` when given, else the fallback (``budgets``) as with PostgreSQL down."""
     return Authenticator(
         FakeDb(),
         MASTER,
         cache=StaticCache(keys, down),  # type: ignore[arg-type]
         limiter=limiter or StaticLimiter(),
         budgets=budgets or StaticBudgets(),
+        gate=gate or StaticGate(down=True),  # type: ignore[arg-type]
     )
 
 
@@ -249,6 +277,44 @@ def test_budget_spent_is_429_insufficient_quota_without_retry_after():
         ).key
         is not None
     )
+
+
+def test_an_admitted_request_carries_its_budget_hold_to_the_ledger():
+    keys = {"sk-tw-b": key(budget=Decimal("10"), budget_period="daily")}
+    gate = StaticGate(Decimal("9.99"))
+    identity = run(authenticator(keys, gate=gate).authenticate("sk-tw-b", "/v1/chat/completions", []))
+    assert identity.hold == "hold-1" and identity.metadata()["twllm_budget_hold"] == "hold-1"
+    assert gate.calls[0][1:] == (Decimal("10"), datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0))
+    caught = rejected(authenticator(keys, gate=StaticGate(Decimal("10"))).authenticate("sk-tw-b", "/v1/embeddings", []))
+    assert (caught.status, caught.code) == (429, "budget_exceeded")
+    no_budget = run(authenticator({"sk-tw-n": key()}, gate=gate).authenticate("sk-tw-n", "/v1/chat/completions", []))
+    assert no_budget.hold is None and "twllm_budget_hold" not in no_budget.metadata() and len(gate.calls) == 1
+
+
+def test_a_rate_limited_request_takes_no_budget_hold():
+    gate = StaticGate()
+    auth = authenticator(
+        {"sk-tw-b": key(budget=Decimal("10"), rpm=1)},
+        limiter=StaticLimiter(RateDecision(False, "requests", 1, 9)),
+        gate=gate,
+    )
+    assert rejected(auth.authenticate("sk-tw-b", "/v1/chat/completions", [])).code == "rate_limit_exceeded"
+    assert gate.calls == []  # a hold is the last thing auth takes: nothing refuses after it
+
+
+@pytest.mark.parametrize(
+    ("spent", "est", "held", "admitted"),
+    [
+        ("0", "0", 0, True),  # nothing known: one at a time
+        ("0", "0", 1, False),
+        ("9.99", "0.5", 0, True),  # below the budget, nothing in flight: may overshoot by this one
+        ("10", "0", 0, False),
+        ("6", "1", 3, True),  # 6 + 3 × 1 < 10
+        ("6", "1", 4, False),  # 6 + 4 × 1 = 10: the four in flight may spend it all
+    ],
+)
+def test_the_budget_rule(spent: str, est: str, held: int, admitted: bool) -> None:
+    assert budget_admits(Decimal("10"), Decimal(spent), Decimal(est), held) is admitted
 
 
 def test_rate_limits_are_429_with_retry_after_and_listing_models_is_not_counted():
@@ -400,10 +466,13 @@ def test_a_failure_row_has_the_status_and_error_class():
 def test_rows_survive_json_and_become_one_array_per_column():
     row = _row(guard={"input": "pii"})
     assert LedgerRow.from_json(json.loads(json.dumps(row.to_json()))) == row
-    columns = insert_params([row, _row(request_id="call-2", guard=None)])
-    assert len(columns) == ledger_mod.INSERT_SQL.count("[]") == 16
-    assert all(len(c) == 2 for c in columns)
-    assert columns[-1] == ['{"input": "pii"}', None]
+    held = dataclasses.replace(_row(request_id="call-2", guard=None), hold="hold-2")
+    assert LedgerRow.from_json(json.loads(json.dumps(held.to_json()))) == held
+    columns = insert_params([row, held])
+    assert len(columns) == ledger_mod.INSERT_SQL.count("[]") == 17  # 16 columns and the budget holds
+    assert all(len(c) == 2 for c in columns[:-1])
+    assert columns[-2] == ['{"input": "pii"}', None]
+    assert columns[-1] == ["hold-2"]  # only the rows that hold a budget place release one
 
 
 # --- journal and writer -----------------------------------------------------------------------

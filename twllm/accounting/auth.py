@@ -49,7 +49,7 @@ from decimal import Decimal
 
 from twllm.accounting.gateway_config import Database, DatabaseUnavailable
 from twllm.accounting.keys import hash_key
-from twllm.accounting.limits import BudgetTracker, RateLimiter
+from twllm.accounting.limits import BudgetGate, BudgetTracker, RateLimiter
 from twllm.gateway import metrics
 
 KEY_CACHE_TTL_S = 5.0
@@ -108,6 +108,8 @@ class Identity:
     """An authenticated caller: the master key (``key`` None) or a tenant key."""
 
     key: KeyInfo | None
+    hold: str | None = None
+    """The request's budget hold (``limits.BudgetGate``), released when its ledger row is written."""
 
     @property
     def admin(self) -> bool:
@@ -124,6 +126,8 @@ class Identity:
         }
         if self.key.guard_policy:
             data["twllm_guard_policy"] = self.key.guard_policy
+        if self.hold is not None:
+            data["twllm_budget_hold"] = self.hold
         return data
 
 
@@ -255,11 +259,14 @@ class Authenticator:
         cache: KeyCache | None = None,
         limiter: RateLimiter | None = None,
         budgets: BudgetTracker | None = None,
+        gate: BudgetGate | None = None,
     ) -> None:
         self.master_key = master_key
         self.cache = cache or KeyCache(db)
         self.limiter = limiter or RateLimiter(db)
         self.budgets = budgets or BudgetTracker(db)
+        """This worker's own view of budgets: used only while PostgreSQL cannot be reached."""
+        self.gate = gate or BudgetGate(db)
 
     def is_master(self, api_key: str) -> bool:
         return self.master_key is not None and hmac.compare_digest(
@@ -312,16 +319,26 @@ class Authenticator:
                     raise Rejection(
                         403, "permission_error", "model_not_allowed", f"This API key may not use the model {model!r}."
                     )
+        hold = None
         if kind == "inference":
-            await self._check_budget(key, now)
             await self._check_rate(key)
-        return Identity(key)
+            hold = await self._check_budget(key, now)  # last: a request admitted holds a place
+        return Identity(key, hold)
 
-    async def _check_budget(self, key: KeyInfo, now: datetime) -> None:
+    async def _check_budget(self, key: KeyInfo, now: datetime) -> str | None:
+        """Admit the request within the key's budget (shared by every process; this worker's own
+        reading while PostgreSQL is down); its hold, or None."""
         if key.budget is None:
-            return
-        spent = await self.budgets.spend(key.id, key.budget_period, now)
-        if spent is not None and spent >= key.budget:
+            return None
+        from twllm.accounting.store import period_start
+
+        try:
+            verdict = await self.gate.admit(key.id, key.budget, period_start(key.budget_period, now))
+            allowed, hold = verdict.allowed, verdict.hold
+        except DatabaseUnavailable:
+            spent = await self.budgets.spend(key.id, key.budget_period, now)
+            allowed, hold = spent is None or spent < key.budget, None
+        if not allowed:
             period = {"daily": "today (UTC)", "monthly": "this month (UTC)"}.get(key.budget_period or "", "in total")
             raise Rejection(
                 429,
@@ -329,6 +346,7 @@ class Authenticator:
                 "budget_exceeded",
                 f"The API key {key.prefix}… has spent its budget of {key.budget} {period}.",
             )
+        return hold
 
     async def _check_rate(self, key: KeyInfo) -> None:
         verdict = await self.limiter.admit(key.id, key.rpm, key.tpm)

@@ -122,6 +122,9 @@ class Runtime:
         )
         if streams.was_cut(call_id):  # the engine went away mid-stream; whichever event came first
             row = dataclasses.replace(row, status_code=streams.CUT_STATUS, error_class=EngineStreamCut.__name__)
+        hold = ((slo.get("metadata") or {}).get("user_api_key_auth_metadata") or {}).get("twllm_budget_hold")
+        if isinstance(hold, str) and hold:
+            row = dataclasses.replace(row, hold=hold)  # released when the row is written
         self.writer.enqueue(row)
         if key_id is not None:
             self.auth.budgets.note_queued(key_id, row.cost)

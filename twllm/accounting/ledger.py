@@ -69,6 +69,9 @@ class LedgerRow:
     error_class: str | None
     stream: bool
     guard: dict[str, Any] | None = None
+    hold: str | None = None
+    """The request's budget hold (``budget_holds``), released in the statement that writes the
+    row; not a column of the ledger."""
 
     def to_json(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in _FIELDS}  # not asdict(): it deep-copies
@@ -85,6 +88,8 @@ class LedgerRow:
 
 
 _FIELDS = tuple(f.name for f in fields(LedgerRow))
+_COLUMNS = tuple(name for name in _FIELDS if name != "hold")
+"""What ``spend_ledger`` stores (the spool keeps every field)."""
 
 
 def row_from_logging(
@@ -215,22 +220,33 @@ _TYPES = {
     "guard": "text",
 }
 INSERT_SQL = (
-    f"INSERT INTO spend_ledger ({', '.join(_FIELDS)}) "
-    f"SELECT {', '.join(c + '::jsonb' if c == 'guard' else c for c in _FIELDS)} "
-    f"FROM unnest({', '.join(f'%s::{_TYPES[c]}[]' for c in _FIELDS)}) AS u({', '.join(_FIELDS)}) "
-    "ON CONFLICT DO NOTHING"
+    "WITH ins AS ("
+    f"INSERT INTO spend_ledger ({', '.join(_COLUMNS)}) "
+    f"SELECT {', '.join(c + '::jsonb' if c == 'guard' else c for c in _COLUMNS)} "
+    f"FROM unnest({', '.join(f'%s::{_TYPES[c]}[]' for c in _COLUMNS)}) AS u({', '.join(_COLUMNS)}) "
+    "ON CONFLICT DO NOTHING RETURNING key_id, ts, cost), "
+    "spent AS (INSERT INTO budget_spend AS b (key_id, day, cost, max_cost) "
+    "SELECT key_id, (ts AT TIME ZONE 'UTC')::date, sum(cost), max(cost) FROM ins "
+    "WHERE key_id IS NOT NULL GROUP BY 1, 2 "
+    "ON CONFLICT (key_id, day) DO UPDATE SET cost = b.cost + EXCLUDED.cost, "
+    "max_cost = GREATEST(b.max_cost, EXCLUDED.max_cost)), "
+    "released AS (DELETE FROM budget_holds WHERE hold_id = ANY(%s::text[])) "
+    "SELECT count(*) FROM ins"
 )
-"""One statement per batch: the rows as one array per column."""
+"""One statement per batch: the rows as one array per column. In the same statement, the new
+rows' cost is added to their keys' day in ``budget_spend`` (a replayed row already written adds
+nothing), and the batch's budget holds are released, so a request's cost is never in neither."""
 
 
 def insert_params(rows: Sequence[LedgerRow]) -> list[list[Any]]:
-    columns: list[list[Any]] = [[] for _ in _FIELDS]
+    columns: list[list[Any]] = [[] for _ in _COLUMNS]
     for row in rows:
-        for i, name in enumerate(_FIELDS):
+        for i, name in enumerate(_COLUMNS):
             value = getattr(row, name)
             if name == "guard" and value is not None:
                 value = json.dumps(value, ensure_ascii=False)
             columns[i].append(value)
+    columns.append([row.hold for row in rows if row.hold])
     return columns
 
 

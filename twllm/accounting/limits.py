@@ -12,15 +12,21 @@ How the counters are shared, and how exact they are:
   writer's batch, so within ~0.2 s of the request's end). A request is refused once the window's
   tokens reach ``tpm``; requests already running when it is reached still finish, so a window
   can exceed ``tpm`` by the tokens of the requests in flight.
-- **Budget** — the key's spend in its current period (UTC day or month, or everything; keys it
-  was rotated from included: ``store.period_spend``) is read from the ledger and roll-ups at most
-  every ``BUDGET_REFRESH_S`` per worker, plus what this worker has spent since that read but not
-  yet written. A key is refused once that reaches its budget. Other workers' spend shows after
-  at most ``BUDGET_REFRESH_S`` + the writer's ``FLUSH_INTERVAL_S``, and requests in flight when
-  the budget is reached still finish: the overshoot is bounded by that traffic.
+- **Budget** — shared exactly by every process through two tables. ``budget_spend`` holds each
+  key's cost per UTC day, added in the very statement that writes the ledger rows
+  (``ledger.INSERT_SQL``). ``budget_holds`` holds one row per admitted request of a key with a
+  budget until that statement writes its ledger row. A request is admitted (``BudgetGate``) under
+  a transaction-scoped advisory lock on the key, so admissions of one key queue across all
+  processes: with ``spent`` the period's cost (the key and those it was rotated from), ``held``
+  the requests in flight and ``est`` the period's most expensive request, it runs iff
+  ``spent < budget`` and either nothing is in flight or ``spent + held × est < budget`` (with no
+  request priced yet, one at a time). So the period's spend exceeds the budget by less than one
+  request's cost, as long as no request costs more than the most expensive one before it. A hold
+  whose request never reached the ledger (its gateway killed) expires after ``HOLD_TTL_S``.
 - **PostgreSQL down** — each worker falls back to counting RPM/TPM in its own memory, with the
   same limits, so while the database is unreachable a key can get up to (workers × limit); the
-  budget uses the last spend read plus local spend (a key never read is not refused).
+  budget uses this worker's last reading of the period's spend (``BudgetTracker``, at most
+  ``BUDGET_REFRESH_S`` old) plus its own spend since (a key never read is not refused).
 """
 
 from __future__ import annotations
@@ -63,6 +69,70 @@ ON CONFLICT (key_id, window_start) DO UPDATE SET tokens = w.tokens + EXCLUDED.to
 """
 
 CLEANUP_SQL = f"DELETE FROM rate_windows WHERE window_start < now() - interval '{WINDOW_RETENTION}'"
+HOLDS_CLEANUP_SQL = "DELETE FROM budget_holds WHERE expires_at < now()"
+
+HOLD_TTL_S = 900
+"""How long a budget hold lasts if its request never reaches the ledger (longer than any request
+the gateway lets run: ``gateway.request_timeout_s`` is at most 600 s by default)."""
+BUDGET_LOCK_CLASS = 0x7477  # "tw": the advisory-lock namespace of budget admissions (key id is the second int)
+
+BUDGET_LOCK_SQL = "SELECT pg_advisory_xact_lock(%(class)s, (%(key)s::bigint %% 2147483647)::integer)"
+BUDGET_STATE_SQL = """
+WITH RECURSIVE chain (member) AS (
+    SELECT %(key)s::bigint
+    UNION ALL
+    SELECT k.rotated_from FROM chain c JOIN api_keys k ON k.id = c.member WHERE k.rotated_from IS NOT NULL
+), spent AS (
+    SELECT coalesce(sum(cost), 0) AS cost, coalesce(max(max_cost), 0) AS est FROM budget_spend
+    WHERE key_id IN (SELECT member FROM chain) AND (%(since)s::date IS NULL OR day >= %(since)s::date)
+)
+SELECT spent.cost, spent.est,
+       (SELECT count(*) FROM budget_holds WHERE key_id IN (SELECT member FROM chain) AND expires_at > now())
+FROM spent
+"""
+"""The key's spend in its period (since: the period's first UTC day; NULL: all), the most
+expensive request of the period, and the requests of the key in flight."""
+HOLD_SQL = "INSERT INTO budget_holds (hold_id, key_id, expires_at) VALUES (%s, %s, now() + make_interval(secs => %s))"
+
+
+def budget_admits(budget: Decimal, spent: Decimal, est: Decimal, held: int) -> bool:
+    """Whether one more request may run (the rule of the module docstring)."""
+    if spent >= budget:
+        return False
+    if held == 0:
+        return True
+    return est > 0 and spent + held * est < budget
+
+
+@dataclass(frozen=True)
+class BudgetVerdict:
+    allowed: bool
+    hold: str | None = None
+    """The hold the admitted request carries to its ledger row (None: decided without the database)."""
+    spent: Decimal | None = None
+
+
+class BudgetGate:
+    """Budget admission shared by every gateway process (see the module docstring)."""
+
+    def __init__(self, db: Database, hold_ttl_s: float = HOLD_TTL_S) -> None:
+        self.db = db
+        self.hold_ttl_s = hold_ttl_s
+
+    async def admit(self, key_id: int, budget: Decimal, since: datetime | None) -> BudgetVerdict:
+        """Admit one request of the key or refuse it; raises DatabaseUnavailable."""
+        import secrets
+
+        day = None if since is None else since.astimezone(UTC).date()
+        async with self.db.connection() as conn, conn.transaction():
+            await conn.execute(BUDGET_LOCK_SQL, {"class": BUDGET_LOCK_CLASS, "key": key_id})
+            cur = await conn.execute(BUDGET_STATE_SQL, {"key": key_id, "since": day})
+            spent, est, held = await cur.fetchone()  # type: ignore[misc]
+            if not budget_admits(budget, Decimal(spent), Decimal(est), int(held)):
+                return BudgetVerdict(False, spent=Decimal(spent))
+            hold = secrets.token_hex(16)
+            await conn.execute(HOLD_SQL, (hold, key_id, self.hold_ttl_s))
+        return BudgetVerdict(True, hold, Decimal(spent))
 
 
 @dataclass(frozen=True)
@@ -145,6 +215,7 @@ class RateLimiter:
         if time.monotonic() >= self._next_cleanup:
             self._next_cleanup = time.monotonic() + WINDOW_S
             await conn.execute(CLEANUP_SQL)
+            await conn.execute(HOLDS_CLEANUP_SQL)
 
 
 @dataclass
