@@ -281,3 +281,18 @@ def test_the_validator_would_catch_a_broken_manifest(rendered: Any) -> None:
     lws = next(o for o in objs if o["kind"] == "LeaderWorkerSet")
     lws["spec"]["leaderWorkerTemplate"]["size"] = "two"
     assert set(validate_all(objs)) == {"Deployment/gateway", "LeaderWorkerSet/vllm-big"}
+
+
+def test_the_kubernetes_validate_command_accepts_the_built_in_kinds(rendered: Any, tmp_path: Path) -> None:
+    """The command line operators run (`kubernetes-validate --strict -k 1.30.0`) on every file that
+    holds only built-in kinds (engines.yaml holds a LeaderWorkerSet: the test above covers it)."""
+    import subprocess
+    import sys
+
+    write_k8s(rendered, tmp_path / "k8s")
+    files = [str(tmp_path / "k8s" / f) for f in ("namespace.yaml", "gateway.yaml", "migrate-job.yaml")]
+    files += [str(tmp_path / "k8s" / f) for f in ("model-cache.yaml", "network-policies.yaml")]
+    tool = Path(sys.executable).with_name("kubernetes-validate")
+    done = subprocess.run([str(tool), "--strict", "-k", "1.30.0", *files], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("passed for resource") == 12
