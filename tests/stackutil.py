@@ -147,13 +147,21 @@ class Stack:
     def gateway_log(self) -> str:
         return (self.folder / "gateway.log").read_text(errors="replace")
 
+    def log_digest(self) -> str:
+        """The gateway log's first error (with what follows it) and its last lines: a start that
+        failed says why near the top, and the tail alone shows only the shutdown."""
+        text = self.gateway_log()
+        first = min((i for i in (text.find("Traceback"), text.find("ERROR")) if i >= 0), default=-1)
+        head = text[max(0, first - 500) : first + 4000] if first >= 0 else ""
+        return f"{head}\n[…]\n{text[-2000:]}" if head else text[-3000:]
+
     def wait_gateway(self) -> None:
         began = time.monotonic()
         live = self.url.removesuffix("/v1") + "/health/liveliness"
         while True:
             assert self.gateway is not None
             if self.gateway.poll() is not None or time.monotonic() - began > 120:
-                raise RuntimeError(f"gateway never became ready:\n{self.gateway_log()[-3000:]}")
+                raise RuntimeError(f"gateway never became ready (exit {self.gateway.poll()}):\n{self.log_digest()}")
             try:
                 if httpx.get(live, timeout=2, trust_env=False, verify=False).status_code == 200:
                     return

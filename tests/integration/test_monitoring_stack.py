@@ -56,13 +56,19 @@ models:
 """
 
 
+_TAKEN: set[int] = set()
+"""Ports this module handed out: the kernel may offer a free port twice, as nothing binds it yet."""
+
+
 def free_block(count: int) -> int:
-    """The first of ``count`` consecutive ports nothing listens on."""
+    """The first of ``count`` consecutive ports nothing listens on (and not handed out before)."""
     for _ in range(200):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             base = sock.getsockname()[1]
-        if base + count < 65000 and all(_bindable(p) for p in range(base, base + count)):
+        block = set(range(base, base + count))
+        if base + count < 65000 and not block & _TAKEN and all(_bindable(p) for p in block):
+            _TAKEN.update(block)
             return base
     raise RuntimeError("no free port block")
 
