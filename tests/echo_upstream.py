@@ -9,7 +9,9 @@ what the model "said". A real vLLM engine answers with whatever its weights give
   the gateway masked it);
 - ``DUMP`` → answers the JSON of every received message;
 - anything else → "好的。";
-- ``/embeddings`` → a 2-number vector per input (its length, 1.0).
+- ``/embeddings`` → a 2-number vector per input (its length, 1.0);
+- ``/responses`` (not streamed) → a Responses API answer to ``input`` as above; streamed, and
+  ``/rerank`` or ``/score`` → 404, as an engine without them answers.
 
 Streams send the answer in pieces of ``CHUNK`` characters, so entities cross chunk boundaries.
 Every request body is kept in ``received``.
@@ -61,6 +63,41 @@ class EchoUpstream:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 upstream.received.append(body)
+                if self.path.rstrip("/").endswith("/responses") and not body.get("stream"):
+                    given = body.get("input")
+                    said = answer_for([{"role": "user", "content": given if isinstance(given, str) else "…"}])
+                    self._json(
+                        {
+                            "id": "resp_echo",
+                            "object": "response",
+                            "created_at": int(time.time()),
+                            "status": "completed",
+                            "model": "echo",
+                            "output": [
+                                {
+                                    "type": "message",
+                                    "id": "msg_echo",
+                                    "status": "completed",
+                                    "role": "assistant",
+                                    "content": [{"type": "output_text", "text": said, "annotations": []}],
+                                }
+                            ],
+                            "parallel_tool_calls": True,
+                            "tool_choice": "auto",
+                            "tools": [],
+                            "usage": {"input_tokens": 5, "output_tokens": len(said), "total_tokens": 5 + len(said)},
+                        }
+                    )
+                    return
+                if self.path.rstrip("/").endswith(("/responses", "/rerank", "/score")):
+                    # Not served here, as by an OpenAI-compatible engine without these APIs.
+                    self.send_response(404)
+                    payload = json.dumps({"error": {"message": f"{self.path} not found", "type": "NotFound"}})
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload.encode())
+                    return
                 if self.path.endswith("/embeddings"):
                     texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
                     self._json(

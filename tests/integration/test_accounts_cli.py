@@ -35,6 +35,7 @@ MIGRATIONS = [
     "0003_tenant_disabled",
     "0004_tenant_display_name",
     "0005_budget_holds",
+    "0006_requested_model",
 ]
 
 

@@ -77,10 +77,13 @@ def test_holds_the_rule_and_the_ledger_statement(conn: psycopg.Connection, url: 
 
     async def admit() -> list[str | None]:
         db = Database(url)
-        gate = BudgetGate(db)
+        gate = BudgetGate(db, wait_s=0.2)
         try:
             first = await gate.admit(key.id, Decimal("1.00"), None)
             second = await gate.admit(key.id, Decimal("1.00"), None)  # no price known yet: one at a time
+            assert second.in_flight  # it waited (0.2 s here) for the first, then gave up
+            free = await gate.admit(key.id, Decimal("1.00"), None, hold=False)  # can spend nothing: runs
+            assert free.allowed and free.hold is None
             return [first.hold if first.allowed else None, second.hold if second.allowed else None]
         finally:
             await db.close()
@@ -97,7 +100,7 @@ def test_holds_the_rule_and_the_ledger_statement(conn: psycopg.Connection, url: 
 
     async def admit_until_refused() -> list[str]:
         db = Database(url)
-        gate = BudgetGate(db)
+        gate = BudgetGate(db, wait_s=0.2)
         got = []
         try:
             while (verdict := await gate.admit(key.id, Decimal("1.00"), None)).allowed:
@@ -166,6 +169,6 @@ def test_the_migration_starts_from_the_ledger_a_deployment_already_has(url: str)
             "VALUES (%s, 1, %s, 'chat', 'TWD', 3, 2.5)",
             (NOW.date() - timedelta(days=90), key.id),
         )
-    assert mig.migrate(url) == ["0005_budget_holds"]
+    assert mig.migrate(url) == ["0005_budget_holds", "0006_requested_model"]
     with connect(url) as c:
         assert spend(c, key.id) == (Decimal("3.50"), Decimal("0.25"))

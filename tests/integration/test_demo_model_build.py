@@ -91,7 +91,7 @@ def built(engine_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Buil
 @pytest.fixture(scope="module")
 def loaded(built: Built) -> dict:
     """What the engine's transformers makes of the built folders (one process: imports are slow)."""
-    chat, minilm = built.folders
+    chat, minilm = built.folders[:2]
     done = subprocess.run(
         [str(built.python), "-c", CHECK, str(chat), str(minilm), ZH_TW],
         env=script_env(),
@@ -113,13 +113,19 @@ def test_both_folders_are_built_in_time(built: Built, record_property) -> None:
     print(f"demo models built in {built.seconds:.1f} s with {built.python}")
     assert built.folders == [built.models_dir / m.folder for m in DEMO_MODELS]
     assert built.seconds < BUILD_BUDGET_S
-    chat, minilm = built.folders
+    chat, minilm = built.folders[:2]
     assert json.loads((chat / "twllm-demo.json").read_text())["kind"] == "demo-chat"
     assert "random-weights DEMO, not a model" in (chat / "README.md").read_text()
     assert (chat / "model.safetensors").stat().st_size < 5_000_000
     assert (minilm / "config.json").is_file()
     assert (minilm / "model.safetensors").stat().st_size > 80_000_000
     assert (minilm / "1_Pooling" / "config.json").is_file()
+    rerank = built.folders[2]
+    assert json.loads((rerank / "twllm-demo.json").read_text())["kind"] == "demo-rerank"
+    config = json.loads((rerank / "config.json").read_text())
+    assert config["architectures"] == ["XLMRobertaForSequenceClassification"] and len(config["id2label"]) == 1
+    assert config["hidden_size"] // config["num_attention_heads"] == 32  # vLLM's CPU attention needs >= 32
+    assert (rerank / "model.safetensors").stat().st_size < 5_000_000
 
 
 def test_chat_config_fits_vllm_cpu(built: Built) -> None:
@@ -169,4 +175,5 @@ def test_second_build_is_a_no_op(built: Built) -> None:
 def test_same_seed_same_bytes(built: Built, tmp_path: Path) -> None:
     again = build_demo_models(tmp_path, built.python)
     assert file_digests(again[0]) == file_digests(built.folders[0])
+    assert file_digests(again[2]) == file_digests(built.folders[2])
     assert DEMO_CHAT.folder == again[0].name and MINILM.folder == again[1].name

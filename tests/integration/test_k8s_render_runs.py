@@ -161,7 +161,7 @@ def test_the_dockerfile_builds_a_wheel_with_what_the_gateway_reads(tmp_path: Pat
     (wheel,) = tmp_path.glob("twllm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in (
-        "twllm/accounting/migrations/0005_budget_holds.sql",
+        "twllm/accounting/migrations/0006_requested_model.sql",
         "twllm/console/static/index.html",
         "twllm/console/static/vendor/chart.umd.min.js",
         "twllm/zh_tw/prompts.yaml",

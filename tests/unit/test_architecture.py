@@ -135,6 +135,8 @@ HAND_JSON = {
     "twllm/cli/runtime_cmds.py": "--json documents on stdout",
     "twllm/gateway/errors.py": "OpenAI error bodies on the wire",
     "twllm/gateway/asgi.py": "SSE events on the wire",
+    "twllm/gateway/responses.py": "a Responses stream's failure event on the wire",
+    "twllm/gateway/score.py": "a score request and answer on the wire, translated to and from a rerank",
     "twllm/console/api.py": "the console's JSON request bodies on the wire",
     "twllm/console/app.py": "the console's JSON responses on the wire",
     "twllm/guard/gateway.py": "an SSE error event on the wire",

@@ -19,6 +19,7 @@ from twllm.demo import build as demo_model
 from twllm.demo.build import (
     DEMO_CHAT,
     DEMO_MODELS,
+    DEMO_RERANK,
     MINILM,
     build_demo_models,
     default_engine_python,
@@ -72,14 +73,15 @@ def no_run(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- build_demo_models ---------------------------------------------------------------------------
 
 
-def test_builds_both_models_with_the_given_python(tmp_path: Path, fake_run: FakeRun) -> None:
+def test_builds_every_model_with_the_given_python(tmp_path: Path, fake_run: FakeRun) -> None:
     lines: list[str] = []
     folders = build_demo_models(tmp_path, ENGINE, progress=lines.append)
-    assert folders == [tmp_path / "twllm-demo-chat", tmp_path / "all-MiniLM-L6-v2"]
+    assert folders == [tmp_path / "twllm-demo-chat", tmp_path / "all-MiniLM-L6-v2", tmp_path / "twllm-demo-rerank"]
     argvs = [argv for argv, _ in fake_run.calls]
     assert argvs == [
         [str(ENGINE), str(demo_model.SCRIPT), "chat", "--out", str(folders[0]), "--seed", "0"],
         [str(ENGINE), str(demo_model.SCRIPT), "minilm", "--out", str(folders[1])],
+        [str(ENGINE), str(demo_model.SCRIPT), "rerank", "--out", str(folders[2]), "--seed", "0"],
     ]
     env = fake_run.calls[0][1]
     assert env["OMP_NUM_THREADS"] == "1" and env["HF_HUB_OFFLINE"] == "1"
@@ -95,7 +97,7 @@ def test_existing_folders_are_skipped_without_running_anything(tmp_path: Path, n
 
 
 def test_only_the_missing_model_is_built(tmp_path: Path, fake_run: FakeRun) -> None:
-    make_built(tmp_path, DEMO_CHAT)
+    make_built(tmp_path, DEMO_CHAT, DEMO_RERANK)
     assert pending_models(tmp_path) == [MINILM]
     build_demo_models(tmp_path, ENGINE)
     assert [argv[2] for argv, _ in fake_run.calls] == ["minilm"]
@@ -108,6 +110,7 @@ def test_force_rebuilds_everything(tmp_path: Path, fake_run: FakeRun) -> None:
     argvs = [argv for argv, _ in fake_run.calls]
     assert all("--force" in argv for argv in argvs)
     assert argvs[0][argvs[0].index("--seed") + 1] == "7"
+    assert argvs[2][argvs[2].index("--seed") + 1] == "7"  # the reranker's random weights too
 
 
 def test_an_incomplete_folder_is_not_overwritten(tmp_path: Path, no_run: None) -> None:
@@ -213,7 +216,7 @@ def test_cli_prints_paths_and_needs_no_engine_when_all_is_built(
 def test_cli_builds_with_python_flag(tmp_path: Path, fake_run: FakeRun) -> None:
     result = invoke("--models-dir", str(tmp_path), "--python", str(ENGINE), "--seed", "3")
     assert result.exit_code == 0, result.output
-    assert [argv[0] for argv, _ in fake_run.calls] == [str(ENGINE)] * 2
+    assert [argv[0] for argv, _ in fake_run.calls] == [str(ENGINE)] * len(DEMO_MODELS)
     assert str(tmp_path / "twllm-demo-chat") in result.stdout
 
 

@@ -25,7 +25,7 @@ from twllm.accounting.limits import (
     BudgetVerdict,
     RateDecision,
     RateLimiter,
-    budget_admits,
+    budget_decision,
     decide,
 )
 from twllm.accounting.spool import Spool, adopt, lock_file, read_rows
@@ -125,17 +125,20 @@ class StaticBudgets:
 class StaticGate:
     """The shared budget gate: admits while ``spent`` < budget; ``down``: PostgreSQL unreachable."""
 
-    def __init__(self, spent: Decimal = Decimal(0), *, down: bool = False) -> None:
+    def __init__(self, spent: Decimal = Decimal(0), *, down: bool = False, in_flight: bool = False) -> None:
         self.spent = spent
         self.down = down
-        self.calls: list[tuple[int, Decimal, datetime | None]] = []
+        self.in_flight = in_flight
+        self.calls: list[tuple[int, Decimal, datetime | None, bool]] = []
 
-    async def admit(self, key_id: int, budget: Decimal, since: datetime | None) -> BudgetVerdict:
+    async def admit(self, key_id: int, budget: Decimal, since: datetime | None, *, hold: bool = True) -> BudgetVerdict:
         if self.down:
             raise DatabaseUnavailable("down")
-        self.calls.append((key_id, budget, since))
+        self.calls.append((key_id, budget, since, hold))
+        if self.in_flight:
+            return BudgetVerdict(False, spent=self.spent, in_flight=True)
         allowed = self.spent < budget
-        return BudgetVerdict(allowed, f"hold-{len(self.calls)}" if allowed else None, self.spent)
+        return BudgetVerdict(allowed, f"hold-{len(self.calls)}" if allowed and hold else None, self.spent)
 
 
 def authenticator(
@@ -284,7 +287,11 @@ def test_an_admitted_request_carries_its_budget_hold_to_the_ledger():
     gate = StaticGate(Decimal("9.99"))
     identity = run(authenticator(keys, gate=gate).authenticate("sk-tw-b", "/v1/chat/completions", []))
     assert identity.hold == "hold-1" and identity.metadata()["twllm_budget_hold"] == "hold-1"
-    assert gate.calls[0][1:] == (Decimal("10"), datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0))
+    assert gate.calls[0][1:] == (
+        Decimal("10"),
+        datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
+        True,
+    )
     caught = rejected(authenticator(keys, gate=StaticGate(Decimal("10"))).authenticate("sk-tw-b", "/v1/embeddings", []))
     assert (caught.status, caught.code) == (429, "budget_exceeded")
     no_budget = run(authenticator({"sk-tw-n": key()}, gate=gate).authenticate("sk-tw-n", "/v1/chat/completions", []))
@@ -303,18 +310,39 @@ def test_a_rate_limited_request_takes_no_budget_hold():
 
 
 @pytest.mark.parametrize(
-    ("spent", "est", "held", "admitted"),
+    ("spent", "est", "held", "decision"),
     [
-        ("0", "0", 0, True),  # nothing known: one at a time
-        ("0", "0", 1, False),
-        ("9.99", "0.5", 0, True),  # below the budget, nothing in flight: may overshoot by this one
-        ("10", "0", 0, False),
-        ("6", "1", 3, True),  # 6 + 3 × 1 < 10
-        ("6", "1", 4, False),  # 6 + 4 × 1 = 10: the four in flight may spend it all
+        ("0", "0", 0, "admit"),  # nothing known: one at a time
+        ("0", "0", 1, "wait"),
+        ("9.99", "0.5", 0, "admit"),  # below the budget, nothing in flight: may overshoot by this one
+        ("10", "0", 0, "spent"),
+        ("6", "1", 3, "admit"),  # 6 + 3 × 1 < 10
+        ("6", "1", 4, "wait"),  # 6 + 4 × 1 = 10: the four in flight may spend it all
     ],
 )
-def test_the_budget_rule(spent: str, est: str, held: int, admitted: bool) -> None:
-    assert budget_admits(Decimal("10"), Decimal(spent), Decimal(est), held) is admitted
+def test_the_budget_rule(spent: str, est: str, held: int, decision: str) -> None:
+    assert budget_decision(Decimal("10"), Decimal(spent), Decimal(est), held) == decision
+
+
+def test_waiting_on_requests_in_flight_ends_in_a_429_to_retry():
+    gate = StaticGate(Decimal("1"), in_flight=True)
+    caught = rejected(
+        authenticator({"sk-tw-b": key(budget=Decimal("10"))}, gate=gate).authenticate(
+            "sk-tw-b", "/v1/chat/completions", ["chat-a"]
+        )
+    )
+    assert (caught.status, caught.type, caught.code) == (429, "insufficient_quota", "budget_in_flight")
+    assert caught.headers == {"Retry-After": "1"} and "in flight" in caught.message
+
+
+def test_a_request_that_can_reach_only_free_models_takes_no_place():
+    gate = StaticGate()
+    keys = {"sk-tw-b": key(budget=Decimal("10"), models=None)}
+    auth = authenticator(keys, gate=gate)
+    auth.free = lambda model: model == "free-model"
+    assert run(auth.authenticate("sk-tw-b", "/v1/chat/completions", ["free-model"])).hold is None
+    assert run(auth.authenticate("sk-tw-b", "/v1/chat/completions", ["free-model", "paid"])).hold is not None
+    assert [held for *_, held in gate.calls] == [False, True]
 
 
 def test_rate_limits_are_429_with_retry_after_and_listing_models_is_not_counted():
@@ -469,7 +497,7 @@ def test_rows_survive_json_and_become_one_array_per_column():
     held = dataclasses.replace(_row(request_id="call-2", guard=None), hold="hold-2")
     assert LedgerRow.from_json(json.loads(json.dumps(held.to_json()))) == held
     columns = insert_params([row, held])
-    assert len(columns) == ledger_mod.INSERT_SQL.count("[]") == 17  # 16 columns and the budget holds
+    assert len(columns) == ledger_mod.INSERT_SQL.count("[]") == 18  # 17 columns and the budget holds
     assert all(len(c) == 2 for c in columns[:-1])
     assert columns[-2] == ['{"input": "pii"}', None]
     assert columns[-1] == ["hold-2"]  # only the rows that hold a budget place release one

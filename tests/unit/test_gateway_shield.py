@@ -134,6 +134,7 @@ def test_routes() -> None:
     assert allowed("POST", "/chat/completions") is True
     assert allowed("GET", "/v1/models/chat") is True
     assert allowed("GET", "/v1/chat/completions") is False
+    assert allowed("POST", "/v1/responses") is True and allowed("GET", "/v1/responses") is False
     for path in (
         "/ui",
         "/key/generate",
@@ -142,7 +143,7 @@ def test_routes() -> None:
         "/openapi.json",
         "/vllm/v1/models",
         "/metrics",
-        "/v1/responses",
+        "/v1/responses/resp_1",
         "/health",
         "/",
     ):

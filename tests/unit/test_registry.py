@@ -34,11 +34,12 @@ REQUIRED_IDS = {
     "bge-m3",
     "multilingual-e5-large",
     "all-minilm-l6-v2",
+    "bge-reranker-v2-m3",
     "llama-guard-3-1b",
     "llama-guard-3-8b",
     "llama-prompt-guard-2-86m",
 }
-FAMILIES = ("breeze", "embedding", "guard", "llama", "mistral", "phi", "taide")
+FAMILIES = ("breeze", "embedding", "guard", "llama", "mistral", "phi", "rerank", "taide")
 
 
 def _entry_data(**overrides: Any) -> dict[str, Any]:
@@ -119,6 +120,7 @@ def test_tasks_are_right() -> None:
     assert registry.get("llama-guard-3-8b").task == "guard"
     assert registry.get("llama-prompt-guard-2-86m").task == "classify"
     assert registry.get("llama-3.1-taide-lx-8b-chat").task == "chat"
+    assert registry.get("bge-reranker-v2-m3").task == "rerank"
 
 
 def test_embed_models_and_only_they_have_a_dimension() -> None:
@@ -223,7 +225,7 @@ def test_entry_is_frozen_and_forbids_unknown_fields() -> None:
     [
         ({"id": "Tiny_Chat"}, "lowercase slug"),
         ({"hf_repo": "just-a-name"}, "owner/name"),
-        ({"task": "rerank"}, "task"),
+        ({"task": "translate"}, "task"),
         ({"engine_args": {"--max-model-len": 4096}}, "kebab-case"),
         ({"task": "embed"}, "embedding_dim"),
         ({"embedding_dim": 384}, "embed models only"),

@@ -15,6 +15,7 @@ key unknown and PostgreSQL down       503     service_unavailable / accounts_una
 route other than the inference API    403     permission_error / route_not_allowed
 model (or fallback) not in the key's  403     permission_error / model_not_allowed
 budget of the period spent            429     insufficient_quota / budget_exceeded
+requests in flight may spend the rest 429     insufficient_quota / budget_in_flight (Retry-After: 1)
 RPM reached                           429     requests / rate_limit_exceeded (+ Retry-After)
 TPM reached                           429     tokens / rate_limit_exceeded (+ Retry-After)
 ====================================  ======  ===========================================
@@ -22,7 +23,9 @@ TPM reached                           429     tokens / rate_limit_exceeded (+ Re
 (``hooks.py`` adds two: fallbacks nested deeper than LiteLLM allows, 400 invalid_fallbacks;
 gateway.json unreadable, 500 server_error / gateway_misconfigured.) The master key passes every
 check. ``/v1/models`` lists a key's models only (LiteLLM filters by ``UserAPIKeyAuth.models``)
-and counts against no limit.
+and counts against no limit. A model's aliases are the model (``names.py``): a key allowed one
+name may call every name of that model, and the fallbacks of the gateway it may not use are
+skipped for it, never tried (``hooks.py``'s pre-call hook), so no other model answers it.
 
 A spent budget is a 429 ``insufficient_quota``, as OpenAI answers an exhausted quota, so clients
 written for OpenAI already recognise it; its ``code`` tells it apart from a rate limit, and it
@@ -42,7 +45,7 @@ import hmac
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -50,6 +53,7 @@ from decimal import Decimal
 from twllm.accounting.gateway_config import Database, DatabaseUnavailable
 from twllm.accounting.keys import hash_key
 from twllm.accounting.limits import BudgetGate, BudgetTracker, RateLimiter
+from twllm.accounting.names import ModelNames
 from twllm.gateway import metrics
 
 KEY_CACHE_TTL_S = 5.0
@@ -67,6 +71,8 @@ WHERE k.key_hash = %s
 # Routes a tenant key may call. Everything else (admin, key management, health, model info with
 # engine addresses, files, batches, pass-through) is the master key's.
 _INFERENCE = re.compile(r"^(?:/v1)?/(?:chat/completions|completions|embeddings|responses)$")
+# Rerank as LiteLLM serves it (Cohere v1/v2, Jina); the gateway's /score arrives here as /v1/rerank.
+_RERANK = re.compile(r"^(?:/v1|/v2)?/rerank$")
 _AZURE_STYLE = re.compile(
     r"^/(?:openai/deployments|engines)/(?P<model>[^/]+)/(?:chat/completions|completions|embeddings)$"
 )
@@ -135,7 +141,13 @@ class Rejection(Exception):
     """A request refused: the HTTP status and an OpenAI-style error."""
 
     def __init__(
-        self, status: int, type_: str, code: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        type_: str,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -143,14 +155,15 @@ class Rejection(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.param = param
 
     def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def route_kind(route: str) -> tuple[str | None, str | None]:
     """('inference' | 'models' | None, the model named in the path if any) for a route."""
-    if _INFERENCE.match(route):
+    if _INFERENCE.match(route) or _RERANK.match(route):
         return "inference", None
     if match := _AZURE_STYLE.match(route):
         return "inference", match["model"]
@@ -260,13 +273,19 @@ class Authenticator:
         limiter: RateLimiter | None = None,
         budgets: BudgetTracker | None = None,
         gate: BudgetGate | None = None,
+        names: ModelNames | None = None,
+        free: Callable[[str], bool] | None = None,
     ) -> None:
         self.master_key = master_key
+        self.names = names or ModelNames()
+        """Aliases: a key allowed a model may call it by any of its names (``names.py``)."""
         self.cache = cache or KeyCache(db)
         self.limiter = limiter or RateLimiter(db)
         self.budgets = budgets or BudgetTracker(db)
         """This worker's own view of budgets: used only while PostgreSQL cannot be reached."""
         self.gate = gate or BudgetGate(db)
+        self.free = free or (lambda model: False)
+        """Whether a model costs nothing (a request that can reach only such models spends nothing)."""
 
     def is_master(self, api_key: str) -> bool:
         return self.master_key is not None and hmac.compare_digest(
@@ -314,39 +333,51 @@ class Authenticator:
             )
         wanted = [m for m in ([path_model] if path_model else []) + list(models) if m is not None]
         if key.models is not None:
+            allowed = self.names.allowed(key.models)  # an alias and its model are one model
             for model in wanted:
-                if model not in key.models:
+                if model not in allowed:
                     raise Rejection(
                         403, "permission_error", "model_not_allowed", f"This API key may not use the model {model!r}."
                     )
         hold = None
         if kind == "inference":
             await self._check_rate(key)
-            hold = await self._check_budget(key, now)  # last: a request admitted holds a place
+            hold = await self._check_budget(key, now, wanted)  # last: a request admitted holds a place
         return Identity(key, hold)
 
-    async def _check_budget(self, key: KeyInfo, now: datetime) -> str | None:
+    async def _check_budget(self, key: KeyInfo, now: datetime, models: list[str]) -> str | None:
         """Admit the request within the key's budget (shared by every process; this worker's own
         reading while PostgreSQL is down); its hold, or None."""
         if key.budget is None:
             return None
         from twllm.accounting.store import period_start
 
+        in_flight = False
         try:
-            verdict = await self.gate.admit(key.id, key.budget, period_start(key.budget_period, now))
-            allowed, hold = verdict.allowed, verdict.hold
+            free = bool(models) and all(self.free(m) for m in models)
+            verdict = await self.gate.admit(key.id, key.budget, period_start(key.budget_period, now), hold=not free)
+            allowed, hold, in_flight = verdict.allowed, verdict.hold, verdict.in_flight
         except DatabaseUnavailable:
             spent = await self.budgets.spend(key.id, key.budget_period, now)
             allowed, hold = spent is None or spent < key.budget, None
-        if not allowed:
-            period = {"daily": "today (UTC)", "monthly": "this month (UTC)"}.get(key.budget_period or "", "in total")
+        if allowed:
+            return hold
+        period = {"daily": "today (UTC)", "monthly": "this month (UTC)"}.get(key.budget_period or "", "in total")
+        if in_flight:
             raise Rejection(
                 429,
                 "insufficient_quota",
-                "budget_exceeded",
-                f"The API key {key.prefix}… has spent its budget of {key.budget} {period}.",
+                "budget_in_flight",
+                f"The API key {key.prefix}… has requests in flight that may spend the rest of its budget of "
+                f"{key.budget} {period}; try again when they finish.",
+                {"Retry-After": "1"},
             )
-        return hold
+        raise Rejection(
+            429,
+            "insufficient_quota",
+            "budget_exceeded",
+            f"The API key {key.prefix}… has spent its budget of {key.budget} {period}.",
+        )
 
     async def _check_rate(self, key: KeyInfo) -> None:
         verdict = await self.limiter.admit(key.id, key.rpm, key.tpm)

@@ -28,6 +28,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twllm.accounting.names import ModelNames
 from twllm.gateway.settings import GatewaySettings, ModelSettings
 from twllm.settings import DATABASE_URL_ENV, GATEWAY_SETTINGS_ENV, MASTER_KEY_ENV, SPOOL_DIR_ENV
 
@@ -63,9 +64,16 @@ class GatewayConfig:
     prices: Mapping[str, Price] = field(default_factory=dict)
     """Client-facing model name -> price."""
     settings_path: Path | None = None
+    names: ModelNames = field(default_factory=ModelNames)
+    """Aliases, fallbacks and deployments (gateway.json's ``routing`` and ``models``)."""
 
     def price(self, model: str | None) -> Price:
         return self.prices.get(model or "", Price())
+
+    def is_free(self, model: str) -> bool:
+        """A model of this gateway whose tokens cost nothing (an unknown name is never free)."""
+        price = self.prices.get(model)
+        return price is not None and price.input_per_token == 0 and price.output_per_token == 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -88,6 +96,7 @@ class GatewayConfig:
             spool_dir=spool_dir,
             prices=parse_prices(settings.models),
             settings_path=path,
+            names=ModelNames.from_settings(settings),
         )
 
 

@@ -36,9 +36,11 @@ from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAut
 
 from twllm.accounting.auth import Authenticator, Identity, Rejection
 from twllm.accounting.gateway_config import Database, GatewayConfig
-from twllm.accounting.ledger import LedgerWriter, replay_folder, row_from_logging
+from twllm.accounting.ledger import LedgerRow, LedgerWriter, replay_folder, row_from_logging
+from twllm.accounting.names import ModelNames
+from twllm.accounting.outcomes import FailureHold
 from twllm.accounting.spool import Spool
-from twllm.gateway import metrics, streams
+from twllm.gateway import metrics, responses, streams
 from twllm.gateway.streams import EngineStreamCut, faithful
 from twllm.settings import DATABASE_URL_ENV, GATEWAY_SETTINGS_ENV
 
@@ -61,11 +63,22 @@ def proxy_exception(rejection: Rejection) -> TwllmAuthError:
     return TwllmAuthError(
         message=rejection.message,
         type=rejection.type,
-        param=None,
+        param=rejection.param,
         code=rejection.status,
         headers=dict(rejection.headers),
         openai_code=rejection.code,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRow:
+    """A ledger row ready to queue, with what the worker's own bookkeeping needs."""
+
+    call_id: str
+    row: LedgerRow
+    key_id: int | None
+    tenant: str
+    """The tenant's name, for Prometheus ('' for the master key)."""
 
 
 class Runtime:
@@ -76,13 +89,15 @@ class Runtime:
         self.config = config
         self.db = Database(config.database_url)
         self.spool = Spool(config.spool_dir, self.pid)
-        self.auth = Authenticator(self.db, config.master_key)
+        self.auth = Authenticator(self.db, config.master_key, names=config.names, free=config.is_free)
         self.writer = LedgerWriter(
             self.db, self.spool, on_insert=self.auth.limiter.add_tokens, on_stored=self.auth.budgets.note_stored
         )
         self.master_hash = hashlib.sha256(config.master_key.encode("utf-8")).hexdigest() if config.master_key else None
         self.unattributed = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self.failures: FailureHold[PreparedRow] = FailureHold()
+        """Failure events waiting to be told apart: a failed attempt, or the request's outcome."""
         self._started = False
         self._warned_no_db = False
         atexit.register(self.at_exit)
@@ -99,38 +114,66 @@ class Runtime:
 
     def record(self, kwargs: Mapping[str, Any], *, success: bool, guard: Mapping[str, Any] | None = None) -> None:
         """Queue the ledger row of one success or failure event (with the guard's verdicts)."""
+        prepared = self.prepare(kwargs, success=success, guard=guard)
+        if prepared is not None:
+            self.commit(prepared)
+
+    def prepare(
+        self, kwargs: Mapping[str, Any], *, success: bool, guard: Mapping[str, Any] | None = None
+    ) -> PreparedRow | None:
+        """The ledger row of one event, not yet queued; None when the event writes none (its call
+        was recorded already, the ledger is off, or the request is no one's)."""
         slo = kwargs.get("standard_logging_object") or {}
         call_id = str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or "")
-        if call_id:
-            if call_id in self._seen:
-                return
-            self._seen[call_id] = None
-            if len(self._seen) > SEEN_CALL_IDS:
-                self._seen.popitem(last=False)
+        if call_id and call_id in self._seen:
+            return None
         if self.db.url is None:
+            self._mark_seen(call_id)
             if not self._warned_no_db:
                 self._warned_no_db = True
                 log.warning("twllm spend logger: no database URL (%s); the ledger is off", DATABASE_URL_ENV)
-            return
+            return None
         who = self.attribute(slo.get("metadata") or {})
         if who is None:
+            self._mark_seen(call_id)
             self.unattributed += 1
-            return
+            return None
         tenant_id, key_id = who
         row = row_from_logging(
-            kwargs, success=success, tenant_id=tenant_id, key_id=key_id, price_of=self.config.price, guard=guard
+            kwargs,
+            success=success,
+            tenant_id=tenant_id,
+            key_id=key_id,
+            price_of=self.config.price,
+            guard=guard,
+            names=self.config.names,
         )
-        if streams.was_cut(call_id):  # the engine went away mid-stream; whichever event came first
-            row = dataclasses.replace(row, status_code=streams.CUT_STATUS, error_class=EngineStreamCut.__name__)
         hold = ((slo.get("metadata") or {}).get("user_api_key_auth_metadata") or {}).get("twllm_budget_hold")
         if isinstance(hold, str) and hold:
             row = dataclasses.replace(row, hold=hold)  # released when the row is written
+        tenant = "" if key_id is None else self.tenant_name(slo.get("metadata") or {})
+        return PreparedRow(call_id, row, key_id, tenant)
+
+    def commit(self, prepared: PreparedRow) -> None:
+        """Queue a prepared row: one per call, whichever of its events comes first."""
+        if prepared.call_id in self._seen:
+            return
+        self._mark_seen(prepared.call_id)
+        row, key_id = prepared.row, prepared.key_id
+        if streams.was_cut(prepared.call_id):  # the engine went away mid-stream; whichever event came first
+            row = dataclasses.replace(row, status_code=streams.CUT_STATUS, error_class=EngineStreamCut.__name__)
         self.writer.enqueue(row)
         if key_id is not None:
             self.auth.budgets.note_queued(key_id, row.cost)
             self.auth.limiter.note_tokens(key_id, row.prompt_tokens + row.completion_tokens)
         # Counted from the row just queued, so Prometheus's per-tenant counts are the ledger's.
-        metrics.observe_row(row, "" if key_id is None else self.tenant_name(slo.get("metadata") or {}))
+        metrics.observe_row(row, prepared.tenant)
+
+    def _mark_seen(self, call_id: str) -> None:
+        if call_id:
+            self._seen[call_id] = None
+            if len(self._seen) > SEEN_CALL_IDS:
+                self._seen.popitem(last=False)
 
     def attribute(self, metadata: Mapping[str, Any]) -> tuple[int | None, int | None] | None:
         """(tenant id, key id) of an event — (None, None) for the master key — or None."""
@@ -169,6 +212,11 @@ class Runtime:
         journaled for ``ledger.replay_folder`` or the next worker to adopt.)"""
         if os.getpid() != self.pid:
             return
+        for prepared in self.failures.drain():  # requests that never settled: recorded as they failed
+            try:
+                self.commit(prepared)
+            except Exception:  # the rest still get their chance
+                log.exception("twllm accounting: could not journal call %s at exit", prepared.call_id)
         self.spool.close()
         if self.db.url is not None:
             try:
@@ -226,34 +274,75 @@ async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
         # LiteLLM parsed the body before calling us and caches it on the request; this reads
         # that cache, so the endpoint still gets the body.
         body = await read_request_body(request) if request.method in ("POST", "PUT", "PATCH") else {}
+        if (unsupported := responses.unsupported(route, body)) is not None:  # needs a stored response
+            raise Rejection(400, "invalid_request_error", "unsupported_parameter", unsupported[1], param=unsupported[0])
         identity = await rt.auth.authenticate(api_key, route, requested_models(body))
     except Rejection as rejection:
         raise proxy_exception(rejection) from None
-    return user_api_key_auth_object(identity, api_key)
+    return user_api_key_auth_object(identity, api_key, rt.config.names)
 
 
-def user_api_key_auth_object(identity: Identity, api_key: str) -> UserAPIKeyAuth:
+def user_api_key_auth_object(identity: Identity, api_key: str, names: ModelNames | None = None) -> UserAPIKeyAuth:
     """What LiteLLM carries for the request: ``models`` filters /v1/models (LiteLLM does not
     enforce it; ``Authenticator`` does) and ``metadata`` reaches the spend logger as
-    ``standard_logging_object.metadata.user_api_key_auth_metadata``."""
+    ``standard_logging_object.metadata.user_api_key_auth_metadata``. A key's ``models`` are
+    every name it may call: its allow-list with the other names of those models (aliases)."""
     if identity.key is None:
         return UserAPIKeyAuth(api_key=api_key, user_role=LitellmUserRoles.PROXY_ADMIN, metadata=identity.metadata())
+    models = list(identity.key.models or [])
     return UserAPIKeyAuth(
         api_key=api_key,
         key_alias=identity.key.prefix,
-        models=list(identity.key.models or []),
+        models=(names or ModelNames()).listed(models) if models else [],
         metadata=identity.metadata(),
     )
 
 
 class SpendLogger(CustomLogger):
-    """LiteLLM callback writing one ledger row per request (success or failure, streams too)."""
+    """LiteLLM callback writing one ledger row per request (success or failure, streams too), and
+    keeping a tenant key's fallbacks within its allow-list."""
 
     async def async_log_success_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
         await self._record(kwargs, success=True)
 
     async def async_log_failure_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
         await self._record(kwargs, success=False)
+
+    async def async_post_call_failure_hook(
+        self,
+        request_data: dict,
+        original_exception: Exception,
+        user_api_key_dict: UserAPIKeyAuth,
+        traceback_str: str | None = None,
+    ) -> None:
+        """The proxy answered the request with a failure: its last failure event is its outcome
+        (``outcomes.py``)."""
+        try:
+            rt = runtime()
+            held = rt.failures.failed(str(request_data.get("litellm_call_id") or ""))
+            if held is not None:
+                await _commit_failure(rt, held)
+        except Exception:  # a logging bug must not change the answer; it is logged loudly
+            log.exception("twllm spend logger: could not record call %s", request_data.get("litellm_call_id"))
+
+    async def async_pre_call_hook(
+        self, user_api_key_dict: UserAPIKeyAuth, cache: Any, data: dict, call_type: Any
+    ) -> dict | None:
+        """A tenant key with an allow-list falls back only to models it may use: the gateway's
+        fallbacks without the others become the request's own (``names.py``). Fallbacks the
+        client sent itself are left as they are (``Authenticator`` checked each)."""
+        if call_type in responses.CALLS:  # vLLM's own fields, which LiteLLM would drop
+            responses.forward_engine_params(data)
+        allowed = frozenset(user_api_key_dict.models or ())
+        if not allowed or user_api_key_dict.user_role == LitellmUserRoles.PROXY_ADMIN:
+            return None
+        names = runtime().config.names
+        for kind in ("fallbacks", "context_window_fallbacks"):
+            if data.get(kind) is None:
+                kept = names.allowed_fallbacks(allowed, kind)
+                if kept is not None:
+                    data[kind] = kept
+        return data
 
     async def async_post_call_streaming_iterator_hook(
         self, user_api_key_dict: UserAPIKeyAuth, response: Any, request_data: dict
@@ -265,23 +354,47 @@ class SpendLogger(CustomLogger):
     @staticmethod
     async def _record(kwargs: dict, *, success: bool) -> None:
         try:
-            guard = await _guard_record(kwargs, failed=not success)
-            runtime().record(kwargs, success=success, guard=guard)
+            rt = runtime()
+            if success:
+                rt.failures.succeeded(_call_id(kwargs))  # what failed before were attempts
+                rt.record(kwargs, success=True, guard=await _guard_record(kwargs))
+            else:
+                prepared = rt.prepare(kwargs, success=False)
+                if prepared is None:
+                    await _guard_record(kwargs, failed=True)  # nothing to write; the guard forgets it
+                elif not rt.failures.hold(prepared.call_id, prepared):  # held: it may be an attempt
+                    await _commit_failure(rt, prepared)
+            for late in rt.failures.expired():
+                await _commit_failure(rt, late)
         except Exception:  # a logging bug must not fail the request; it is logged loudly
             log.exception("twllm spend logger: could not record call %s", kwargs.get("litellm_call_id"))
 
 
+def _call_id(kwargs: Mapping[str, Any]) -> str:
+    slo = kwargs.get("standard_logging_object") or {}
+    return str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or "")
+
+
+async def _commit_failure(rt: Runtime, prepared: PreparedRow) -> None:
+    """Queue a failure that is its request's outcome, with the guard's verdicts on the request."""
+    guard = await _guard_take(prepared.call_id, failed=True)
+    if guard:
+        prepared = dataclasses.replace(prepared, row=dataclasses.replace(prepared.row, guard=guard))
+    rt.commit(prepared)
+
+
 async def _guard_record(kwargs: Mapping[str, Any], *, failed: bool = False) -> dict[str, Any] | None:
     """The Safety Guard's verdicts on this call (None when no guardrail runs in this process)."""
+    return await _guard_take(_call_id(kwargs), failed=failed)
+
+
+async def _guard_take(call_id: str, *, failed: bool) -> dict[str, Any] | None:
     import sys
 
     gateway = sys.modules.get("twllm.guard.gateway")  # loaded by LiteLLM only when the spec guards
     if gateway is None:
         return None
-    slo = kwargs.get("standard_logging_object") or {}
-    return await gateway.take_record(
-        str(kwargs.get("litellm_call_id") or slo.get("litellm_call_id") or ""), failed=failed
-    )
+    return await gateway.take_record(call_id, failed=failed)
 
 
 spend_logger = SpendLogger()

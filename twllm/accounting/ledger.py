@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 
 from twllm.accounting.gateway_config import CONNECT_TIMEOUT_S, Database, DatabaseUnavailable, Price
+from twllm.accounting.names import ModelNames
 from twllm.accounting.spool import Spool, adopt, encode, read_rows, segments
 from twllm.gateway import metrics
 from twllm.gateway.errors import public_error
@@ -68,6 +69,9 @@ class LedgerRow:
     status_code: int
     error_class: str | None
     stream: bool
+    requested_model: str | None = None
+    """The name the client asked for (an alias, or the model a fallback stood in for); ``model``
+    is the model that answered. None in rows written before migration 0006."""
     guard: dict[str, Any] | None = None
     hold: str | None = None
     """The request's budget hold (``budget_holds``), released in the statement that writes the
@@ -100,13 +104,16 @@ def row_from_logging(
     key_id: int | None,
     price_of: Callable[[str], Price],
     guard: Mapping[str, Any] | None = None,
+    names: ModelNames | None = None,
 ) -> LedgerRow:
     """The ledger row of one LiteLLM success/failure event (``kwargs`` as the logger gets it).
 
     Reads ``standard_logging_object``, which LiteLLM fills for streams too. Cost is the model's
     price (``price_of(model)``) times the tokens: our price and currency from the spec, never
     LiteLLM's cost. ``guard``: the Safety Guard's verdicts; an answer it blocked is recorded as
-    the client saw it (400 GuardBlocked) at the cost of the tokens the engine produced."""
+    the client saw it (400 GuardBlocked) at the cost of the tokens the engine produced.
+    ``names``: the gateway's aliases and deployments, so that ``model`` is the model that
+    answered (priced as such) and ``requested_model`` the name the client asked for."""
     slo: Mapping[str, Any] = kwargs.get("standard_logging_object") or {}
     start = _epoch(slo.get("startTime"), kwargs.get("start_time"))
     end = _epoch(slo.get("endTime"), kwargs.get("end_time"))
@@ -114,6 +121,8 @@ def row_from_logging(
     stream = bool(slo.get("stream") or kwargs.get("stream"))
     prompt = _int(slo.get("prompt_tokens"))
     completion = _int(slo.get("completion_tokens"))
+    if not prompt and not completion:  # a rerank: LiteLLM keeps its tokens in the answer only
+        prompt = _int(rerank_tokens(slo.get("response")))
     error = slo.get("error_information") or {}
     if success and (guard or {}).get("output", {}).get("verdict") == "block":
         status, error_class = 400, "GuardBlocked"
@@ -126,7 +135,11 @@ def row_from_logging(
         error_class = _text(error.get("error_class")) or _exception_class(kwargs.get("exception"))
         message = f"{error_class or ''}: {kwargs.get('exception') or error.get('error_message') or ''}"
         status = public_error(status, {"error": {"message": message, "code": str(status)}}).status
-    model = _text(slo.get("model_group")) or _text(slo.get("model")) or _text(kwargs.get("model")) or ""
+    group = _text(slo.get("model_group")) or _text(slo.get("model")) or _text(kwargs.get("model")) or ""
+    # The router keeps the name asked for across fallbacks; its model group is the one answering,
+    # an alias's included (``names`` tells the model by the deployment that answered).
+    requested = _text(_router_metadata(kwargs).get("original_model_group")) or group
+    model = names.answered(_text(slo.get("model_id")), group) if names is not None else group
     price = price_of(model)
     return LedgerRow(
         ts=datetime.fromtimestamp(start if start is not None else time.time(), tz=UTC),
@@ -148,7 +161,35 @@ def row_from_logging(
         error_class=error_class,
         stream=stream,
         guard=dict(guard) if guard else None,
+        requested_model=requested,
     )
+
+
+def _router_metadata(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """What LiteLLM's router noted on the call (``metadata``, or ``litellm_metadata`` for the
+    endpoints that keep the client's ``metadata`` apart)."""
+    params = kwargs.get("litellm_params") or {}
+    for name in ("metadata", "litellm_metadata"):
+        meta = params.get(name) if isinstance(params, Mapping) else None
+        if isinstance(meta, Mapping) and meta.get("original_model_group"):
+            return meta
+    return {}
+
+
+def rerank_tokens(response: Any) -> int | None:
+    """The tokens a rerank answer reports, None for any other answer. vLLM counts them in
+    ``usage.prompt_tokens``; LiteLLM moves them to the Cohere-style ``meta.tokens.input_tokens``
+    (and ``meta.billed_units.total_tokens``) and leaves ``standard_logging_object``'s token
+    counts at 0, so the ledger reads them from the answer it logs (``response``)."""
+    meta = response.get("meta") if isinstance(response, Mapping) else getattr(response, "meta", None)
+    if not isinstance(meta, Mapping):
+        return None
+    for section, name in (("tokens", "input_tokens"), ("billed_units", "total_tokens")):
+        part = meta.get(section)
+        value = part.get(name) if isinstance(part, Mapping) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _epoch(value: Any, fallback: Any) -> float | None:
@@ -217,6 +258,7 @@ _TYPES = {
     "status_code": "integer",
     "error_class": "text",
     "stream": "boolean",
+    "requested_model": "text",
     "guard": "text",
 }
 INSERT_SQL = (

@@ -19,10 +19,13 @@ How the counters are shared, and how exact they are:
   a transaction-scoped advisory lock on the key, so admissions of one key queue across all
   processes: with ``spent`` the period's cost (the key and those it was rotated from), ``held``
   the requests in flight and ``est`` the period's most expensive request, it runs iff
-  ``spent < budget`` and either nothing is in flight or ``spent + held × est < budget`` (with no
-  request priced yet, one at a time). So the period's spend exceeds the budget by less than one
-  request's cost, as long as no request costs more than the most expensive one before it. A hold
-  whose request never reached the ledger (its gateway killed) expires after ``HOLD_TTL_S``.
+  ``spent < budget`` and either nothing is in flight or ``spent + held × est < budget``; otherwise
+  it waits (up to ``WAIT_S``, then 429 ``budget_in_flight`` with Retry-After) for requests in
+  flight to be written. With no request priced yet (``est`` also looks at earlier periods), a
+  key's requests run one at a time until one is. So the period's spend exceeds the budget by less
+  than one request's cost, as long as no request costs more than the most expensive one before
+  it. A request whose every model is free takes no place. A hold whose request never reached the
+  ledger (its gateway killed) expires after ``HOLD_TTL_S``.
 - **PostgreSQL down** — each worker falls back to counting RPM/TPM in its own memory, with the
   same limits, so while the database is unreachable a key can get up to (workers × limit); the
   budget uses this worker's last reading of the period's spend (``BudgetTracker``, at most
@@ -82,57 +85,79 @@ WITH RECURSIVE chain (member) AS (
     SELECT %(key)s::bigint
     UNION ALL
     SELECT k.rotated_from FROM chain c JOIN api_keys k ON k.id = c.member WHERE k.rotated_from IS NOT NULL
-), spent AS (
-    SELECT coalesce(sum(cost), 0) AS cost, coalesce(max(max_cost), 0) AS est FROM budget_spend
-    WHERE key_id IN (SELECT member FROM chain) AND (%(since)s::date IS NULL OR day >= %(since)s::date)
+), days AS (
+    SELECT day, cost, max_cost, (%(since)s::date IS NULL OR day >= %(since)s::date) AS in_period
+    FROM budget_spend WHERE key_id IN (SELECT member FROM chain)
 )
-SELECT spent.cost, spent.est,
+SELECT coalesce((SELECT sum(cost) FROM days WHERE in_period), 0),
+       coalesce((SELECT max(max_cost) FILTER (WHERE in_period) FROM days), (SELECT max(max_cost) FROM days), 0),
        (SELECT count(*) FROM budget_holds WHERE key_id IN (SELECT member FROM chain) AND expires_at > now())
-FROM spent
 """
 """The key's spend in its period (since: the period's first UTC day; NULL: all), the most
-expensive request of the period, and the requests of the key in flight."""
+expensive request of the period (of any earlier period when it has none), and the requests of
+the key in flight."""
 HOLD_SQL = "INSERT INTO budget_holds (hold_id, key_id, expires_at) VALUES (%s, %s, now() + make_interval(secs => %s))"
+WAIT_S = 5.0
+"""How long a request waits for requests in flight to finish when they could spend what is left."""
+POLL_S = 0.05
+
+Decision = Literal["admit", "spent", "wait"]
 
 
-def budget_admits(budget: Decimal, spent: Decimal, est: Decimal, held: int) -> bool:
-    """Whether one more request may run (the rule of the module docstring)."""
+def budget_decision(budget: Decimal, spent: Decimal, est: Decimal, held: int) -> Decision:
+    """What one more request gets (the rule of the module docstring): run, refused because the
+    budget is spent, or wait for the requests in flight (they could spend what is left, or no
+    request of the key has been priced yet)."""
     if spent >= budget:
-        return False
-    if held == 0:
-        return True
-    return est > 0 and spent + held * est < budget
+        return "spent"
+    if held == 0 or (est > 0 and spent + held * est < budget):
+        return "admit"
+    return "wait"
 
 
 @dataclass(frozen=True)
 class BudgetVerdict:
     allowed: bool
     hold: str | None = None
-    """The hold the admitted request carries to its ledger row (None: decided without the database)."""
+    """The hold the admitted request carries to its ledger row (None: none needed)."""
     spent: Decimal | None = None
+    in_flight: bool = False
+    """Refused after waiting ``WAIT_S`` for requests in flight (not for a spent budget)."""
 
 
 class BudgetGate:
     """Budget admission shared by every gateway process (see the module docstring)."""
 
-    def __init__(self, db: Database, hold_ttl_s: float = HOLD_TTL_S) -> None:
+    def __init__(self, db: Database, hold_ttl_s: float = HOLD_TTL_S, wait_s: float = WAIT_S) -> None:
         self.db = db
         self.hold_ttl_s = hold_ttl_s
+        self.wait_s = wait_s
 
-    async def admit(self, key_id: int, budget: Decimal, since: datetime | None) -> BudgetVerdict:
-        """Admit one request of the key or refuse it; raises DatabaseUnavailable."""
+    async def admit(self, key_id: int, budget: Decimal, since: datetime | None, *, hold: bool = True) -> BudgetVerdict:
+        """Admit one request of the key or refuse it; raises DatabaseUnavailable. ``hold`` False:
+        a request that cannot spend (every model it may reach is free) runs while the budget is
+        not spent, without a place in the queue."""
         import secrets
 
         day = None if since is None else since.astimezone(UTC).date()
-        async with self.db.connection() as conn, conn.transaction():
-            await conn.execute(BUDGET_LOCK_SQL, {"class": BUDGET_LOCK_CLASS, "key": key_id})
-            cur = await conn.execute(BUDGET_STATE_SQL, {"key": key_id, "since": day})
-            spent, est, held = await cur.fetchone()  # type: ignore[misc]
-            if not budget_admits(budget, Decimal(spent), Decimal(est), int(held)):
-                return BudgetVerdict(False, spent=Decimal(spent))
-            hold = secrets.token_hex(16)
-            await conn.execute(HOLD_SQL, (hold, key_id, self.hold_ttl_s))
-        return BudgetVerdict(True, hold, Decimal(spent))
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            async with self.db.connection() as conn, conn.transaction():
+                await conn.execute(BUDGET_LOCK_SQL, {"class": BUDGET_LOCK_CLASS, "key": key_id})
+                cur = await conn.execute(BUDGET_STATE_SQL, {"key": key_id, "since": day})
+                spent, est, held = await cur.fetchone()  # type: ignore[misc]
+                decision = budget_decision(budget, Decimal(spent), Decimal(est), int(held))
+                if decision == "spent":
+                    return BudgetVerdict(False, spent=Decimal(spent))
+                if decision == "admit" or not hold:
+                    if not hold:
+                        return BudgetVerdict(True, None, Decimal(spent))
+                    token = secrets.token_hex(16)
+                    await conn.execute(HOLD_SQL, (token, key_id, self.hold_ttl_s))
+                    return BudgetVerdict(True, token, Decimal(spent))
+            if time.monotonic() >= deadline:
+                return BudgetVerdict(False, spent=Decimal(spent), in_flight=True)
+            await asyncio.sleep(POLL_S)
 
 
 @dataclass(frozen=True)

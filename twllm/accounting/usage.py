@@ -25,7 +25,7 @@ from twllm.accounting.migrate import ERROR_STATUS
 from twllm.accounting.store import AccountsError, find_key, get_tenant
 from twllm.errors import did_you_mean
 
-GROUPS = ("day", "model", "tenant", "key")
+GROUPS = ("day", "model", "requested_model", "tenant", "key")
 """What a report can be grouped by."""
 MASTER_KEY_LABEL = "(master key)"
 """How requests made with the master key (no tenant, no key) are labelled."""
@@ -34,6 +34,9 @@ MASTER_KEY_LABEL = "(master key)"
 _GROUP_SQL: dict[str, tuple[str, str, str]] = {
     "day": ("(ts AT TIME ZONE 'UTC')::date", "day", "to_char(u.g, 'YYYY-MM-DD')"),
     "model": ("model", "model", "u.g"),
+    # The name the client asked for (an alias, or a model a fallback stood in for); rows from
+    # before migration 0006 and daily roll-ups know only the model that answered.
+    "requested_model": ("coalesce(requested_model, model)", "model", "u.g"),
     "tenant": ("coalesce(tenant_id, 0)", "tenant_id", "coalesce(t.name, %(master)s)"),
     "key": ("coalesce(key_id, 0)", "key_id", "coalesce(k.prefix, %(master)s)"),
 }
@@ -56,7 +59,7 @@ class UsageFilter:
 @dataclass(frozen=True)
 class UsageRow:
     group: str
-    """The day (YYYY-MM-DD), model, tenant name or key prefix."""
+    """The day (YYYY-MM-DD), model (that answered), requested model, tenant name or key prefix."""
     currency: str
     requests: int
     errors: int

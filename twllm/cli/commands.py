@@ -169,7 +169,7 @@ def schema() -> None:
 @models_app.command("list")
 def models_list(
     json_out: bool = JSON,
-    task: str | None = typer.Option(None, "--task", help="Only chat, embed, guard or classify models."),
+    task: str | None = typer.Option(None, "--task", help="Only chat, embed, rerank, guard or classify models."),
 ) -> None:
     """List the registry's models."""
     entries = [e for e in load_registry().entries if task is None or e.task == task]

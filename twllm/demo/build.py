@@ -1,4 +1,5 @@
-"""Build the offline example's models (a random-weights demo chat model, a copy of MiniLM) locally.
+"""Build the offline example's models (random-weights demo chat model and reranker, a copy of
+MiniLM) locally.
 
 twllm's own environment has no torch or transformers, so the building happens in a vLLM engine
 environment's Python, which runs the standalone ``build_script.py`` beside this module.
@@ -40,7 +41,9 @@ class DemoModel:
 
 DEMO_CHAT = DemoModel("twllm-demo-chat", "chat", ("config.json", "model.safetensors", "tokenizer.json", MARKER))
 MINILM = DemoModel("all-MiniLM-L6-v2", "minilm", ("config.json", "model.safetensors"))
-DEMO_MODELS: tuple[DemoModel, ...] = (DEMO_CHAT, MINILM)
+DEMO_RERANK = DemoModel("twllm-demo-rerank", "rerank", ("config.json", "model.safetensors", "tokenizer.json", MARKER))
+"""A random-weights cross-encoder (task: rerank), ~0.8 MB: serves /v1/rerank and /score, ranks nothing."""
+DEMO_MODELS: tuple[DemoModel, ...] = (DEMO_CHAT, MINILM, DEMO_RERANK)
 
 
 def default_models_dir() -> Path:
@@ -111,7 +114,7 @@ def build_demo_models(
             )
         say(f"{model.folder}: building in {folder} ...")
         started = time.monotonic()
-        extra = ["--seed", str(seed)] if model.command == "chat" else []
+        extra = ["--seed", str(seed)] if model.command in ("chat", "rerank") else []
         output = _run_script(python, [model.command, "--out", str(folder), *extra, *(["--force"] if force else [])])
         for line in output.strip().splitlines():
             say(f"{model.folder}: {line}")

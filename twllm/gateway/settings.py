@@ -4,7 +4,8 @@ The render (``twllm.render.litellm_config.gateway_settings``) builds a ``Gateway
 the plan and the spec and writes ``to_json()``; every hook reads the file back through
 ``GatewaySettings.load`` (found through ``TWLLM_GATEWAY_SETTINGS``):
 
-- ``twllm.accounting.gateway_config``: ``master_key_env``, ``database``, ``models`` (prices);
+- ``twllm.accounting.gateway_config``: ``master_key_env``, ``database``, ``models`` (prices,
+  deployments), ``routing`` (aliases and fallbacks, for keys' allow-lists);
 - ``twllm.guard``: ``guard`` (the spec's guard layers and the guard models served here);
 - ``twllm.console``: ``state_dir`` (components' health from state.json);
 - ``twllm.gateway.asgi``: ``http`` (the shield's body limit and CORS origins) and ``metrics``
@@ -113,6 +114,19 @@ class MetricsSettings(_Section):
     own port answers 404 there)."""
 
 
+class RoutingSettings(_Section):
+    """The gateway's public names beyond the models' own, and where a failed request goes next
+    (the spec's gateway.aliases, fallbacks and context_window_fallbacks, as the plan resolved
+    them): the accounting hooks check keys' allow-lists against them."""
+
+    aliases: dict[str, str] = Field(default_factory=dict)
+    """Alias -> model."""
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    """Model or alias -> models tried in order when it fails."""
+    context_window_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    """Model or alias -> models tried in order when a prompt exceeds its context window."""
+
+
 class GatewaySettings(_Section):
     """The whole of gateway.json."""
 
@@ -130,6 +144,7 @@ class GatewaySettings(_Section):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     """Client-facing model name -> its task, price and deployments."""
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     def to_json(self) -> str:
         """gateway.json's text: indented, UTF-8 kept as is, ending in a newline."""

@@ -19,13 +19,18 @@ Per request it resolves the policy (gateway-wide < the model's < the key's or te
 - streams: ``streaming.OutputStream`` per choice — rewriting stages incrementally, classifier
   stages on held windows, so unsafe text never reaches the client.
 
+Responses API requests (``/v1/responses``) get the same, where their texts are: ``input`` and
+``instructions``, the answer's ``output_text`` parts and stream events (``responses.py``).
+
 A block is HTTP 400 with an OpenAI-style error (``code`` content_blocked, pii_blocked or
 guard_failed) and a message in Traditional Chinese and English; in a stream that has started, an
 error event ends it. Checks run in a worker thread, never on the event loop.
 
 What each stage decided (verdict, categories, entity and rule — never the text) is kept per call
 id for the spend logger, which writes it to the ledger's ``guard`` column (``take_record``).
-Embedding requests get the PII stage only (their texts are masked or refused; nothing else runs).
+Embedding requests get the PII stage only (their texts are masked or refused; nothing else runs);
+so do rerank requests (``/v1/rerank``, and ``/score`` which the gateway serves as a rerank): the
+query and every document, before any of them reaches the engine.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, get_args
 
 from litellm.integrations.custom_guardrail import CustomGuardrail
@@ -46,6 +51,7 @@ from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 from twllm.gateway import metrics
 from twllm.gateway.settings import GatewaySettings
 from twllm.gateway.streams import faithful
+from twllm.guard import responses as responses_guard
 from twllm.guard.pipeline import PROMPT_INJECTION, GuardPipeline, GuardResult, ModelCache, Stage
 from twllm.guard.policy import GuardPolicies, UnknownPolicy
 from twllm.guard.streaming import OutputStream, StreamBlocked
@@ -56,6 +62,12 @@ log = logging.getLogger(__name__)
 
 CHAT_CALLS = frozenset({"completion", "acompletion", "text_completion", "atext_completion"})
 EMBED_CALLS = frozenset({"embedding", "aembedding"})
+RERANK_CALLS = frozenset({"rerank", "arerank"})
+PII_ONLY_CALLS = EMBED_CALLS | RERANK_CALLS
+"""Calls whose texts get the PII stage alone: no answer text comes back to screen, and a
+classifier's verdict on a document is not a verdict on a user's request."""
+RESPONSES_CALLS = frozenset({"responses", "aresponses"})
+"""The Responses API: screened as chat is, where its texts are (``responses.py``)."""
 LONG_TEXT = 20_000
 """Characters of request text beyond which even PII screening moves off the event loop."""
 RECORDS_MAX = 20_000
@@ -253,7 +265,7 @@ class TwllmGuardrail(CustomGuardrail):
     async def async_pre_call_hook(
         self, user_api_key_dict: UserAPIKeyAuth, cache: Any, data: dict, call_type: str
     ) -> dict | None:
-        if call_type not in CHAT_CALLS and call_type not in EMBED_CALLS:
+        if call_type not in CHAT_CALLS and call_type not in PII_ONLY_CALLS and call_type not in RESPONSES_CALLS:
             return data
         st = state()
         model = data.get("model")
@@ -274,9 +286,12 @@ class TwllmGuardrail(CustomGuardrail):
                 "guard_failed",
             ) from None
         call_id = _call_id(data)
-        if call_type in EMBED_CALLS:  # texts to embed: personal data is masked, nothing else runs
+        if call_type in PII_ONLY_CALLS:  # texts to embed or rank: personal data is masked, nothing else runs
             if "pii" in pipeline.stages("input"):
-                result = await _run(pipeline, "input", _screen_field, pipeline, data, "input", ["pii"])
+                if call_type in RERANK_CALLS:
+                    result = await _run(pipeline, "input", _screen_rerank, pipeline, data, ["pii"])
+                else:
+                    result = await _run(pipeline, "input", _screen_field, pipeline, data, "input", ["pii"])
                 if result.verdict != "allow":
                     st.note(call_id, "input", result)
                 else:  # an allowed input is kept out of the ledger's record, but counted
@@ -286,8 +301,13 @@ class TwllmGuardrail(CustomGuardrail):
             return data
         if isinstance(data.get("messages"), list):
             self._system_prompt(data, st.policies.system_prompt(model))
+        elif call_type in RESPONSES_CALLS:
+            responses_guard.add_system_prompt(data, st.policies.system_prompt(model))
         if pipeline.stages("input"):
-            result = await _run(pipeline, "input", self._screen_request, pipeline, data)
+            if call_type in RESPONSES_CALLS:
+                result = await _run(pipeline, "input", responses_guard.screen_request, pipeline, data, _combine)
+            else:
+                result = await _run(pipeline, "input", self._screen_request, pipeline, data)
             if result.verdict != "allow":
                 st.note(call_id, "input", result)
             else:  # an allowed input is kept out of the ledger's record, but counted
@@ -326,7 +346,8 @@ class TwllmGuardrail(CustomGuardrail):
     # --- output -------------------------------------------------------------------------------
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: UserAPIKeyAuth, response: Any) -> Any:
         choices = getattr(response, "choices", None)
-        if not choices or data.get("stream"):
+        answer = responses_guard.is_response(response)  # a Responses API answer: its output items
+        if not (choices or answer) or data.get("stream"):
             return response
         st = state()
         call_id = _call_id(data)
@@ -342,7 +363,18 @@ class TwllmGuardrail(CustomGuardrail):
             else [{"role": "user", "content": data.get("prompt") if isinstance(data.get("prompt"), str) else ""}]
         )
         try:
-            result = await _run(pipeline, "output", _screen_choices, pipeline, choices, messages)
+            if answer:
+                result = await _run(
+                    pipeline,
+                    "output",
+                    responses_guard.screen_response,
+                    pipeline,
+                    response,
+                    responses_guard.conversation(data),
+                    _combine,
+                )
+            else:
+                result = await _run(pipeline, "output", _screen_choices, pipeline, choices, messages)
         except BaseException:
             st.output_done(call_id)
             raise
@@ -376,6 +408,11 @@ class TwllmGuardrail(CustomGuardrail):
         async def call(fn: Any, *args: Any) -> Any:
             return await asyncio.to_thread(fn, *args) if offload else fn(*args)
 
+        if responses_guard.is_request(request_data):  # Responses API events
+            answer = responses_guard.ResponseStream(pipeline, responses_guard.conversation(request_data), window, call)
+            async for event in self._response_events(st, call_id, answer, chunks):
+                yield event
+            return
         try:
             async for chunk in chunks:
                 choices = getattr(chunk, "choices", None) or []
@@ -434,6 +471,30 @@ class TwllmGuardrail(CustomGuardrail):
                 st.note(call_id, "output", _combine([s.result() for s in streams.values()]))
             st.output_done(call_id)
 
+    @staticmethod
+    async def _response_events(
+        st: GuardState, call_id: str | None, answer: responses_guard.ResponseStream, chunks: AsyncIterator[Any]
+    ) -> AsyncGenerator[Any, None]:
+        """A Responses stream through the output stages. A block sends an ``error`` event, its
+        verdict noted for the ledger, then reads the rest of the engine's answer without sending
+        it: LiteLLM logs a Responses stream only once it has ended, and the ledger row (400
+        GuardBlocked) must carry the tokens it cost."""
+        finished = False
+        try:
+            async for event in answer.events(chunks):
+                yield event
+            finished = True
+        except StreamBlocked as blocked:
+            st.note(call_id, "output", blocked.result)
+            message = blocked.result.message or "blocked by the Safety Guard"
+            yield responses_guard.error_event(block_code(blocked.result), message, answer.sequence)
+            async for _ in chunks:
+                pass
+        finally:
+            if finished:
+                st.note(call_id, "output", _combine(answer.results()))
+            st.output_done(call_id)
+
 
 MODEL_STAGES = frozenset({"llama_guard", "prompt_guard"})
 
@@ -458,6 +519,8 @@ def _text_size(args: tuple) -> int:
     messages = data.get("messages")
     if isinstance(messages, list):
         return sum(len(text) for m in messages if isinstance(m, Mapping) for _, text in _texts(m.get("content")))
+    if "documents" in data:  # a rerank: its query and documents
+        return sum(len(text) for _, _, text in _rerank_texts(data))
     value = data.get("prompt", data.get("input"))
     items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
     return sum(len(item) for item in items if isinstance(item, str))
@@ -483,6 +546,60 @@ def _screen_field(pipeline: GuardPipeline, data: dict, key: str, only: list[str]
                 value[i] = result.text
             else:
                 data[key] = result.text
+    return _combine(results)
+
+
+def _rerank_texts(data: Mapping[str, Any]) -> list[tuple[Any, Any, str]]:
+    """(where, key, text) of every text of a rerank request: the query, then each document. A
+    query or document is a string, a Cohere-style object (its ``text``; with ``rank_fields``, the
+    other string fields too) or vLLM's multimodal ``{"content": [parts]}`` (its text parts);
+    ``where`` is "query" or the document's index, ``key`` what ``_set_rerank_text`` needs."""
+    found: list[tuple[Any, Any, str]] = []
+    items: list[tuple[Any, Any]] = [("query", data.get("query"))]
+    documents = data.get("documents")
+    items += list(enumerate(documents)) if isinstance(documents, list) else [(0, documents)]
+    for where, item in items:
+        if isinstance(item, str):
+            found.append((where, None, item))
+        elif isinstance(item, Mapping):
+            for key, value in item.items():
+                if isinstance(value, str) and key not in ("type", "role"):
+                    found.append((where, key, value))
+                elif key == "content" and isinstance(value, list):
+                    found += [(where, ("content", i), text) for i, text in _texts(value)]
+    return found
+
+
+def _set_rerank_text(data: dict, where: Any, key: Any, text: str) -> None:
+    """Write a masked text back where ``_rerank_texts`` found it (copying what it changes)."""
+    holder: Any = data
+    slot: Any = "query" if where == "query" else "documents"
+    if where != "query" and isinstance(data.get("documents"), list):
+        holder = data["documents"] = list(data["documents"])
+        slot = where
+    if key is None:
+        holder[slot] = text
+        return
+    item = dict(holder[slot])
+    if isinstance(key, tuple):  # ("content", index of a text part)
+        parts = item["content"] = list(item["content"])
+        parts[key[1]] = {**parts[key[1]], "text": text}
+    else:
+        item[key] = text
+    holder[slot] = item
+
+
+def _screen_rerank(pipeline: GuardPipeline, data: dict, only: list[str] | None = None) -> GuardResult:
+    """Input stages (or ``only`` these) on a rerank's query and each of its documents; masks are
+    written back into the request, so the engine ranks (and returns) the masked texts."""
+    results = []
+    for where, key, text in _rerank_texts(data):
+        result = pipeline.run(text, "input", [{"role": "user", "content": text}], only=only)
+        results.append(result)
+        if result.blocked:
+            break
+        if result.text != text:
+            _set_rerank_text(data, where, key, result.text)
     return _combine(results)
 
 

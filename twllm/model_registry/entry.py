@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Task = Literal["chat", "embed", "guard", "classify"]
+Task = Literal["chat", "embed", "rerank", "guard", "classify"]
 DType = Literal["bfloat16", "float16", "float32"]
 EngineArgValue = str | int | float | bool
 
@@ -63,6 +63,7 @@ class ModelEntry(BaseModel):
     )
     task: Task = Field(
         description="What the model does: 'chat' (generation), 'embed' (embeddings), "
+        "'rerank' (cross-encoder scoring query-document pairs, served at /v1/rerank and /score), "
         "'guard' (Llama Guard-style safety classifier that generates a verdict), "
         "'classify' (sequence classifier such as Prompt Guard)."
     )

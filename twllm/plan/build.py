@@ -23,6 +23,9 @@ ENGINE_KEY_ENV = settings.ENGINE_KEY_ENV
 """Environment variable holding the key engines require and the gateway sends; the runtime
 generates it per deployment."""
 
+LITELLM_ROUTING = {"latency": "latency-based-routing"}
+"""The spec's short names for LiteLLM's routing strategies (the others are LiteLLM's own)."""
+
 CPU_KV_CACHE_DEFAULT = "1G"
 """vLLM's CPU build fails its start-up memory check without an explicit KV-cache size
 (``--kv-cache-memory-bytes``)."""
@@ -100,6 +103,8 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
     for model in loaded.models:
         if model.spec.fallbacks:
             fallbacks[model.name] = list(model.spec.fallbacks)
+    fallbacks = _alias_fallbacks(fallbacks, gw.aliases)
+    context_fallbacks = _alias_fallbacks(dict(gw.context_window_fallbacks), gw.aliases)
     db = spec.database
     guard_only = served_guard_models(spec)  # answered on their engines, not through the gateway
     plan = Plan(
@@ -115,12 +120,14 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
             master_key_env=gw.master_key.var or "",
             request_timeout_s=gw.request_timeout_s,
             num_retries=gw.num_retries,
-            routing_strategy=gw.routing_strategy,
+            routing_strategy=LITELLM_ROUTING.get(gw.routing_strategy, gw.routing_strategy),
             cooldown_s=gw.cooldown_s,
             allowed_fails=gw.allowed_fails,
             health_check_interval_s=gw.health_check_interval_s,
             fallbacks=dict(sorted(fallbacks.items())),
             start_timeout_s=gw.start_timeout_s,
+            aliases=dict(sorted(gw.aliases.items())),
+            context_window_fallbacks=dict(sorted(context_fallbacks.items())),
             probe_model=next((m.name for m in loaded.models if m.task == "chat" and m.name not in guard_only), None),
             probe_embed_model=next((m.name for m in loaded.models if m.task == "embed"), None),
             max_request_bytes=gw.max_request_bytes,
@@ -144,6 +151,13 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
     return plan.model_copy(
         update={"monitoring": monitoring_plan(mon, plan.gateway, plan.engines, state_dir, supervisor_port)}
     )
+
+
+def _alias_fallbacks(fallbacks: dict[str, list[str]], aliases: dict[str, str]) -> dict[str, list[str]]:
+    """An alias falls back as its model does, unless it has fallbacks of its own (LiteLLM looks
+    fallbacks up by the name the client asked for, not by the model an alias resolves to)."""
+    inherited = {alias: list(fallbacks[model]) for alias, model in aliases.items() if model in fallbacks}
+    return {**inherited, **fallbacks}
 
 
 def _connect_host(host: str) -> str:
@@ -193,7 +207,7 @@ def _vllm_process(
     ]
     argv += field_flags_argv(model.spec)  # tensor_parallel, max_model_len, dtype …: twllm/plan/vllm_flags.py
     args = dict(model.engine_args)
-    if model.task == "embed":
+    if model.task in ("embed", "rerank"):  # a reranker is a cross-encoder: a pooling model too
         args.setdefault("runner", "pooling")
     elif model.device == "gpu":
         args.setdefault("enable-prefix-caching", True)

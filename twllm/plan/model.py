@@ -83,6 +83,10 @@ class GatewayPlan(_Frozen):
     health_check_interval_s: int
     fallbacks: dict[str, list[str]]
     start_timeout_s: float = 180.0
+    aliases: dict[str, str] = {}
+    """Alias -> model: other names of a model (LiteLLM's model_group_alias)."""
+    context_window_fallbacks: dict[str, list[str]] = {}
+    """Model or alias -> models tried when a prompt exceeds its context window."""
     probe_model: str | None = None
     """A chat model the readiness check asks through the gateway (None: embeddings only)."""
     probe_embed_model: str | None = None

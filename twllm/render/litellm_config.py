@@ -23,6 +23,7 @@ from twllm.gateway.settings import (
     ModelSettings,
     PriceSettings,
     RemoteGuardSettings,
+    RoutingSettings,
 )
 from twllm.guard.policy import GuardPolicies
 from twllm.plan.model import Plan, Route
@@ -136,6 +137,14 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
     }
     if gw.fallbacks:
         router["fallbacks"] = [{name: list(targets)} for name, targets in gw.fallbacks.items()]
+    if gw.context_window_fallbacks:
+        router["context_window_fallbacks"] = [
+            {name: list(targets)} for name, targets in gw.context_window_fallbacks.items()
+        ]
+    if gw.aliases:
+        # A second name of the model's deployments (not a model of its own): /v1/models lists it,
+        # and a request for it is routed, retried and falls back as the model.
+        router["model_group_alias"] = dict(gw.aliases)
     if any(r.rpm or r.tpm for r in plan.routes):
         router["optional_pre_call_checks"] = ["enforce_model_rate_limits"]
     replicas = Counter(r.model_name for r in plan.routes)
@@ -165,6 +174,9 @@ def litellm_config(plan: Plan, spec: Spec | None = None) -> dict[str, Any]:
             "enable_health_check_routing": True,
             "disable_spend_logs": True,
             "store_model_in_db": False,
+            # Response ids of /v1/responses are encrypted with the master key (LiteLLM's
+            # ResponsesIDSecurity); its default cipher needs PyNaCl, AES-GCM `cryptography` only.
+            "encryption_algorithm": "aes-256-gcm",
         },
     }
     if spec is not None and spec.monitoring.metrics.enabled:
@@ -210,7 +222,8 @@ def _deployment(route: Route, timeout: float, has_siblings: bool = False) -> dic
         params["tpm"] = route.tpm
     info: dict[str, Any] = {
         "id": route.deployment_id,
-        "mode": "embedding" if route.task == "embed" else "chat",
+        # Also what LiteLLM's background health check calls: a reranker is checked with a rerank.
+        "mode": {"embed": "embedding", "rerank": "rerank"}.get(route.task, "chat"),
         "input_cost_per_token": route.input_cost_per_token,
         "output_cost_per_token": route.output_cost_per_token,
         # Prompt tokens served from vLLM's prefix cache cost tenants the same as any others.
@@ -269,6 +282,11 @@ def gateway_settings(plan: Plan, spec: Spec) -> GatewaySettings:
             )
             for name, route in first.items()
         },
+        routing=RoutingSettings(
+            aliases=dict(plan.gateway.aliases),
+            fallbacks={k: list(v) for k, v in plan.gateway.fallbacks.items()},
+            context_window_fallbacks={k: list(v) for k, v in plan.gateway.context_window_fallbacks.items()},
+        ),
     )
 
 

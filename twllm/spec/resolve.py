@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from twllm.errors import RegistryError, SpecError, SpecIssue, did_you_mean
 from twllm.model_registry import ModelEntry, Registry, load_registry
-from twllm.spec.guard_layers import effective_guards
+from twllm.spec.guard_layers import effective_guards, served_guard_models
 from twllm.spec.located_errors import issues_from_validation
 from twllm.spec.schema import ArgValue, ModelSpec, Spec
 from twllm.spec.source import Path_, SpecSource, format_path, load_source, parse_source
@@ -108,6 +108,7 @@ def _validate(source: SpecSource, registry: Registry | None) -> LoadedSpec:
     checker = _Checker(source)
     models = tuple(checker.resolve(i, m, registry) for i, m in enumerate(spec.models))
     checker.cross_model(spec, registry)
+    checker.routing(spec, models)
     if checker.issues:
         raise SpecError(sorted(checker.issues, key=lambda i: (i.line or 0, i.path)))
     return LoadedSpec(spec, source, models, local_folders=tuple(checker.local_folders))
@@ -137,6 +138,8 @@ class _Checker:
         if entry is not None:
             self._check_entry(at, m, entry, task)
         engine, device = m.resolved_engine, m.resolved_device
+        if task == "rerank" and engine == "ollama":
+            self.add((*at, "engine"), "Ollama has no rerank API; a reranker needs engine: vllm")
         weights, kind = _weights(m, entry, engine, self.base)
         if engine == "ollama" and weights is None and entry is not None:
             self.add(
@@ -173,8 +176,12 @@ class _Checker:
     def _check_entry(self, at: Path_, m: ModelSpec, entry: ModelEntry, task: str) -> None:
         if task == "embed" and entry.task != "embed":
             self.add((*at, "task"), f"'{entry.id}' is a {entry.task} model; it cannot serve embeddings")
+        if task == "rerank" and entry.task != "rerank":
+            self.add((*at, "task"), f"'{entry.id}' is a {entry.task} model, not a reranker (cross-encoder)")
         if task == "chat" and entry.task == "embed":
             self.add((*at, "task"), f"'{entry.id}' is an embedding model; set task: embed")
+        if task in ("chat", "embed") and entry.task == "rerank":
+            self.add((*at, "task"), f"'{entry.id}' is a reranker (cross-encoder); set task: rerank")
         if entry.task == "classify":
             self.add(
                 (*at, "model"),
@@ -193,13 +200,15 @@ class _Checker:
             if m.name in names:
                 self.add(("models", i, "name"), f"duplicate model name '{m.name}' (first at models[{names[m.name]}])")
             names.setdefault(m.name, i)
+        called = {**names, **dict.fromkeys(spec.gateway.aliases, -1)}  # what clients may ask for
         for i, m in enumerate(spec.models):
             for j, target in enumerate(m.fallbacks):
-                self._known(("models", i, "fallbacks", j), target, names)
-        for source, targets in spec.gateway.fallbacks.items():
-            self._known(("gateway", "fallbacks", source), source, names)
-            for j, target in enumerate(targets):
-                self._known(("gateway", "fallbacks", source, j), target, names)
+                self._known(("models", i, "fallbacks", j), target, called)
+        for kind in ("fallbacks", "context_window_fallbacks"):
+            for source, targets in getattr(spec.gateway, kind).items():
+                self._known(("gateway", kind, source), source, called)
+                for j, target in enumerate(targets):
+                    self._known(("gateway", kind, source, j), target, called)
         layers: list[tuple[tuple, Any]] = [(("guard",), spec.guard)]
         layers += [(("guard", "policies", name), p) for name, p in spec.guard.policies.items()]
         layers += [(("models", i, "guard"), m.guard) for i, m in enumerate(spec.models) if m.guard is not None]
@@ -210,6 +219,38 @@ class _Checker:
                 self._guard_model((*at, "llama_guard", "model"), layer.llama_guard.model, names, registry, "guard")
             if "prompt_guard" in used and (at == ("guard",) or layer.prompt_guard is not None):
                 self._guard_model((*at, "prompt_guard", "model"), layer.prompt_guard.model, {}, registry, "classify")
+
+    def routing(self, spec: Spec, models: tuple[ResolvedModel, ...]) -> None:
+        """An alias names a model clients can call; a fallback serves the task of its source."""
+        tasks = {m.name: m.task for m in models}
+        internal = served_guard_models(spec)
+        aliases = spec.gateway.aliases
+        for alias, target in aliases.items():
+            where: Path_ = ("gateway", "aliases", alias)
+            if alias in tasks:
+                self.add(where, f"'{alias}' is already the name of a model; an alias must be a new name")
+            elif target in aliases:
+                self.add(where, f"'{target}' is an alias itself; point '{alias}' at a model")
+            elif target not in tasks:
+                self.add(where, f"no model named '{target}'{did_you_mean(target, tasks)}")
+            elif target in internal:
+                self.add(where, f"'{target}' answers the guard only; clients cannot call it under any name")
+        task_of = {**{a: tasks[t] for a, t in aliases.items() if t in tasks}, **tasks}
+        rules: list[tuple[Path_, str, list[str]]] = [
+            (("models", i, "fallbacks"), m.name, m.fallbacks) for i, m in enumerate(spec.models)
+        ]
+        for kind in ("fallbacks", "context_window_fallbacks"):
+            rules += [(("gateway", kind, src), src, targets) for src, targets in getattr(spec.gateway, kind).items()]
+        for at, source, targets in rules:
+            for j, target in enumerate(targets):
+                if target in internal:
+                    self.add((*at, j), f"'{target}' answers the guard only; it cannot answer clients")
+                elif source in task_of and target in task_of and task_of[source] != task_of[target]:
+                    self.add(
+                        (*at, j),
+                        f"'{target}' is a {task_of[target]} model; it cannot stand in for the "
+                        f"{task_of[source]} model '{source}'",
+                    )
 
     def _known(self, path: Path_, name: str, names: dict[str, int]) -> None:
         if name not in names:
@@ -241,7 +282,7 @@ def is_local_folder(ref: str) -> bool:
 
 
 def _default_task(entry: ModelEntry) -> str:
-    return "embed" if entry.task == "embed" else "chat"
+    return entry.task if entry.task in ("embed", "rerank") else "chat"
 
 
 def _weights(m: ModelSpec, entry: ModelEntry | None, engine: str, base: Path) -> tuple[str | None, str]:

@@ -32,6 +32,8 @@ PiiEntity = Literal[
     "tw_address",
 ]
 GuardCategory = Annotated[str, StringConstraints(pattern=r"^S([1-9]|1[0-4])$")]
+RoutingStrategy = Literal["simple-shuffle", "least-busy", "latency", "latency-based-routing", "usage-based-routing-v2"]
+"""The issue's short names and LiteLLM's (``latency`` is LiteLLM's ``latency-based-routing``)."""
 
 
 class _Model(BaseModel):
@@ -62,18 +64,36 @@ class GatewaySpec(_Model):
     """Seconds before a request to an engine is abandoned (LiteLLM's default is 6000)."""
     num_retries: int = Field(1, ge=0, le=10)
     """Retries of a failed request on another deployment of the same model."""
-    routing_strategy: Literal["simple-shuffle", "least-busy", "latency-based-routing", "usage-based-routing-v2"] = (
-        "simple-shuffle"
-    )
-    """How LiteLLM picks among the replicas of one model."""
+    routing_strategy: RoutingStrategy = "least-busy"
+    """How the gateway picks among the replicas of one model: least-busy (the replica with the
+    fewest requests in flight in this gateway worker), simple-shuffle (at random, weighted by a
+    replica's rpm/tpm), latency (the replica with the lowest recent latency per token; LiteLLM's
+    latency-based-routing, also accepted under that name) or usage-based-routing-v2.
+    least-busy is the default because benchmarks/routing.py measured it (benchmarks/RESULTS.md,
+    "Routing across replicas"): with one replica at a quarter of the other's max_num_seqs its p95
+    was half simple-shuffle's (1.0 s vs 2.0 s), and on identical replicas the lowest of the three
+    (0.59 s vs 0.93 s shuffle); latency won only while one replica could carry the whole load, and
+    on identical replicas it herded requests onto one of them (p95 1.0 s, 40 % less throughput)."""
     cooldown_s: float = Field(30.0, ge=0, le=3600)
     """Seconds a deployment is skipped after it fails allowed_fails times in a minute."""
     allowed_fails: int = Field(3, ge=0, le=1000)
     """Failures per minute before a deployment is cooled down."""
     health_check_interval_s: int = Field(30, ge=5, le=3600)
     """Seconds between background health checks of every deployment."""
+    aliases: dict[Name, Name] = {}
+    """Other names clients may call a model by: alias -> model, e.g. {gpt-4o-mini: taide-8b}.
+    An alias is its model under a second name (same engines, price, guard and fallbacks): a key
+    allowed either name may call both, /v1/models lists both, and the ledger records the model
+    as `model` and the name the client asked for as `requested_model`."""
     fallbacks: dict[str, list[str]] = {}
-    """Model name -> models tried in order when it fails, for every model at once."""
+    """Model (or alias) -> models tried in order when every replica of it is down or fails with
+    a 5xx or 429 (after num_retries); also when a prompt exceeds its context and
+    context_window_fallbacks is empty. A tenant key is never answered by a model outside its
+    allow-list: such fallbacks are skipped for it."""
+    context_window_fallbacks: dict[str, list[str]] = {}
+    """Model (or alias) -> models (with a longer context) tried in order when a prompt is longer
+    than its context window. Once any is given, a model without an entry answers an overlong
+    prompt with 400 context_length_exceeded instead of trying `fallbacks`."""
     start_timeout_s: float = Field(180.0, gt=0, le=3600)
     """Seconds the gateway may take to answer its first request at deploy."""
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
@@ -414,8 +434,9 @@ class ModelSpec(_Model):
     """Serving engine; vllm unless the source is a GGUF file or an Ollama tag."""
     device: Literal["gpu", "cpu"] | None = None
     """gpu for vllm and cpu for ollama unless given."""
-    task: Literal["chat", "embed"] | None = None
-    """chat (chat and text completions) or embed; from the registry when omitted."""
+    task: Literal["chat", "embed", "rerank"] | None = None
+    """chat (chat and text completions), embed, or rerank (a cross-encoder served at /v1/rerank
+    and /score); from the registry when omitted."""
     gpus: int | None = Field(None, ge=1, le=64)
     """GPUs per replica; defaults to tensor_parallel × pipeline_parallel."""
     tensor_parallel: int | None = Field(None, ge=1, le=64)
