@@ -32,7 +32,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from twllm.gateway import errors, failfast, rerank, responses, score, scrape, streams
+from twllm.gateway import errors, failfast, rerank, responses, score, scrape, spread, streams
 from twllm.gateway.settings import GatewaySettings, HttpSettings
 from twllm.settings import GATEWAY_SETTINGS_ENV
 
@@ -371,6 +371,7 @@ def build(settings: HttpSettings | None = None) -> ASGIApp:
     verbose_proxy_logger.addFilter(ClientErrorLogFilter())
     streams.install()
     failfast.install()
+    spread.install()  # least-busy routing takes turns among idle replicas
     rerank.install()  # the Safety Guard's codes survive LiteLLM's rerank route
     responses.install()
 

@@ -73,7 +73,8 @@ class GatewaySpec(_Model):
     "Routing across replicas"): with one replica at a quarter of the other's max_num_seqs its p95
     was half simple-shuffle's (1.0 s vs 2.0 s), and on identical replicas the lowest of the three
     (0.59 s vs 0.93 s shuffle); latency won only while one replica could carry the whole load, and
-    on identical replicas it herded requests onto one of them (p95 1.0 s, 40 % less throughput)."""
+    on identical replicas it herded requests onto one of them (p95 1.0 s, 40 % less throughput).
+    Idle replicas take turns (``twllm.gateway.spread``; LiteLLM's own would always pick the first)."""
     cooldown_s: float = Field(30.0, ge=0, le=3600)
     """Seconds a deployment is skipped after it fails allowed_fails times in a minute."""
     allowed_fails: int = Field(3, ge=0, le=1000)
@@ -176,6 +177,15 @@ class ZhTwSpec(_Model):
     system_prompt: str | None = None
     """System prompt added to chat requests that bring none (every chat model; a model's own
     `system_prompt` wins)."""
+    structured: Literal["values", "off"] = "values"
+    """Answers to requests with `response_format` json_object or json_schema (Responses:
+    `text.format`): `values` normalises free-text string values only — keys, and values the
+    schema fixes (enum, const, pattern, format), never change, so the answer still parses and
+    validates; `off` leaves such answers as the model wrote them. Tool calls are never
+    normalised. Default `values`: structured answers mostly carry text for people (summaries,
+    replies) that a zh-TW deployment wants in Taiwan Traditional, and what a program matches
+    on is kept; choose `off` when clients compare free-text values with strings of their own
+    (labels named only in the prompt of a json_object request)."""
 
 
 def _check_stages(input: Sequence[str] | None, output: Sequence[str] | None) -> None:
