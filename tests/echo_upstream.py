@@ -8,6 +8,8 @@ what the model "said". A real vLLM engine answers with whatever its weights give
 - ``ECHO`` anywhere in it → answers the last user message as received (so a test sees whether
   the gateway masked it);
 - ``DUMP`` → answers the JSON of every received message;
+- ``TOOL: <name> <arguments>`` (chat completions) → answers one tool call of function <name>
+  with exactly <arguments> (no text); streamed, the arguments come in pieces of ``CHUNK``;
 - anything else → "好的。";
 - ``/embeddings`` → a 2-number vector per input (its length, 1.0);
 - ``/responses`` (not streamed) → a Responses API answer to ``input`` as above; streamed, and
@@ -44,6 +46,16 @@ def answer_for(messages: list[dict[str, Any]]) -> str:
     if "ECHO" in text:
         return text
     return "好的。"
+
+
+def tool_call_for(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(function name, arguments) when the last user message is ``TOOL: <name> <arguments>``."""
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), {"content": ""})
+    text = last.get("content")
+    if not isinstance(text, str) or not text.startswith("TOOL: "):
+        return None
+    name, _, arguments = text[len("TOOL: ") :].partition(" ")
+    return name, arguments
 
 
 class EchoUpstream:
@@ -115,6 +127,10 @@ class EchoUpstream:
                 messages = body.get("messages") or [{"role": "user", "content": body.get("prompt") or ""}]
                 text = answer_for(messages)
                 created = int(time.time())
+                tool = tool_call_for(messages) if self.path.endswith("/chat/completions") else None
+                if tool is not None:
+                    self._tool_call(tool, created, bool(body.get("stream")))
+                    return
                 if not self.path.endswith("/chat/completions") and not body.get("stream"):
                     self._json(
                         {
@@ -173,6 +189,56 @@ class EchoUpstream:
                         "model": "echo",
                         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
                         "usage": {"prompt_tokens": 5, "completion_tokens": len(text), "total_tokens": 5 + len(text)},
+                    }
+                )
+                self._write(b"data: [DONE]\n\n")
+                self._write(b"")
+
+            def _tool_call(self, tool: tuple[str, str], created: int, stream: bool) -> None:
+                name, arguments = tool
+                usage = {"prompt_tokens": 5, "completion_tokens": len(arguments), "total_tokens": 5 + len(arguments)}
+                call = {"id": "call_echo", "type": "function", "function": {"name": name, "arguments": arguments}}
+                if not stream:
+                    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                    self._json(
+                        {
+                            "id": "chatcmpl-echo",
+                            "object": "chat.completion",
+                            "created": created,
+                            "model": "echo",
+                            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                            "usage": usage,
+                        }
+                    )
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                first = {**call, "index": 0, "function": {"name": name, "arguments": ""}}
+                deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None, "tool_calls": [first]}]
+                deltas += [
+                    {"tool_calls": [{"index": 0, "function": {"arguments": arguments[i : i + CHUNK]}}]}
+                    for i in range(0, len(arguments), CHUNK)
+                ]
+                for delta in deltas:
+                    self._event(
+                        {
+                            "id": "chatcmpl-echo",
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": "echo",
+                            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                        }
+                    )
+                self._event(
+                    {
+                        "id": "chatcmpl-echo",
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": "echo",
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+                        "usage": usage,
                     }
                 )
                 self._write(b"data: [DONE]\n\n")

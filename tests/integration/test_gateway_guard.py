@@ -399,3 +399,105 @@ def test_guard_check_gives_the_live_verdicts(spec_file: Path, client: httpx.Clie
             assert live.status_code == 400 and live.json()["error"]["message"] == offline.message, (model, text)
         else:
             assert live.status_code == 200 and live.json()["choices"][0]["message"]["content"] == offline.text
+
+
+# --- machine-readable answers (issue 19) -------------------------------------------------------
+
+SCHEMA_ZH = {
+    "type": "object",
+    "properties": {
+        "软件名称": {"type": "string"},
+        "状态": {"type": "string", "enum": ["进行中", "已完成"]},
+        "网址": {"type": "string", "format": "uri"},
+        "说明": {"type": "string"},
+        "标签": {"type": "array", "items": {"type": "string", "enum": ["软件", "信息"]}},
+    },
+    "required": ["软件名称", "状态", "网址", "说明", "标签"],
+    "additionalProperties": False,
+}
+ANSWER_ZH = {
+    "软件名称": "这个软件",
+    "状态": "进行中",
+    "网址": "https://zh.wikipedia.org/wiki/软件",
+    "说明": "详见 https://zh.wikipedia.org/wiki/软件 了解信息。",
+    "标签": ["软件", "信息"],
+}
+
+
+def stream_events(client: httpx.Client, key: str, body: dict) -> list[dict]:
+    with client.stream(
+        "POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json={**body, "stream": True}
+    ) as response:
+        assert response.status_code == 200, response.read()
+        raw = "".join(response.iter_text())
+    return [
+        json.loads(line[len("data: ") :])
+        for line in raw.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def streamed_text(events: list[dict]) -> str:
+    assert not any("error" in event for event in events), events
+    return "".join((c.get("delta") or {}).get("content") or "" for e in events for c in e.get("choices", []))
+
+
+def test_a_json_schema_answer_with_simplified_keys_comes_back_valid(client: httpx.Client, tenant) -> None:
+    import jsonschema
+
+    _, key = tenant
+    said = say(json.dumps(ANSWER_ZH, ensure_ascii=False))
+    fmt = {"type": "json_schema", "json_schema": {"name": "software", "schema": SCHEMA_ZH, "strict": True}}
+    whole = chat(client, key, said, model="chat-zh", response_format=fmt)
+    assert whole.status_code == 200, whole.text
+    body = {"model": "chat-zh", "messages": [{"role": "user", "content": said}], "response_format": fmt}
+    for content in (whole.json()["choices"][0]["message"]["content"], streamed_text(stream_events(client, key, body))):
+        document = json.loads(content)
+        jsonschema.validate(document, SCHEMA_ZH)
+        assert list(document) == list(ANSWER_ZH)  # keys byte for byte, in order
+        assert document["状态"] == "进行中" and document["标签"] == ["软件", "信息"]  # enum values kept
+        assert document["网址"] == ANSWER_ZH["网址"]  # a format: uri value kept
+        assert document["软件名称"] == "這個軟體"  # free text normalised
+        assert document["说明"] == "詳見 https://zh.wikipedia.org/wiki/软件 瞭解資訊。"
+    # json_object: no schema, keys still never change
+    plain = chat(client, key, say('{"软件": "这个软件"}'), model="chat-zh", response_format={"type": "json_object"})
+    assert plain.json()["choices"][0]["message"]["content"] == '{"软件": "這個軟體"}'
+
+
+def test_a_tool_call_with_chinese_arguments_passes_unchanged(client: httpx.Client, tenant) -> None:
+    _, key = tenant
+    arguments = json.dumps(
+        {"查询": "这个软件的信息", "网址": "https://例子.中国/软件", "路径": "/数据/软件"}, ensure_ascii=False
+    )
+    tools = [{"type": "function", "function": {"name": "搜索软件", "parameters": {"type": "object"}}}]
+    body = {
+        "model": "chat-zh",
+        "messages": [{"role": "user", "content": f"TOOL: 搜索软件 {arguments}"}],
+        "tools": tools,
+    }
+    response = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body)
+    assert response.status_code == 200, response.text
+    call = response.json()["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"] == {"name": "搜索软件", "arguments": arguments}
+    name, streamed = "", ""
+    for event in stream_events(client, key, body):
+        for choice in event.get("choices", []):
+            for delta_call in (choice.get("delta") or {}).get("tool_calls") or []:
+                name += delta_call.get("function", {}).get("name") or ""
+                streamed += delta_call.get("function", {}).get("arguments") or ""
+    assert name == "搜索软件" and streamed == arguments
+
+
+def test_links_paths_and_code_survive_a_streamed_normalisation(client: httpx.Client, tenant) -> None:
+    _, key = tenant
+    said = (
+        "请看[软件](https://zh.wikipedia.org/wiki/软件)和 https://例子.中国/软件?q=信息 ，"
+        '文件在 /etc/软件/配置.conf，用 `软件信息` 测试 <a href="/软件">软件</a>。'
+    )
+    want = (
+        "請看[軟體](https://zh.wikipedia.org/wiki/软件)和 https://例子.中国/软件?q=信息 ，"
+        '檔案在 /etc/软件/配置.conf，用 `软件信息` 測試 <a href="/软件">軟體</a>。'
+    )
+    assert chat(client, key, say(said), model="chat-zh").json()["choices"][0]["message"]["content"] == want
+    body = {"model": "chat-zh", "messages": [{"role": "user", "content": say(said)}]}
+    assert streamed_text(stream_events(client, key, body)) == want  # sent in 3-character chunks

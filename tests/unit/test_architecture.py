@@ -140,6 +140,7 @@ HAND_JSON = {
     "twllm/console/api.py": "the console's JSON request bodies on the wire",
     "twllm/console/app.py": "the console's JSON responses on the wire",
     "twllm/guard/gateway.py": "an SSE error event on the wire",
+    "twllm/zh_tw/structured.py": "a model's JSON answer, read and rewritten value by value in place",
     "twllm/runtime/engines/ollama.py": "Ollama's streamed progress lines on the wire",
     "twllm/runtime/components.py": "a fingerprint hashed from plan data, never stored",
     "twllm/render/monitoring.py": "the Grafana dashboard: Grafana's own JSON model, read by Grafana only",

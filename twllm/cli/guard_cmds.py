@@ -34,16 +34,26 @@ def check(
         None, "--policy", help="Check as for a tenant or key with this policy of guard.policies."
     ),
     json_out: bool = typer.Option(False, "--json", help="Write one JSON document to stdout."),
+    response_format: str | None = typer.Option(
+        None,
+        "--response-format",
+        help="Check TEXT as the answer to a request with this response_format: json_object, or a "
+        "file holding the JSON Schema of a json_schema request.",
+    ),
 ) -> None:
     """Run the configured guard stages on TEXT and print the verdict, categories and resulting text.
 
     The policy is resolved as the gateway resolves it (gateway-wide, then the model's, then the
     tenant's), and a guard model served by one of the deployment's engines is asked there.
+    With --stage output and a zh_tw stage, every rewrite it makes is listed span by span (offsets
+    in the text the stage received), and so are the spans it keeps as written (URLs, paths, code,
+    tags; JSON keys and fixed values).
     Exits 0 whenever the check ran: the verdict (allow, mask, block) is the output, not an error.
     """
     from twllm.guard.pipeline import GuardPipeline
     from twllm.guard.policy import GuardPolicies
     from twllm.spec.guard_layers import served_guard_models
+    from twllm.zh_tw.structured import JsonFormat
 
     if stage not in ("input", "output"):
         raise typer.BadParameter(f"'{stage}' is neither input nor output", param_hint="--stage")
@@ -61,6 +71,19 @@ def check(
             f"defined: {', '.join(known) or 'none'}",
             param_hint="--policy",
         )
+    structure: JsonFormat | None = None
+    if response_format == "json_object":
+        structure = JsonFormat()
+    elif response_format is not None:
+        try:
+            schema = json.loads(Path(response_format).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(
+                f"neither json_object nor a readable JSON Schema file: {exc}", param_hint="--response-format"
+            ) from None
+        if not isinstance(schema, dict):
+            raise typer.BadParameter("the JSON Schema must be an object", param_hint="--response-format")
+        structure = JsonFormat(schema)
     if text == "-":
         text = sys.stdin.read()
     policies = GuardPolicies.from_spec(loaded.spec)
@@ -68,9 +91,13 @@ def check(
         # A guard model served by this deployment: ask the running engine, as the gateway does.
         policies.remote = _running_remote(config)
     pipeline = GuardPipeline(policies.resolve(model, policy), remote=policies.remote)
-    result = pipeline.run(text, stage=stage)  # type: ignore[arg-type]
+    result = pipeline.run(text, stage=stage, structure=structure)  # type: ignore[arg-type]
+    audit = _zh_tw_audit(pipeline, text, structure) if stage == "output" and not result.blocked else None
     if json_out:
-        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        data = result.to_dict()
+        if audit is not None:
+            data["zh_tw"] = audit
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     typer.echo(f"verdict: {result.verdict}")
     typer.echo(f"categories: {', '.join(result.categories) or '-'}")
@@ -78,7 +105,43 @@ def check(
         typer.echo(f"message: {result.message}")
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
+    if audit is not None:
+        if audit.get("skipped"):
+            typer.echo(f"zh_tw: {audit['skipped']}")
+        if "received" in audit:  # offsets below are in what the earlier stages left
+            typer.echo(f"zh_tw received: {audit['received']}")
+        typer.echo(f"zh_tw changes: {len(audit['changes'])}")
+        for change in audit["changes"]:
+            typer.echo(f"  {change['start']}-{change['end']}\t{change['before']} → {change['after']}")
+        typer.echo(f"zh_tw kept as written: {len(audit['protected'])}")
+        for span in audit["protected"]:
+            typer.echo(f"  {span['start']}-{span['end']}\t{span['kind']}\t{span['text']}")
     typer.echo(f"text: {result.text}")
+
+
+def _zh_tw_audit(pipeline, text: str, structure) -> dict | None:
+    """What the zh_tw output stage rewrites in ``text`` and what it keeps as written, span by
+    span, at offsets in the text that stage receives (after the stages before it, e.g. a PII
+    mask); None when the stage is not configured."""
+    from twllm.zh_tw.normalize import changes, protected_spans
+    from twllm.zh_tw.structured import json_changes
+
+    names = pipeline.stages("output")
+    if "zh_tw" not in names:
+        return None
+    before = [n for n in names[: names.index("zh_tw")] if n == "pii"]
+    received = pipeline.run(text, "output", only=before).text if before else text
+    audit: dict = {"received": received} if received != text else {}
+    if structure is not None and pipeline.spec.zh_tw.structured == "off":
+        audit.update(skipped="a JSON answer, and guard.zh_tw.structured is off", changes=[], protected=[])
+        return audit
+    if structure is None:
+        found, kept = changes(received), protected_spans(received)
+    else:
+        found, kept = json_changes(received, structure)
+    audit["changes"] = [{"start": c.start, "end": c.end, "before": c.before, "after": c.after} for c in found]
+    audit["protected"] = [{"start": s, "end": e, "kind": k, "text": received[s:e]} for s, e, k in kept]
+    return audit
 
 
 def _running_remote(config: Path) -> dict:

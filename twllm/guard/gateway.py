@@ -14,8 +14,9 @@ Per request it resolves the policy (gateway-wide < the model's < the key's or te
   and system turns get the PII stage only: a client resending history resends its PII); a mask
   rewrites the request before it leaves for the engine; the model's zh-TW system prompt is added
   when the request has none.
-- post-call: the output stages on each choice's answer; a mask (or a zh-TW normalisation)
-  rewrites the answer.
+- post-call: the output stages on each choice's answer (never its tool calls); a mask (or a
+  zh-TW normalisation) rewrites the answer. A request for JSON (``response_format``) tells the
+  zh_tw stage to keep keys and the values the schema fixes (``twllm.zh_tw.structured``).
 - streams: ``streaming.OutputStream`` per choice — rewriting stages incrementally, classifier
   stages on held windows, so unsafe text never reaches the client.
 
@@ -57,6 +58,7 @@ from twllm.guard.policy import GuardPolicies, UnknownPolicy
 from twllm.guard.streaming import OutputStream, StreamBlocked
 from twllm.settings import GATEWAY_SETTINGS_ENV
 from twllm.spec.schema import PiiEntity
+from twllm.zh_tw.structured import JsonFormat, json_format
 
 log = logging.getLogger(__name__)
 
@@ -372,9 +374,11 @@ class TwllmGuardrail(CustomGuardrail):
                     response,
                     responses_guard.conversation(data),
                     _combine,
+                    json_format(data),
                 )
             else:
-                result = await _run(pipeline, "output", _screen_choices, pipeline, choices, messages)
+                structure = json_format(data)
+                result = await _run(pipeline, "output", _screen_choices, pipeline, choices, messages, structure)
         except BaseException:
             st.output_done(call_id)
             raise
@@ -400,6 +404,7 @@ class TwllmGuardrail(CustomGuardrail):
         window = pipeline.spec.stream_window
         messages = request_data.get("messages") if isinstance(request_data.get("messages"), list) else []
         streams: dict[int, OutputStream] = {}
+        structure = json_format(request_data)  # a JSON answer: keys and fixed values never change
         finished = False
         # Masking and normalising a chunk take microseconds: done in place. A classifier check
         # (Llama Guard on a window) runs in a worker thread, off the event loop.
@@ -409,7 +414,9 @@ class TwllmGuardrail(CustomGuardrail):
             return await asyncio.to_thread(fn, *args) if offload else fn(*args)
 
         if responses_guard.is_request(request_data):  # Responses API events
-            answer = responses_guard.ResponseStream(pipeline, responses_guard.conversation(request_data), window, call)
+            answer = responses_guard.ResponseStream(
+                pipeline, responses_guard.conversation(request_data), window, call, structure
+            )
             async for event in self._response_events(st, call_id, answer, chunks):
                 yield event
             return
@@ -424,7 +431,7 @@ class TwllmGuardrail(CustomGuardrail):
                     index = getattr(choice, "index", 0) or 0
                     stream = streams.get(index)
                     if stream is None:
-                        stream = streams[index] = OutputStream(pipeline, messages, window)
+                        stream = streams[index] = OutputStream(pipeline, messages, window, structure)
                     delta = getattr(choice, "delta", None)
                     text = getattr(delta, "content", None) if delta is not None else getattr(choice, "text", None)
                     piece = await call(stream.feed, text) if text else ""
@@ -650,14 +657,21 @@ def _screen_messages(pipeline: GuardPipeline, data: dict) -> GuardResult:
     return _combine(results)
 
 
-def _screen_choices(pipeline: GuardPipeline, choices: list[Any], messages: list[Mapping[str, Any]]) -> GuardResult:
+def _screen_choices(
+    pipeline: GuardPipeline,
+    choices: list[Any],
+    messages: list[Mapping[str, Any]],
+    structure: JsonFormat | None = None,
+) -> GuardResult:
+    """Output stages on each choice's text (never its tool calls); ``structure``: the request
+    asked for JSON."""
     results = []
     for choice in choices:
         message = getattr(choice, "message", None)
         text = getattr(message, "content", None) if message is not None else getattr(choice, "text", None)
         if not isinstance(text, str) or not text:
             continue
-        result = pipeline.run(text, "output", messages)
+        result = pipeline.run(text, "output", messages, structure=structure)
         results.append(result)
         if result.blocked:
             return _combine(results)

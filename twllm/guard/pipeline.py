@@ -19,11 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from twllm.guard.llama_guard import CATEGORIES
 from twllm.guard.pii import PLACEHOLDERS_ZH, PiiPolicy
 from twllm.spec.schema import GuardSpec
+
+if TYPE_CHECKING:
+    from twllm.zh_tw.structured import JsonFormat
 
 Stage = Literal["input", "output"]
 Verdict = Literal["allow", "mask", "block"]
@@ -195,10 +198,12 @@ class GuardPipeline:
         stage: Stage = "input",
         messages: list[Mapping[str, Any]] | None = None,
         only: Iterable[str] | None = None,
+        structure: JsonFormat | None = None,
     ) -> GuardResult:
         """Run the stages of ``stage`` on ``text``. ``messages``: the conversation (for Llama Guard:
         context of an input check, the question of an output check). ``only``: run just these of
-        the configured stages."""
+        the configured stages. ``structure``: the request asked for JSON (``zh_tw.structured``
+        says what the zh_tw stage may change in it)."""
         names = self.stages(stage)
         if only is not None:
             wanted = set(only)
@@ -212,7 +217,10 @@ class GuardPipeline:
         for name in names:
             start = time.perf_counter()
             try:
-                outcome = self._stages[name](text, stage, messages)
+                if name == "zh_tw":
+                    outcome = self._zh_tw(text, stage, messages, structure)
+                else:
+                    outcome = self._stages[name](text, stage, messages)
             except Exception as exc:  # noqa: BLE001 - any guard failure goes through the failure policy
                 outcome = self._failed(name, stage, text, exc)
             latency[name] = (time.perf_counter() - start) * 1000
@@ -267,10 +275,16 @@ class GuardPipeline:
             return _Outcome(text)
         return _Outcome(text, "block", [PROMPT_INJECTION], message=injection_message())
 
-    def _zh_tw(self, text: str, stage: Stage, messages: list | None) -> _Outcome:
+    def _zh_tw(self, text: str, stage: Stage, messages: list | None, structure: JsonFormat | None = None) -> _Outcome:
         from twllm.zh_tw import normalize
+        from twllm.zh_tw.structured import normalize_json
 
-        converted = normalize(text)
+        if structure is None:
+            converted = normalize(text)
+        elif self.spec.zh_tw.structured == "values":
+            converted = normalize_json(text, structure)
+        else:
+            converted = text
         if converted == text:
             return _Outcome(text)
         return _Outcome(converted, "mask", findings=[{"entity": "zh_hans", "rule": "opencc_s2twp"}])

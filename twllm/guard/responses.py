@@ -12,7 +12,8 @@ this module knows where the texts are:
   turns are not. The model's zh-TW system prompt becomes ``instructions`` when the request has
   neither ``instructions`` nor a system or developer turn.
 - output: the ``output_text`` parts of the answer's message items (never tool calls or their
-  arguments), rewritten in place.
+  arguments), rewritten in place; with a JSON ``text.format`` the zh_tw stage keeps keys and
+  fixed values (``twllm.zh_tw.structured``).
 - streams (``guard_stream``): each ``response.output_text.delta`` passes through an
   ``OutputStream`` per (output item, content part), so masking and normalising work chunk by
   chunk as in chat; a delta whose text a stage still holds is dropped, and what a stage held at
@@ -35,6 +36,7 @@ from litellm.types.llms.openai import ErrorEvent, ResponsesAPIStreamEvents
 
 from twllm.guard.pipeline import GuardPipeline, GuardResult
 from twllm.guard.streaming import OutputStream, StreamBlocked
+from twllm.zh_tw.structured import JsonFormat
 
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 """Content parts that hold text a person wrote or a model said."""
@@ -179,15 +181,20 @@ def _output_parts(output: Any) -> list[tuple[int, int, Any]]:
 
 
 def screen_response(
-    pipeline: GuardPipeline, response: Any, messages: list[Mapping[str, Any]], combine: Combine
+    pipeline: GuardPipeline,
+    response: Any,
+    messages: list[Mapping[str, Any]],
+    combine: Combine,
+    structure: JsonFormat | None = None,
 ) -> GuardResult:
-    """Output stages on each text part of a (whole) response; rewrites are written in place."""
+    """Output stages on each text part of a (whole) response; rewrites are written in place.
+    ``structure``: the request's ``text.format`` asked for JSON."""
     results = []
     for _, _, part in _output_parts(_get(response, "output")):
         text = _get(part, "text")
         if not text:
             continue
-        result = pipeline.run(text, "output", messages)
+        result = pipeline.run(text, "output", messages, structure=structure)
         results.append(result)
         if result.blocked:
             return combine(results)
@@ -208,8 +215,16 @@ def error_event(code: str, message: str, sequence_number: int) -> ErrorEvent:
 class ResponseStream:
     """One streamed response through the output stages (see the module docstring)."""
 
-    def __init__(self, pipeline: GuardPipeline, messages: list[Mapping[str, Any]], window: int, call: Call) -> None:
+    def __init__(
+        self,
+        pipeline: GuardPipeline,
+        messages: list[Mapping[str, Any]],
+        window: int,
+        call: Call,
+        structure: JsonFormat | None = None,
+    ) -> None:
         self.pipeline = pipeline
+        self.structure = structure
         self.messages = messages
         self.window = window
         self.call = call
@@ -226,7 +241,7 @@ class ResponseStream:
     def _stream(self, key: tuple[int, int]) -> OutputStream:
         stream = self.parts.get(key)
         if stream is None:
-            stream = self.parts[key] = OutputStream(self.pipeline, self.messages, self.window)
+            stream = self.parts[key] = OutputStream(self.pipeline, self.messages, self.window, self.structure)
         return stream
 
     def _numbered(self, event: Any) -> Any:

@@ -11,7 +11,11 @@ the client as soon as every stage has let it through:
 - ``zh_tw`` (``StreamNormalizer``) holds only the last characters of a Simplified run that a
   dictionary phrase could still extend (usually one or two), an unclosed inline `code` span,
   and, until a sentence's script is decided, the few characters `s2twp` would change; Latin
-  text, digits, whitespace and Taiwan Traditional text pass at once.
+  text, digits, whitespace and Taiwan Traditional text pass at once; nor does it rewrite a URL,
+  path, link target, tag or code that a chunk boundary cuts (it holds such a span's start while it
+  may still be one). For a request that asked for JSON it is ``JsonStreamNormalizer``: structure,
+  keys and fixed values pass at once, free-text values stream as prose does (or nothing is
+  normalised: ``zh_tw.structured: off``).
 
 Together their output equals the whole-text result, however the answer was chunked.
 
@@ -34,10 +38,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twllm.guard.pii import StreamMasker
 from twllm.guard.pipeline import GuardPipeline, GuardResult, pii_message
+
+if TYPE_CHECKING:
+    from twllm.zh_tw.structured import JsonFormat
 
 GATES = ("llama_guard",)
 """Stages that judge the answer without rewriting it."""
@@ -55,8 +62,14 @@ class OutputStream:
     """One streamed answer (one choice) through the pipeline's output stages."""
 
     def __init__(
-        self, pipeline: GuardPipeline, messages: list[Mapping[str, Any]] | None = None, window: int = 200
+        self,
+        pipeline: GuardPipeline,
+        messages: list[Mapping[str, Any]] | None = None,
+        window: int = 200,
+        structure: JsonFormat | None = None,
     ) -> None:
+        """``structure``: the request asked for JSON; the zh_tw stage then follows
+        ``zh_tw.structured`` (free-text values only, or nothing)."""
         self.pipeline = pipeline
         self.messages = list(messages or [])
         self.window = window
@@ -71,8 +84,11 @@ class OutputStream:
                 self._steps.append((name, self._masker.feed, self._masker.flush))
             elif name == "zh_tw":
                 from twllm.zh_tw import StreamNormalizer
+                from twllm.zh_tw.structured import JsonStreamNormalizer
 
-                normalizer = StreamNormalizer()
+                if structure is not None and pipeline.spec.zh_tw.structured == "off":
+                    continue
+                normalizer = StreamNormalizer() if structure is None else JsonStreamNormalizer(structure)
                 self._holders.append(normalizer)
                 self._steps.append((name, self._tracked(normalizer.feed), self._tracked_flush(normalizer.flush)))
             elif name in GATES:

@@ -1,9 +1,10 @@
 """Simplified → Taiwan Traditional normalisation that leaves Taiwan Traditional text byte-identical.
 
 One left-to-right scanner cuts text into segments (a segment ends after 。！？；!? or a newline,
-or once it holds SEGMENT_CAP characters). Inside a segment, fenced and inline code, URLs and
-ASCII words (identifiers, e-mail addresses, numbers) are protected: never converted, never
-counted. The rest, the prose, is read in order and each segment's script is decided locally:
+or once it holds SEGMENT_CAP characters). Inside a segment, text a program reads is protected:
+never converted, never counted — fenced and inline code, URLs and IRIs, e-mail addresses, file
+paths, Markdown link targets, HTML/XML tags, ASCII words (spans.py says where each starts and
+ends; ``protected_spans`` lists them). The rest, the prose, is read in order and each segment's script is decided locally:
 
 - at its first script-specific character (charsets.py). A Simplified-only character makes the
   segment Simplified: its prose goes through `s2twp` (characters and Taiwan phrasing: 软件 →
@@ -46,12 +47,12 @@ import base64
 import bisect
 import lzma
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import opencc
 
-from twllm.zh_tw import phrases
+from twllm.zh_tw import phrases, spans
 from twllm.zh_tw.charsets import SIMPLIFIED_ONLY, TRADITIONAL_ONLY
 from twllm.zh_tw.terms import EXTRA_TERMS, apply_extra_terms
 
@@ -60,10 +61,8 @@ SEGMENT_CAP = 200
 segment holds, and the span of inline code and URLs)."""
 
 BOUNDARIES = frozenset("。！？；!?\n")
-_SCHEMES = ("https://", "http://", "ftp://")
-_URL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=%")
-_WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+\-@]{0,%d}" % (SEGMENT_CAP - 1), re.ASCII)
-_PROSE = re.compile(r"[^`A-Za-z0-9_。！？；!?\n]+")
+_PROSE = re.compile(r"[^`A-Za-z0-9_。！？；!?\n\]</.~\\]+")
+"""Prose up to the next character where a boundary, code or a protected span may start."""
 _FENCE_OPEN = re.compile(r" {0,3}(`{3,}|~{3,})")
 _MAYBE_FENCE = re.compile(r" {0,3}(`*|~*)")
 _DECISIVE_TRADITIONAL = TRADITIONAL_ONLY - frozenset(phrases.SHARED_TRADITIONAL)
@@ -362,11 +361,12 @@ CODE, WORD, PROSE, END = "code", "word", "prose", "end"
 class _Scanner:
     """Reads a growing buffer and yields, in order and as soon as each is certain:
     (CODE, text) code-fence text, verbatim; (WORD, text) protected text (inline code, a URL, an
-    ASCII word — possibly in several parts while it grows); (PROSE, text) prose; (END, "") the
-    end of a prose segment. Shared by normalize, is_simplified and streams.
+    e-mail address, a path, a Markdown link target, an HTML/XML tag, an ASCII word — possibly in
+    several parts while it grows; see spans.py); (PROSE, text) prose; (END, "") the end of a
+    prose segment. Shared by normalize, is_simplified, protected_spans and streams.
 
-    Positions are offsets into ``buf``, which keeps only text not yet yielded (and the ASCII
-    token being scanned)."""
+    Positions are offsets into ``buf``, which keeps only text not yet yielded (and the token
+    being scanned)."""
 
     buf: str = ""
     pos: int = 0
@@ -377,15 +377,38 @@ class _Scanner:
     """The marker of the open code fence (``` or ~~~), or None in prose."""
     line_start: bool = True
     tok: int | None = None
-    """Start of the ASCII token (word or URL) being scanned; its text up to pos is yielded."""
+    """Start of the token (word, URL, path, link target) being scanned; its text up to pos is
+    yielded."""
+    memo: dict = field(default_factory=dict)
+    """What spans.token_end keeps while the token grows."""
+    before: str = ""
+    """The character just before buf ("" at the start of the text): where a path may start."""
+    base: int = 0
+    """Offset of buf[0] in the whole text."""
+    spans: list[tuple[int, int, str]] | None = None
+    """When a list: every protected span found, (start, end, kind) in the whole text (plain
+    ASCII words left out)."""
 
     def append(self, chunk: str) -> None:
         keep = self.pos if self.tok is None else self.tok
+        if keep:
+            self.before = self.buf[keep - 1]
         self.buf = self.buf[keep:] + chunk
+        self.base += keep
         self.pos -= keep
         self.seg -= keep
         if self.tok is not None:
             self.tok -= keep
+
+    def _span(self, start: int, end: int, kind: str) -> None:
+        if self.spans is None or kind == spans.WORD:
+            return
+        start, end = self.base + start, self.base + end
+        last = self.spans[-1] if self.spans else None
+        if last is not None and last[2] == kind == spans.CODE_BLOCK and last[1] == start:
+            self.spans[-1] = (last[0], end, kind)
+        else:
+            self.spans.append((start, end, kind))
 
     def items(self, final: bool):
         while True:
@@ -431,29 +454,49 @@ class _Scanner:
                 if end is None:
                     return
                 self.pos = end
+                if end > pos + 1 and buf[end - 1] == "`" and buf[pos:end].strip("`"):
+                    self._span(pos, end, spans.INLINE_CODE)
                 yield (WORD, buf[pos:end])
             elif char.isascii() and (char.isalnum() or char == "_"):
                 self.tok = pos
+            elif char in spans.TRIGGERS:
+                found = spans.span_at(buf, pos, buf[pos - 1] if pos else self.before, final)
+                if found is None:
+                    return
+                if found == spans.TOKEN:
+                    self.tok = pos
+                elif found == spans.NO:
+                    self.pos = pos + 1
+                    yield (PROSE, char)
+                else:
+                    assert isinstance(found, int)
+                    self.pos = found
+                    self._span(pos, found, spans.TAG)
+                    yield (WORD, buf[pos:found])
             else:
                 run = _PROSE.match(buf, pos, cap)
                 assert run is not None
                 self.pos = run.end()
                 yield (PROSE, run.group(0))
 
-    # --- ASCII tokens: their characters are protected whatever the token turns out to be, so
-    # they are yielded as they come; only where the token ends waits for more text.
+    # --- tokens: their characters are protected whatever the token turns out to be (a word, a
+    # URL, a path), so they are yielded as they come; only where the token ends waits for more
+    # text (spans.token_end, spans.token_certain).
 
     def _token_step(self, final: bool) -> tuple[str, bool]:
         assert self.tok is not None
         buf, start, pos = self.buf, self.tok, self.pos
-        end = _ascii_token_end(buf, start, final)
-        if end is None:
-            certain = _token_certain(buf, start)
+        found = spans.token_end(buf, start, final, self.memo)
+        if found is None:
+            certain = spans.token_certain(buf, start, self.memo)
             if certain > pos:
                 self.pos = certain
                 return buf[pos:certain], False
             return "", False
+        end, kind = found
+        self._span(start, end, kind)
         self.pos, self.tok = end, None
+        self.memo = {}
         return buf[pos:end], True
 
     # --- code fences: emitted verbatim line by line; only a closing fence line is waited for
@@ -476,6 +519,7 @@ class _Scanner:
 
     def _take_verbatim(self, end: int):
         text = self.buf[self.pos : end]
+        self._span(self.pos, end, spans.CODE_BLOCK)
         self.pos = self.seg = end
         self.line_start = text.endswith("\n")
         return (CODE, text)
@@ -512,62 +556,6 @@ def _inline_code_end(buf: str, pos: int, final: bool) -> int | None:
     return end if final or i >= limit else None
 
 
-def _scheme_at(buf: str, pos: int) -> str | None:
-    rest = buf[pos : pos + 8].lower()
-    return next((s for s in _SCHEMES if rest.startswith(s)), None)
-
-
-def _ascii_token_end(buf: str, pos: int, final: bool) -> int | None:
-    """End of the URL or ASCII word at pos; None while more input could extend it."""
-    rest = buf[pos : pos + 8].lower()
-    if not final and pos + len(rest) == len(buf) and any(s.startswith(rest) and s != rest for s in _SCHEMES):
-        return None
-    scheme = _scheme_at(buf, pos)
-    if scheme is None:
-        word = _WORD.match(buf, pos)
-        assert word is not None
-        if word.end() == len(buf) and not final and word.end() - pos < SEGMENT_CAP:
-            return None
-        return word.end()
-    return _url_end(buf, pos, pos + len(scheme), final)
-
-
-def _token_certain(buf: str, pos: int) -> int:
-    """How far the token at pos certainly reaches: its word characters (a scheme candidate such
-    as "http" is protected either way), or the URL up to a trailing non-ASCII run that may yet
-    turn out to be prose."""
-    scheme = _scheme_at(buf, pos)
-    if scheme is None:
-        word = _WORD.match(buf, pos)
-        assert word is not None
-        return word.end()
-    end = _url_end(buf, pos, pos + len(scheme), final=True)  # as if nothing more came
-    assert end is not None
-    return end
-
-
-def _url_end(buf: str, pos: int, i: int, final: bool) -> int | None:
-    """End of a URL whose body starts at i: ASCII URL characters, plus runs of non-ASCII
-    letters (an IRI path: /wiki/軟體) when a /?#&= follows them. At most SEGMENT_CAP long."""
-    limit = i + SEGMENT_CAP
-    while i < min(len(buf), limit):
-        char = buf[i]
-        if char in _URL_CHARS:
-            i += 1
-            continue
-        if char.isascii() or not char.isalnum():
-            return i
-        j = i
-        while j < len(buf) and not buf[j].isascii() and buf[j].isalnum():
-            j += 1
-        if j == len(buf):
-            return i if final else None
-        if buf[j] not in "/?#&=":
-            return i
-        i = j
-    return i if final or i >= limit else None
-
-
 # --- the normaliser ----------------------------------------------------------------------------
 
 SIMPLIFIED, TRADITIONAL = "simplified", "traditional"
@@ -578,11 +566,14 @@ class StreamNormalizer:
 
     For any chunking, ``"".join(feed(c) for c in chunks) + flush() == normalize(text)``.
     What is held back: the last characters of a Simplified run that a dictionary phrase could
-    still extend and convert differently (usually one or two), a URL scheme in progress
-    ("https:/"; the characters of ASCII words and URLs themselves pass at once), an unclosed
-    inline `code` span (to the end of its line, at most SEGMENT_CAP characters), a line's leading
-    spaces or backticks until it is clear they do not open a code fence, and, until a segment's
-    script is decided, its text that `s2twp` would change. ``held`` counts the input characters
+    still extend and convert differently (usually one or two), the start of a protected span
+    while it may still be one ("https:/", "docs/", a "]" until the next character, a "<" until
+    its tag closes or cannot be one, at most spans.TAG_CAP characters; Chinese glued to a URL's
+    end until its run ends, at most spans.RUN_CAP; the characters of words, URLs, paths and link
+    targets themselves pass at once), an unclosed inline `code` span (to the end of its line, at
+    most SEGMENT_CAP characters), a line's leading spaces or backticks until it is clear they do
+    not open a code fence, and, until a segment's script is decided, its text that `s2twp` would
+    change. ``held`` counts the input characters
     held back, ``deciding`` says whether the segment's script is still open.
     """
 
@@ -598,6 +589,9 @@ class StreamNormalizer:
         of it already sent), in order."""
         self._fed = 0
         self._done = 0
+        self.log: list[tuple[str, int]] | None = None
+        """When a list: every piece released, as (text sent, input characters it stands for), in
+        order (``changes`` and the structured-output normaliser read it)."""
 
     @property
     def held(self) -> int:
@@ -633,6 +627,8 @@ class StreamNormalizer:
     def _out(self, out: list[str], text: str, consumed: int) -> None:
         out.append(text)
         self._done += consumed
+        if self.log is not None:
+            self.log.append((text, consumed))
 
     def _prose(self, text: str, out: list[str]) -> None:
         if self._mode is TRADITIONAL:
@@ -742,3 +738,78 @@ def is_simplified(text: str) -> bool:
     if not _has_simplified(text):
         return False
     return any(_has_simplified(run) for run in prose_runs(text))
+
+
+def protected_spans(text: str) -> list[tuple[int, int, str]]:
+    """The spans of ``text`` that normalisation never rewrites, as (start, end, kind): URLs,
+    e-mail addresses, paths, Markdown link targets, HTML/XML tags, inline code and code blocks
+    (spans.py names the kinds; plain ASCII words are protected too, but not listed)."""
+    scanner = _Scanner(spans=[])
+    scanner.append(text)
+    for _ in scanner.items(final=True):
+        pass
+    assert scanner.spans is not None
+    return scanner.spans
+
+
+@dataclass(frozen=True)
+class Change:
+    """One rewrite: ``before`` (text[start:end] of the input) became ``after``."""
+
+    start: int
+    end: int
+    before: str
+    after: str
+
+
+def log_changes(source: str, log: list[tuple[str, int]]) -> list[Change]:
+    """The rewrites a normaliser's log records on ``source``: each released piece that differs
+    from the input it stands for, narrowed to the characters that differ (a piece of the same
+    length, to each run of them; a piece with a backslash, such as JSON's \\uXXXX escapes, is
+    kept whole); touching rewrites are merged."""
+    found: list[Change] = []
+
+    def add(start: int, end: int, after: str) -> None:
+        if found and found[-1].end == start:
+            last = found.pop()
+            found.append(Change(last.start, end, last.before + source[start:end], last.after + after))
+        else:
+            found.append(Change(start, end, source[start:end], after))
+
+    pos = 0
+    for produced, consumed in log:
+        before = source[pos : pos + consumed]
+        if produced != before and "\\" in before + produced:
+            add(pos, pos + consumed, produced)
+        elif produced != before and len(produced) == len(before):
+            i = 0
+            while i < len(before):
+                if before[i] == produced[i]:
+                    i += 1
+                    continue
+                j = i
+                while j < len(before) and before[j] != produced[j]:
+                    j += 1
+                add(pos + i, pos + j, produced[i:j])
+                i = j
+        elif produced != before:
+            head = 0
+            while head < min(len(before), len(produced)) and before[head] == produced[head]:
+                head += 1
+            tail = 0
+            while tail < min(len(before), len(produced)) - head and before[-1 - tail] == produced[-1 - tail]:
+                tail += 1
+            add(pos + head, pos + consumed - tail, produced[head : len(produced) - tail])
+        pos += consumed
+    return found
+
+
+def changes(text: str) -> list[Change]:
+    """What ``normalize(text)`` rewrites, span by span (for `twllm guard check`)."""
+    if not _has_simplified(text):
+        return []
+    stream = StreamNormalizer()
+    stream.log = []
+    stream.feed(text)
+    stream.flush()
+    return log_changes(text, stream.log)
