@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -135,12 +136,17 @@ def ledger_rows(url: str, key_id: int) -> list[dict[str, Any]]:
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
-def new_rows(url: str, key_id: int, before: int, count: int) -> list[dict[str, Any]]:
-    """The key's rows after its first ``before`` ones, once there are ``count`` of them (15 s at most)."""
+def new_rows(url: str, key_id: int, since: datetime, count: int) -> list[dict[str, Any]]:
+    """The key's rows of requests that started at or after ``since``, once there are ``count`` of
+    them (15 s at most). By start time, not by position: an earlier test's rows may still be
+    reaching the ledger (the writer batches; a failure waits for its request's outcome)."""
     deadline = time.monotonic() + 15
-    while len(rows := ledger_rows(url, key_id)[before:]) < count and time.monotonic() < deadline:
+    while len([r for r in ledger_rows(url, key_id) if r["ts"] >= since]) < count:
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.2)
-    return rows
+    time.sleep(0.5)  # and nothing more arrives
+    return [r for r in ledger_rows(url, key_id) if r["ts"] >= since]
 
 
 # --- the engine's scores and order ---------------------------------------------------------------
@@ -229,7 +235,7 @@ def test_no_key_is_401(stack) -> None:
 
 def test_each_request_is_a_ledger_row_with_the_engines_tokens_and_cost(engine, gateway, postgres, tenant_key) -> None:
     key_id, _ = tenant_key
-    before = len(ledger_rows(postgres.url, key_id))
+    before = datetime.now(UTC)
     tokens = rerank_of(engine)["usage"]["prompt_tokens"]
     rerank_of(gateway)
     score = gateway.post("/score", json={"model": "rerank", "text_1": QUERY, "text_2": DOCUMENTS[:2]}).json()
@@ -250,7 +256,7 @@ def test_personal_data_is_masked_before_the_engine_sees_it(engine, gateway, post
     raw = [f"病歷：身分證 {TW_ID}，住臺北。", DOCUMENTS[0], DOCUMENTS[1]]
     masked = ["病歷：身分證 [tw_national_id]，住臺北。", DOCUMENTS[0], DOCUMENTS[1]]
     query = f"{TW_ID} 的病歷"
-    before = len(ledger_rows(postgres.url, tenant_key[0]))
+    before = datetime.now(UTC)
     got = rerank_of(gateway, query=query, documents=raw)
     # what the engine ranked is the masked text: the gateway's scores are the engine's for it
     as_masked = rerank_of(engine, query="[tw_national_id] 的病歷", documents=masked)
