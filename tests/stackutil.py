@@ -47,6 +47,36 @@ def _stop(child: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: floa
         child.wait()
 
 
+ENGINE_PORTS = 8
+"""Consecutive ports kept for a stack's engines (engines.port_base counts up from the first)."""
+_TAKEN: set[int] = set()
+"""Ports handed out already: the kernel may offer a free port twice, as nothing binds it yet."""
+
+
+def free_block(count: int) -> int:
+    """The first of ``count`` consecutive ports nothing listens on and no stack was given: a
+    single free port as the engines' base would leave base + 1 … to chance (CI once gave the
+    second replica a port already taken)."""
+    for _ in range(200):
+        base = free_port()
+        block = set(range(base, base + count))
+        if base + count < 65000 and not block & _TAKEN and all(_bindable(port) for port in block):
+            _TAKEN.update(block)
+            return base
+    raise RuntimeError(f"no {count} free consecutive ports")
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class Stack:
     plan: Plan
@@ -70,7 +100,9 @@ class Stack:
         folder.mkdir(parents=True, exist_ok=True)
         spec_env = {"TWLLM_MASTER_KEY": master_key, **(env or {})}
         loaded = parse_spec(
-            spec_text.replace("@ENGINE_PORT@", str(free_port())).replace("@GATEWAY_PORT@", str(free_port())),
+            spec_text.replace("@ENGINE_PORT@", str(free_block(ENGINE_PORTS))).replace(
+                "@GATEWAY_PORT@", str(free_block(1))
+            ),
             str(folder / "spec.yaml"),
             spec_env,
         )
