@@ -103,12 +103,7 @@ class EchoUpstream:
                     return
                 if self.path.rstrip("/").endswith(("/responses", "/rerank", "/score")):
                     # Not served here, as by an OpenAI-compatible engine without these APIs.
-                    self.send_response(404)
-                    payload = json.dumps({"error": {"message": f"{self.path} not found", "type": "NotFound"}})
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload.encode())
+                    self._json({"error": {"message": f"{self.path} not found", "type": "NotFound"}}, 404)
                     return
                 if self.path.endswith("/embeddings"):
                     texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
@@ -251,9 +246,9 @@ class EchoUpstream:
                 self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
                 self.wfile.flush()
 
-            def _json(self, data: dict[str, Any]) -> None:
+            def _json(self, data: dict[str, Any], status: int = 200) -> None:
                 payload = json.dumps(data, ensure_ascii=False).encode()
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()

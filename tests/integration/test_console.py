@@ -50,6 +50,8 @@ XSS = "<img src=x onerror=alert(1)>"
 GUARD_NOTE = "raw-note-never-shown"
 
 if not CHROMIUM.exists():
+    if os.environ.get("TWLLM_TESTS_STRICT"):  # CI installs it (.ci/run): its absence is a failure there
+        raise RuntimeError(f"{CHROMIUM} is absent (apt-get install chromium)")
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
 
