@@ -255,3 +255,15 @@ def test_ledger_retention_reaches_the_plan():
     plan = plan_of("  - {name: a, model: llama-3.1-8b-instruct}\n", extra="database: {ledger_retention_days: 400}\n")
     assert plan.database.retention_days == 400
     assert plan_of("  - {name: a, model: llama-3.1-8b-instruct}\n").database.retention_days is None
+
+
+def test_gateway_workers_default_to_the_usable_cores_at_most_eight(monkeypatch):
+    from twllm.plan import build
+
+    for cores, workers in ((1, 1), (2, 2), (6, 6), (64, build.MAX_DEFAULT_WORKERS)):
+        monkeypatch.setattr(build.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert plan_of("  - {name: a, model: llama-3.2-1b-instruct}").gateway.workers == workers
+    # A spec that names the number gets it, whatever the machine.
+    spec = "name: w\ngateway: {master_key: ${K}, workers: 3}\nmodels:\n  - {name: a, model: llama-3.2-1b-instruct}\n"
+    loaded = parse_spec(spec, "w.yaml", {"K": "sk-test-0123456789"})
+    assert make_plan(loaded, GpuInventory(8), Path("/tmp/s")).gateway.workers == 3

@@ -34,7 +34,10 @@ def test_every_replica_is_one_deployment_with_prices_and_engine_key():
     assert {d["litellm_params"]["api_base"] for d in taide} == {"http://127.0.0.1:8100/v1", "http://127.0.0.1:8101/v1"}
     for d in taide:
         assert d["litellm_params"]["model"] == "hosted_vllm/taide-8b"
-        assert d["litellm_params"]["input_cost_per_token"] == 3.0 / 1e6
+        assert d["model_info"]["input_cost_per_token"] == 3.0 / 1e6
+        # Not in litellm_params: LiteLLM would re-register the price on every request.
+        assert "input_cost_per_token" not in d["litellm_params"]
+        assert "output_cost_per_token" not in d["litellm_params"]
         assert d["model_info"]["output_cost_per_token"] == 6.0 / 1e6
         assert d["litellm_params"]["api_key"] == "os.environ/TWLLM_ENGINE_API_KEY"
         assert d["model_info"]["twllm_currency"] == "TWD"

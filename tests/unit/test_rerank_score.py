@@ -80,7 +80,7 @@ def test_a_registry_reranker_is_served_on_the_pooling_runner_with_a_rerank_route
     # LiteLLM's rerank for vLLM (hosted_vllm/…, api_base …/v1 → POST …/v1/rerank, behind the engine key)
     assert deployment["litellm_params"]["model"] == "hosted_vllm/rr"
     assert deployment["litellm_params"]["api_base"].endswith("/v1")
-    assert deployment["litellm_params"]["input_cost_per_token"] == pytest.approx(20e-6)
+    assert deployment["model_info"]["input_cost_per_token"] == pytest.approx(20e-6)
     assert deployment["model_info"]["mode"] == "rerank"  # the background health check reranks
     assert gateway_settings(plan, loaded.spec).models["rr"].task == "rerank"
 

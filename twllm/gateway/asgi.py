@@ -32,7 +32,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from twllm.gateway import errors, failfast, rerank, responses, score, scrape, spread, streams
+from twllm.gateway import errors, failfast, lean, rerank, responses, score, scrape, spread, streams
 from twllm.gateway.settings import GatewaySettings, HttpSettings
 from twllm.settings import GATEWAY_SETTINGS_ENV
 
@@ -374,6 +374,7 @@ def build(settings: HttpSettings | None = None) -> ASGIApp:
     spread.install()  # least-busy routing takes turns among idle replicas
     rerank.install()  # the Safety Guard's codes survive LiteLLM's rerank route
     responses.install()
+    lean.install(proxy_app)  # LiteLLM's per-request work that twllm does not need, off
 
     gateway = scrape.settings_from_env()
     settings = settings or gateway.http

@@ -7,6 +7,7 @@ reads the environment, touches the disk or starts anything.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,20 @@ LITELLM_ROUTING = {"latency": "latency-based-routing"}
 """The spec's short names for LiteLLM's routing strategies (the others are LiteLLM's own)."""
 
 CPU_KV_CACHE_DEFAULT = "1G"
+MAX_DEFAULT_WORKERS = 8
+"""Gateway workers without `gateway.workers`: one per usable core, at most this many (each
+worker holds ~400 MB and its own database pool; past 8 an engine, not the gateway, limits)."""
+
+
+def default_workers() -> int:
+    """One gateway worker per CPU core this process may use, at most ``MAX_DEFAULT_WORKERS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
 """vLLM's CPU build fails its start-up memory check without an explicit KV-cache size
 (``--kv-cache-memory-bytes``)."""
 
@@ -115,7 +130,7 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
         gateway=GatewayPlan(
             host=gw.host,
             port=gw.port,
-            workers=gw.workers,
+            workers=gw.workers or default_workers(),
             url=f"{'https' if gw.tls else 'http'}://{_connect_host(gw.host)}:{gw.port}/v1",
             master_key_env=gw.master_key.var or "",
             request_timeout_s=gw.request_timeout_s,

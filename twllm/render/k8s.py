@@ -612,7 +612,8 @@ class _Renderer:
                 "--port",
                 str(gw.port),
                 "--workers",
-                str(gw.workers),
+                # One per pod unless the spec says: pods scale out, on the cluster's cores.
+                str(self.spec.gateway.workers or 1),
             ],
             "env": self._gateway_env(),
             "ports": ports,

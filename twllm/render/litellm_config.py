@@ -211,8 +211,9 @@ def _deployment(route: Route, timeout: float, has_siblings: bool = False) -> dic
         "model": route.provider_model,
         "api_base": route.api_base,
         "timeout": timeout,
-        "input_cost_per_token": route.input_cost_per_token,
-        "output_cost_per_token": route.output_cost_per_token,
+        # No prices here: LiteLLM would register a deployment's custom price into its model
+        # cost map on every request (≈8 % of a worker's CPU). The ledger prices from the spec
+        # (gateway.json); LiteLLM reads the same prices once, from model_info below.
     }
     if route.api_key_env:
         params["api_key"] = f"os.environ/{route.api_key_env}"

@@ -56,8 +56,10 @@ class GatewaySpec(_Model):
     """Address the gateway listens on. 0.0.0.0 exposes it to the network."""
     port: Port = 4000
     """TCP port of the OpenAI-compatible endpoint."""
-    workers: int = Field(1, ge=1, le=64)
-    """Gateway worker processes. Each takes about 400 MB of memory."""
+    workers: int | None = Field(None, ge=1, le=64)
+    """Gateway worker processes, each about 400 MB of memory. Default: one per CPU core that
+    `twllm deploy` may use, at most 8 (`twllm plan` shows the number); in Kubernetes one per
+    pod (the autoscaler adds pods instead)."""
     master_key: EnvSecret
     """Admin key of the gateway, as ${VAR}. It must start with 'sk-'."""
     request_timeout_s: float = Field(600.0, gt=0, le=3600)

@@ -1,0 +1,135 @@
+"""Per-request work of LiteLLM's proxy that twllm's gateway does not need, switched off.
+
+Found with ``benchmarks/gateway_cpu.py --profile`` (py-spy on a worker under load); each item
+names what it cost there and why twllm can go without it:
+
+- **ASGI middleware** (``UNUSED_MIDDLEWARE``). LiteLLM wraps its app in ~15 middlewares; each one
+  runs on every request, and those that wrap ``send`` run again on every streamed chunk. The
+  ones left out serve features the shield (``twllm.gateway.asgi``) closes or does itself: CORS
+  (the shield answers it for the spec's origins only and strips LiteLLM's blanket headers), the
+  request size limit (the shield's 413, before the body is read), LiteLLM's /metrics auth (the
+  shield answers /metrics), routes loaded on first use (the shield's allowlist never reaches
+  them), LiteLLM's telemetry, its enterprise billing counters, its Redis request batching and
+  budget reservations (twllm's own limits and budgets, ``twllm.accounting``) and its admission
+  control (off unless configured, which twllm never does). Kept: the security headers, the
+  in-flight gauge, gzip for clients that ask for it.
+- **OTel destinations per key** (``skip_otel_destinations``): LiteLLM's auth imports its
+  OpenTelemetry v2 logger on every request to find a tenant's trace destinations; without the
+  OpenTelemetry SDK (twllm does not install it) the import fails, is swallowed, and is tried
+  again on the next request — ≈6 % of a worker's CPU. With the SDK absent it is a no-op, once.
+- **Rate-limit gauges nobody exports** (``skip_excluded_rate_limit_gauges``): LiteLLM's
+  Prometheus logger computes its per-key/team/project rate-limit gauges for every request (≈4 %
+  of a worker's CPU) even when ``prometheus_exclude_metrics`` leaves them all out, as twllm's
+  render does (its limits are twllm's own). Computed only when one of them is exported.
+
+Each part checks that what it removes is still there: a LiteLLM upgrade that renames one logs a
+warning and leaves that part of its proxy as it is (``tests/unit/test_gateway_lean.py`` fails).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+log = logging.getLogger("twllm.gateway")
+
+UNUSED_MIDDLEWARE: frozenset[str] = frozenset(
+    {
+        "starlette.middleware.cors.CORSMiddleware",
+        "litellm.proxy.middleware.request_size_limit_middleware.RequestSizeLimitMiddleware",
+        "litellm.proxy.middleware.prometheus_auth_middleware.PrometheusAuthMiddleware",
+        "litellm.proxy._lazy_features.LazyFeatureMiddleware",
+        "litellm.proxy.telemetry.middleware.TelemetryMiddleware",
+        "litellm.proxy.middleware.billable_request_metrics_middleware.BillableRequestMetricsMiddleware",
+        "litellm.proxy.middleware.redis_request_batch_middleware.RedisRequestBatchMiddleware",
+        "litellm.proxy.middleware.budget_reservation_release_middleware.BudgetReservationReleaseMiddleware",
+        "litellm.proxy.middleware.admission_control_middleware.AdmissionControlMiddleware",
+        "litellm.proxy.lens.internal.LensInternalMiddleware",
+    }
+)
+"""LiteLLM's middleware the gateway runs without (module.ClassName), each explained above."""
+
+RATE_LIMIT_SERIES: frozenset[str] = frozenset(
+    {
+        "litellm_api_key_rate_limit_allowed_metric",
+        "litellm_api_key_rate_limit_used_metric",
+        "litellm_team_rate_limit_allowed_metric",
+        "litellm_team_rate_limit_used_metric",
+        "litellm_project_model_rate_limit_allowed_metric",
+        "litellm_project_model_rate_limit_used_metric",
+    }
+)
+"""What ``PrometheusLogger._set_v3_rate_limit_allowed_and_used_metrics`` sets."""
+
+OTEL_LOGGER = "litellm.integrations.otel.logger"
+AUTH_MODULE = "litellm.proxy.auth.user_api_key_auth"
+
+
+def middleware_name(entry: Any) -> str:
+    cls = entry.cls
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def drop_middleware(app: Any) -> list[str]:
+    """Remove ``UNUSED_MIDDLEWARE`` from a FastAPI app whose middleware stack is not built yet
+    (it is built on the first request). Returns the names removed."""
+    if getattr(app, "middleware_stack", None) is not None:
+        raise RuntimeError("the proxy app already serves: its middleware can no longer change")
+    removed = [middleware_name(m) for m in app.user_middleware if middleware_name(m) in UNUSED_MIDDLEWARE]
+    missing = sorted(UNUSED_MIDDLEWARE - set(removed))
+    if missing:
+        log.warning("twllm gateway: LiteLLM no longer adds %s; its proxy changed, check twllm.gateway.lean", missing)
+    app.user_middleware[:] = [m for m in app.user_middleware if middleware_name(m) not in UNUSED_MIDDLEWARE]
+    return removed
+
+
+def skip_otel_destinations() -> bool:
+    """Make LiteLLM's per-request trace-destination lookup a no-op when the OpenTelemetry SDK
+    it needs is not installed (LiteLLM's own lookup then fails and does nothing, every time).
+    Returns whether it was switched off."""
+    auth = importlib.import_module(AUTH_MODULE)
+    if not hasattr(auth, "_seed_request_destinations"):
+        log.warning("twllm gateway: LiteLLM's auth has no _seed_request_destinations; check twllm.gateway.lean")
+        return False
+    try:
+        importlib.import_module(OTEL_LOGGER)
+    except ImportError:
+        auth._seed_request_destinations = _no_destinations  # type: ignore[attr-defined]
+        return True
+    return False
+
+
+def _no_destinations(*args: object, **kwargs: object) -> None:
+    """No OpenTelemetry SDK: no trace destination to anchor (what LiteLLM ends with, too)."""
+
+
+def skip_excluded_rate_limit_gauges() -> bool:
+    """Let LiteLLM's Prometheus logger skip its rate-limit gauges when every one is excluded."""
+    from litellm.integrations.prometheus import PrometheusLogger
+
+    name = "_set_v3_rate_limit_allowed_and_used_metrics"
+    original = getattr(PrometheusLogger, name, None)
+    if original is None or getattr(original, "twllm_lean", False):
+        if original is None:
+            log.warning("twllm gateway: LiteLLM's PrometheusLogger has no %s; check twllm.gateway.lean", name)
+        return False
+
+    def rate_limit_gauges(self: Any, *args: Any, **kwargs: Any) -> None:
+        if RATE_LIMIT_SERIES <= set(getattr(self, "exclude_metrics", ())):
+            return None
+        return original(self, *args, **kwargs)
+
+    rate_limit_gauges.twllm_lean = True  # type: ignore[attr-defined]
+    setattr(PrometheusLogger, name, rate_limit_gauges)
+    return True
+
+
+def install(app: Any) -> list[str]:
+    """Everything above, on LiteLLM's proxy app before it serves. Returns what was switched off."""
+    off = drop_middleware(app)
+    if skip_otel_destinations():
+        off.append(f"{AUTH_MODULE}._seed_request_destinations")
+    if skip_excluded_rate_limit_gauges():
+        off.append("PrometheusLogger rate-limit gauges when excluded")
+    return off
