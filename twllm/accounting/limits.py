@@ -26,6 +26,11 @@ How the counters are shared, and how exact they are:
   than one request's cost, as long as no request costs more than the most expensive one before
   it. A request whose every model is free takes no place. A hold whose request never reached the
   ledger (its gateway killed) expires after ``HOLD_TTL_S``.
+- **One key, one connection per worker** — a worker sends the admissions of a key to PostgreSQL
+  one at a time (``KeyLocks``), its other requests of that key waiting in the worker: PostgreSQL
+  serialises them anyway (the row lock, the advisory lock), and a burst of one key must not hold
+  every pooled connection waiting on that lock, or the pool's timeout would read as PostgreSQL
+  being down and the counts below would take over (a burst overspending, RPM × workers).
 - **PostgreSQL down** — each worker falls back to counting RPM/TPM in its own memory, with the
   same limits, so while the database is unreachable a key can get up to (workers × limit); the
   budget uses this worker's last reading of the period's spend (``BudgetTracker``, at most
@@ -36,7 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -104,6 +110,32 @@ POLL_S = 0.05
 Decision = Literal["admit", "spent", "wait"]
 
 
+class KeyLocks:
+    """One ``asyncio.Lock`` per key id, kept while a task holds or waits for it: a worker's
+    admissions of one key reach PostgreSQL one at a time (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        """Key id -> (its lock, tasks holding or waiting for it)."""
+
+    @asynccontextmanager
+    async def hold(self, key_id: int) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key_id) or (asyncio.Lock(), 0)
+        self._locks[key_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key_id]
+            if users == 1:
+                del self._locks[key_id]
+            else:
+                self._locks[key_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 def budget_decision(budget: Decimal, spent: Decimal, est: Decimal, held: int) -> Decision:
     """What one more request gets (the rule of the module docstring): run, refused because the
     budget is spent, or wait for the requests in flight (they could spend what is left, or no
@@ -132,6 +164,7 @@ class BudgetGate:
         self.db = db
         self.hold_ttl_s = hold_ttl_s
         self.wait_s = wait_s
+        self.locks = KeyLocks()
 
     async def admit(self, key_id: int, budget: Decimal, since: datetime | None, *, hold: bool = True) -> BudgetVerdict:
         """Admit one request of the key or refuse it; raises DatabaseUnavailable. ``hold`` False:
@@ -142,7 +175,7 @@ class BudgetGate:
         day = None if since is None else since.astimezone(UTC).date()
         deadline = time.monotonic() + self.wait_s
         while True:
-            async with self.db.connection() as conn, conn.transaction():
+            async with self.locks.hold(key_id), self.db.connection() as conn, conn.transaction():
                 await conn.execute(BUDGET_LOCK_SQL, {"class": BUDGET_LOCK_CLASS, "key": key_id})
                 cur = await conn.execute(BUDGET_STATE_SQL, {"key": key_id, "since": day})
                 spent, est, held = await cur.fetchone()  # type: ignore[misc]
@@ -188,6 +221,7 @@ class RateLimiter:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.locks = KeyLocks()
         self._local: dict[tuple[int, int], list[int]] = {}
         """(key id, minute) -> [requests, tokens] counted by this worker alone."""
         self._next_cleanup = 0.0
@@ -197,7 +231,7 @@ class RateLimiter:
         if rpm is None and tpm is None:
             return ALLOWED
         try:
-            async with self.db.connection() as conn:
+            async with self.locks.hold(key_id), self.db.connection() as conn:
                 cur = await conn.execute(ADMIT_SQL, {"key": key_id, "rpm": rpm, "tpm": tpm})
                 requests, tokens, left = await cur.fetchone()  # type: ignore[misc]
             return decide(rpm, tpm, requests, tokens, left)
