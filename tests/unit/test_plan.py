@@ -264,6 +264,6 @@ def test_gateway_workers_default_to_the_usable_cores_at_most_eight(monkeypatch):
         monkeypatch.setattr(build.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert plan_of("  - {name: a, model: llama-3.2-1b-instruct}").gateway.workers == workers
     # A spec that names the number gets it, whatever the machine.
-    spec = "name: w\ngateway: {master_key: ${K}, workers: 3}\nmodels:\n  - {name: a, model: llama-3.2-1b-instruct}\n"
+    spec = 'name: w\ngateway: {master_key: "${K}", workers: 3}\nmodels:\n  - {name: a, model: llama-3.2-1b-instruct}\n'
     loaded = parse_spec(spec, "w.yaml", {"K": "sk-test-0123456789"})
     assert make_plan(loaded, GpuInventory(8), Path("/tmp/s")).gateway.workers == 3

@@ -81,35 +81,42 @@ def _message(err: ErrorDetails, loc: Path_, root: type[BaseModel]) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind == "greater_than_equal":
-        return f"must be ≥ {ctx['ge']}, got {value!r}"
+        return f"must be ≥ {ctx['ge']}, got {_shown(value)}"
     if kind == "greater_than":
-        return f"must be > {ctx['gt']}, got {value!r}"
+        return f"must be > {ctx['gt']}, got {_shown(value)}"
     if kind == "less_than_equal":
-        return f"must be ≤ {ctx['le']}, got {value!r}"
+        return f"must be ≤ {ctx['le']}, got {_shown(value)}"
     if kind == "less_than":
-        return f"must be < {ctx['lt']}, got {value!r}"
+        return f"must be < {ctx['lt']}, got {_shown(value)}"
     if kind == "literal_error":
         hint = did_you_mean(str(value), re.findall(r"'([^']*)'", ctx.get("expected", "")))
-        return f"must be one of {ctx.get('expected')}, got {value!r}{hint}"
+        return f"must be one of {ctx.get('expected')}, got {_shown(value)}{hint}"
     if kind in ("int_parsing", "int_type", "int_from_float"):
-        return f"must be a whole number, got {value!r}"
+        return f"must be a whole number, got {_shown(value)}"
     if kind in ("float_parsing", "float_type"):
-        return f"must be a number, got {value!r}"
+        return f"must be a number, got {_shown(value)}"
     if kind in ("bool_parsing", "bool_type"):
-        return f"must be true or false, got {value!r}"
+        return f"must be true or false, got {_shown(value)}"
     if kind in ("string_type",):
-        return f"must be text, got {value!r}"
+        return f"must be text, got {_shown(value)}"
     if kind in ("list_type",):
         return f"must be a list, got {type(value).__name__}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"must be a mapping of fields, got {value!r}"
+        return f"must be a mapping of fields, got {_shown(value)}"
     if kind == "string_pattern_mismatch":
-        return f"{value!r} does not have the expected form ({ctx.get('pattern')})"
+        return f"{_shown(value)} does not have the expected form ({ctx.get('pattern')})"
     if kind == "too_short":
         return f"needs at least {ctx.get('min_length')} item(s)"
     if kind == "too_long":
         return f"takes at most {ctx.get('max_length')} item(s)"
     return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``value`` as the message quotes it: its repr, cut short when long (a pasted file, a
+    number of a thousand digits)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}… ({len(text)} characters)"
 
 
 def _fields_at(root: type[BaseModel], loc: Path_) -> list[str]:

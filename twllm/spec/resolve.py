@@ -19,7 +19,7 @@ from twllm.errors import RegistryError, SpecError, SpecIssue, did_you_mean
 from twllm.model_registry import ModelEntry, Registry, load_registry
 from twllm.spec.guard_layers import effective_guards, served_guard_models
 from twllm.spec.located_errors import issues_from_validation
-from twllm.spec.schema import ArgValue, ModelSpec, Spec
+from twllm.spec.schema import ArgValue, ModelSpec, Spec, path_problem
 from twllm.spec.source import Path_, SpecSource, format_path, load_source, parse_source
 
 # vLLM flags twllm sets from typed fields; engine_args may not set them behind the plan's back.
@@ -260,6 +260,10 @@ class _Checker:
         if ref in names:  # served here
             return
         if is_local_folder(ref):  # whether it is one is for the runtime's preflight to check
+            problem = path_problem(ref)
+            if problem is not None:
+                self.add(path, problem)
+                return
             self.local_folders.append((format_path(path), ref))
             return
         try:

@@ -10,13 +10,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from twllm.spec.secret_refs import DatabaseUrl, EnvSecret
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+
+
+def path_problem(value: str | Path) -> str | None:
+    """Why a path of the spec cannot be used, or None: a leading ``~user`` this machine cannot
+    expand (``~`` expands as the spec stage reads paths; the file itself is the preflight's)."""
+    text = str(value)
+    if not text.startswith("~"):
+        return None
+    try:
+        Path(text).expanduser()
+    except RuntimeError:
+        head = text.split("/", 1)[0]
+        return f"cannot expand {head}: " + (f"no user '{head[1:]}' on this machine" if head[1:] else "no home folder")
+    return None
+
+
+def _usable_path(value: Any) -> Any:
+    problem = path_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+SpecPath = Annotated[Path, AfterValidator(_usable_path)]
+"""A local path: relative to the spec file; ``~`` and ``~user`` expand."""
+SpecPathText = Annotated[str, AfterValidator(_usable_path)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ArgValue = bool | int | float | str | list[str]
 GuardStage = Literal["pii", "prompt_guard", "llama_guard", "zh_tw"]
@@ -43,9 +69,9 @@ class _Model(BaseModel):
 class TlsSpec(_Model):
     """The gateway's certificate and private key."""
 
-    cert: str
+    cert: SpecPathText
     """PEM certificate chain (relative paths are relative to the spec file)."""
-    key: str
+    key: SpecPathText
     """PEM private key of the certificate."""
 
 
@@ -265,7 +291,7 @@ class EnginesSpec(_Model):
     """Address engines listen on; only the gateway needs to reach them."""
     port_base: Port = 8100
     """First port handed to vLLM processes; later ones count up from it."""
-    vllm_python: Path | None = None
+    vllm_python: SpecPath | None = None
     """Python of an existing environment with vLLM installed; when omitted, the one
     `twllm engines install` made for the model's device."""
     start_timeout_s: float = Field(900.0, gt=0, le=7200)
@@ -401,9 +427,9 @@ class SourceSpec(_Model):
 
     hf: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")
     """Hugging Face repository id, e.g. taide/Llama-3.1-TAIDE-LX-8B-Chat."""
-    path: Path | None = None
+    path: SpecPath | None = None
     """A local folder with the model (config, tokenizer, weights)."""
-    gguf: Path | None = None
+    gguf: SpecPath | None = None
     """A local GGUF file (Ollama)."""
     ollama: str | None = Field(None, pattern=r"^[\w./-]+(:[\w.-]+)?$")
     """An Ollama library tag, e.g. phi4-mini or llama3.2:3b."""
@@ -554,7 +580,7 @@ class Spec(_Model):
 
     name: Name
     """Name of the deployment."""
-    state_dir: Path | None = None
+    state_dir: SpecPath | None = None
     """Where pids, logs and the embedded database live; a per-user folder when omitted."""
     gateway: GatewaySpec
     database: DatabaseSpec = DatabaseSpec()
