@@ -222,8 +222,9 @@ def test_a_body_over_the_limit_is_413_before_the_proxy_reads_it() -> None:
     response = run(shield, "POST", "/v1/embeddings", content=chunked())
     assert response.status_code == 413
     assert inner.calls == 0
-    response = run(shield, "POST", "/v1/embeddings", content=b"z" * 1000)
-    assert response.status_code == 200 and inner.received == b"z" * 1000
+    at_limit = b'{"input": "' + b"z" * 985 + b'"}'  # 1000 bytes: within the limit
+    response = run(shield, "POST", "/v1/embeddings", content=at_limit)
+    assert response.status_code == 200 and inner.received == at_limit
 
 
 def test_error_bodies_and_internal_headers_are_rewritten() -> None:
@@ -349,3 +350,82 @@ models:
     with pytest.raises(SpecError) as caught:
         parse_spec(text.replace("max_request_bytes: 2048", "max_request_bytes: 10"), "bad.yaml", env)
     assert "bad.yaml:5" in str(caught.value) and "max_request_bytes" in str(caught.value)
+
+
+# --- bodies LiteLLM fails on (found by tests/integration/test_request_fuzz.py) --------------------
+
+
+@pytest.mark.parametrize(
+    "body, code, says",
+    [
+        (b"", "invalid_json", "empty"),  # LiteLLM's rerank route: a 500
+        (b"[]", "invalid_json", "not an array"),  # its auth reads fields off the body: a 500
+        (b"true", "invalid_json", "not a boolean"),
+        (b'"x"', "invalid_json", "not a string"),
+        (b'{"model": "chat", "input": "\xff"}', "invalid_json", "not valid UTF-8"),  # a traceback
+        (b"[" * 100_000 + b"]" * 100_000, "invalid_json", "nests too deep"),  # a traceback
+        (b'{"model": "chat", "n": ' + b"9" * 5000 + b"}", "invalid_json", "too long"),  # a traceback
+        (b'{"model": "chat", "n": 1e999}', "invalid_json", "1e999 is not a finite number"),  # a 500
+        (b'{"model": "chat", "temperature": NaN}', "invalid_json", "NaN is not a finite number"),  # a 500
+        (b'{"model": "chat", "messages": [', "invalid_json", "line 1 column 32"),
+        (b'{"model": ["chat"]}', "invalid_type", "`model` must be a string"),  # a 500 or a 401
+        # LiteLLM's limiter hashes each tag and reads guardrail names: a 500 (the 10,000-case run)
+        (b'{"model": "chat", "tags": [{"a": " "}, {}, false]}', "invalid_type", "`tags` must be a list of strings"),
+        (b'{"model": "chat", "tags": "x"}', "invalid_type", "`tags` must be a list of strings"),
+        (b'{"model": "chat", "guardrails": false}', "invalid_type", "`guardrails` must be a list"),
+        (b'{"model": "chat", "guardrails": [{}]}', "invalid_type", "`guardrails` must be a list"),
+    ],
+)
+def test_a_body_litellm_cannot_handle_is_400_before_it_is_read(body: bytes, code: str, says: str) -> None:
+    inner = StandIn()
+    for path in ("/v1/chat/completions", "/v2/rerank", "/score"):
+        response = run(Shield(inner, HttpSettings()), "POST", path, content=body)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["code"] == code and says in error["message"], error
+        assert error["type"] == "invalid_request_error"
+    assert inner.calls == 0
+
+
+def test_a_json_object_passes_as_it_was_sent() -> None:
+    inner = StandIn()
+    body = '{"model": "chat", "messages": [{"role": "user", "content": "台灣 \\ud83d\\ude00"}], "seed": 1e30}'
+    response = run(Shield(inner, HttpSettings()), "POST", "/v1/chat/completions", content=body.encode())
+    assert response.status_code == 200 and inner.received == body.encode()
+
+
+def test_litellms_refusal_of_a_body_field_is_400_not_401() -> None:
+    import logging
+
+    said = {
+        "error": {
+            "message": "Authentication Error, Rejected Request: api_base is not allowed in request body. "
+            "Clientside passthrough requires explicit admin opt-in via either "
+            "`general_settings.allow_client_side_credentials = true` (proxy-wide) or ... Relevant Issue: "
+            "https://huntr.com/bounties/4001e1a2-7b7a-4776-a3ae-e6692ec3d997",
+            "type": "auth_error",
+            "param": "None",
+            "code": "401",
+        }
+    }
+    error = errors.public_error(401, json.dumps(said).encode())
+    assert (error.status, error.code, error.param) == (400, "unsupported_parameter", "api_base")
+    assert error.message == "`api_base` is not allowed in the request body."
+    said["error"]["message"] = "Authentication Error, Rejected Request: model_list is not allowed in the request body."
+    assert errors.public_error(401, said).param == "model_list"
+
+    try:
+        raise ValueError("Rejected Request: api_base is not allowed in request body. Clientside passthrough ...")
+    except ValueError:
+        import sys
+
+        exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "LiteLLM Proxy",
+        logging.ERROR,
+        __file__,
+        1,
+        "litellm.proxy.proxy_server.user_api_key_auth(): Exception occured - %s\nRequester IP Address:%s",
+        ("Rejected Request: api_base ...", "127.0.0.1"),
+        exc_info,
+    )
+    assert ClientErrorLogFilter().filter(record) is False  # no traceback for the client's error

@@ -40,7 +40,7 @@ from twllm.accounting.ledger import LedgerRow, LedgerWriter, replay_folder, row_
 from twllm.accounting.names import ModelNames
 from twllm.accounting.outcomes import FailureHold
 from twllm.accounting.spool import Spool
-from twllm.gateway import metrics, responses, streams
+from twllm.gateway import journal, metrics, responses, streams
 from twllm.gateway.streams import EngineStreamCut, faithful
 from twllm.settings import DATABASE_URL_ENV, GATEWAY_SETTINGS_ENV
 
@@ -129,6 +129,7 @@ class Runtime:
             return None
         if self.db.url is None:
             self._mark_seen(call_id)
+            journal.settle(call_id)
             if not self._warned_no_db:
                 self._warned_no_db = True
                 log.warning("twllm spend logger: no database URL (%s); the ledger is off", DATABASE_URL_ENV)
@@ -136,6 +137,7 @@ class Runtime:
         who = self.attribute(slo.get("metadata") or {})
         if who is None:
             self._mark_seen(call_id)
+            journal.settle(call_id)
             self.unattributed += 1
             return None
         tenant_id, key_id = who
@@ -163,6 +165,7 @@ class Runtime:
         if streams.was_cut(prepared.call_id):  # the engine went away mid-stream; whichever event came first
             row = dataclasses.replace(row, status_code=streams.CUT_STATUS, error_class=EngineStreamCut.__name__)
         self.writer.enqueue(row)
+        journal.settle(prepared.call_id)  # the answer's end may go out now (twllm.gateway.journal)
         if key_id is not None:
             self.auth.budgets.note_queued(key_id, row.cost)
             self.auth.limiter.note_tokens(key_id, row.prompt_tokens + row.completion_tokens)

@@ -27,12 +27,15 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from twllm.gateway import errors, failfast, lean, rerank, responses, score, scrape, spread, streams
+import orjson
+
+from twllm.gateway import errors, failfast, journal, lean, rerank, responses, score, scrape, spread, streams
 from twllm.gateway.settings import GatewaySettings, HttpSettings
 from twllm.settings import GATEWAY_SETTINGS_ENV
 
@@ -73,6 +76,10 @@ MANAGEMENT_MESSAGE = (
     "the deployment's health with `twllm status`."
 )
 HOP_HEADERS = (b"x-litellm-", b"llm_provider-", b"access-control-")
+CALL_ID_HEADER = b"x-litellm-call-id"
+ANSWERS = tuple(pattern for method, pattern in ROUTES if method == "POST")
+"""The routes whose answers are ledger rows: their end waits for the row (``journal``)."""
+STREAM_END = b"data: [DONE]"
 MOUNTS: Mapping[str, str] = {"/console": "twllm.console.app:build_app"}
 """Path prefix -> the factory of the ASGI app served there instead of LiteLLM. Loaded by name,
 as LiteLLM loads our hooks: the console imports the accounting hooks, which import this
@@ -174,7 +181,11 @@ class Shield:
             limited = await self._limited(scope, receive, send)
             if limited is None:
                 return
-            receive = limited
+            checked = await _json_object(limited, send)  # LiteLLM fails on other bodies with a 500
+            if checked is None:
+                return
+            receive, length = checked
+            scope = {**scope, "headers": litellm_request_headers(scope, length)}
         if score.is_score(path):  # vLLM's score API, answered by LiteLLM's rerank (score.py)
             await score.serve(self.app, scope, receive, _Rewriter(send, method, path).send)
             return
@@ -225,6 +236,152 @@ class Shield:
         return replay
 
 
+async def _json_object(receive: Receive, send: Send) -> tuple[Receive, int] | None:
+    """``receive`` replaying a body LiteLLM can read and its length, or None once a 400 has been sent.
+
+    Every POST route served is OpenAI's JSON API. LiteLLM answers a body that is a JSON array or
+    scalar with a 500 (its auth reads fields off it) and logs a traceback for one that is not
+    UTF-8, nests too deep or holds a huge integer (then goes on as if the body were empty)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    problem = body_problem(body)
+    if problem is not None:
+        await send_error(send, problem)
+        return None
+    body = _without_null_metadata(body)
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay, len(body)
+
+
+def body_problem(body: bytes) -> errors.PublicError | None:
+    """The 400 for a ``body`` that is not a JSON object LiteLLM can handle (None: it is one)."""
+    if not body.strip():
+        return _bad_json("The request body is empty; it must be a JSON object.")
+    try:  # as LiteLLM reads it: orjson, then the json module for what orjson refuses
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:
+            data = json.loads(body.decode("utf-8"), parse_float=_finite, parse_constant=_not_finite)
+            json.dumps(data, ensure_ascii=False).encode("utf-8")  # as LiteLLM checks it: no lone surrogate
+        except UnicodeEncodeError:
+            return _bad_json("We could not parse the JSON body of your request: it has a lone UTF-16 surrogate.")
+        except UnicodeDecodeError:
+            return _bad_json("We could not parse the JSON body of your request: it is not valid UTF-8.")
+        except json.JSONDecodeError as exc:
+            return _bad_json(
+                f"We could not parse the JSON body of your request ({exc.msg} at line {exc.lineno} column {exc.colno})."
+            )
+        except RecursionError:
+            return _bad_json("We could not parse the JSON body of your request: it nests too deep.")
+        except _NotFinite as exc:  # LiteLLM would read it, then fail to send it on (a 500)
+            return _bad_json(f"We could not parse the JSON body of your request: {exc} is not a finite number.")
+        except ValueError:  # an integer longer than Python reads (sys.get_int_max_str_digits)
+            return _bad_json("We could not parse the JSON body of your request: a number in it is too long.")
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        return _bad_json(f"The request body must be a JSON object, not {kind}.")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):  # LiteLLM's auth fails on it (a 500 or 401)
+        return errors.make(400, "`model` must be a string.", "invalid_type", "model")
+    for name in METADATA:  # LiteLLM's failure hook updates it in place: a 500 for a refused key
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            return errors.make(400, f"`{name}` must be an object.", "invalid_type", name)
+    tags = data.get("tags")  # LiteLLM's rate limiter and budget code hash each tag: a 500 otherwise
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        return errors.make(400, "`tags` must be a list of strings.", "invalid_type", "tags")
+    guardrails = data.get("guardrails")  # names of guardrails (a list), or LiteLLM's per-name settings
+    if guardrails is not None and not (
+        (isinstance(guardrails, list) and all(isinstance(g, str) for g in guardrails)) or isinstance(guardrails, dict)
+    ):
+        return errors.make(400, "`guardrails` must be a list of guardrail names.", "invalid_type", "guardrails")
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth_over(data, MAX_DEPTH):
+        return _bad_json(f"The request body nests deeper than {MAX_DEPTH} levels.")
+    return None
+
+
+METADATA = ("metadata", "litellm_metadata")
+
+
+def _without_null_metadata(body: bytes) -> bytes:
+    """``body`` without ``"metadata": null`` (the same as none, which LiteLLM's failure hook cannot take)."""
+    if b"metadata" not in body:
+        return body
+    data = json.loads(body)
+    if not any(name in data and data[name] is None for name in METADATA):
+        return body
+    kept = {k: v for k, v in data.items() if not (k in METADATA and v is None)}
+    return json.dumps(kept, ensure_ascii=False).encode("utf-8")
+
+
+MAX_DEPTH = 100
+"""How deep a request body may nest. orjson reads 1,024 levels, but LiteLLM and the score route
+go on with recursive code (the json module, deepcopy) that fails with a 500 at a few hundred."""
+
+
+def _depth_over(data: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+LITELLM_REQUEST_HEADERS = (b"x-litellm-", b"litellm-")
+"""Request headers that set LiteLLM's own behaviour (timeouts, retries, tags, redaction, another
+key header): not the client's to set, and junk in them is a 500."""
+
+
+def litellm_request_headers(scope: Scope, length: int) -> list[tuple[bytes, bytes]]:
+    """The request's headers as LiteLLM gets them, once its body is known to be a JSON object: said
+    so in ``Content-Type`` (LiteLLM reads any other type as a form or binary upload and fails), and
+    without LiteLLM's own control headers; ``length``: the body's, as replayed."""
+    headers = [
+        (k, v)
+        for k, v in scope.get("headers", ())
+        if k.lower() not in (b"content-type", b"content-length", b"transfer-encoding")
+        and not k.lower().startswith(LITELLM_REQUEST_HEADERS)
+    ]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
+    return headers
+
+
+def _bad_json(message: str) -> errors.PublicError:
+    return errors.make(400, message, "invalid_json")
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotFinite(text[:40])
+    return value
+
+
+def _not_finite(text: str) -> float:
+    raise _NotFinite(text)
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
@@ -235,7 +392,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class _Rewriter:
     """Wraps ``send``: errors into OpenAI's shape, internal headers out, stream errors rewritten."""
 
-    __slots__ = ("_send", "_start", "_error_body", "_stream", "_method", "_path")
+    __slots__ = ("_send", "_start", "_error_body", "_stream", "_method", "_path", "_call_id")
 
     def __init__(self, send: Send, method: str = "", path: str = "") -> None:
         self._send = send
@@ -244,11 +401,17 @@ class _Rewriter:
         self._start: Message | None = None
         self._error_body: list[bytes] | None = None
         self._stream = False
+        self._call_id = ""
+        """An answer's call id while its end still has to wait for its ledger row."""
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
             status = message["status"]
+            if status < 400 and self._method == "POST" and any(p.fullmatch(self._path) for p in ANSWERS):
+                self._call_id = next(
+                    (v.decode("latin-1") for k, v in message.get("headers", ()) if k.lower() == CALL_ID_HEADER), ""
+                )
             headers = [(k, v) for k, v in message.get("headers", ()) if not k.lower().startswith(HOP_HEADERS)]
             message = {**message, "headers": headers}
             if status >= 400:
@@ -267,6 +430,11 @@ class _Rewriter:
                 return
             if self._stream and b'"error"' in message.get("body", b""):
                 message = {**message, "body": rewrite_stream_errors(message["body"])}
+            if self._call_id and (
+                not message.get("more_body", False) or (self._stream and STREAM_END in message.get("body", b""))
+            ):
+                call_id, self._call_id = self._call_id, ""
+                await journal.wait(call_id)  # answered only once its ledger row is journaled
             await self._send(message)
             return
         await self._send(message)
@@ -323,7 +491,9 @@ class ClientErrorLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
         if self.AUTH in msg:
-            return record.exc_info is not None and _status_of(record.exc_info[1]) not in range(400, 500)
+            if record.exc_info is None or errors.REJECTED_FIELD in str(record.exc_info[1]):
+                return False  # a refused body field is the client's error (400, errors.public_error)
+            return _status_of(record.exc_info[1]) not in range(400, 500)
         if self.CALL not in msg:
             return True
         args = record.args if isinstance(record.args, tuple) else ()
@@ -333,15 +503,20 @@ class ClientErrorLogFilter(logging.Filter):
         status = _status_of(exc)
         if status is not None and status < 500:
             return False
-        text = str(exc)
+        text = str(exc) if exc is not None else " ".join(str(a) for a in args[1:])  # LiteLLM may pass it as text
+        if errors.invalid_request(text) is not None:  # the client's error, answered 400
+            return False
         if status is None or errors.UNAVAILABLE.search(text) or errors.TIMEOUT.search(text):
+            unreachable, timeout = errors.UNAVAILABLE.search(text), errors.TIMEOUT.search(text)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text = None, None
             record.msg, record.args = (
-                "twllm gateway: a model's engine could not answer (%s, %s): %s",
+                "twllm gateway: a model's engine could not answer (%s, %s): %s"
+                if unreachable or timeout
+                else "twllm gateway: a request failed (%s, %s): %s",
                 (
-                    type(exc).__name__,
-                    "unreachable" if errors.UNAVAILABLE.search(text) else "timeout",
+                    type(exc).__name__ if exc is not None else "-",
+                    "unreachable" if unreachable else "timeout" if timeout else "no status",
                     errors.scrub(text)[:200] or "-",
                 ),
             )

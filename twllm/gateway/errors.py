@@ -91,6 +91,9 @@ _UNKNOWN_MODEL = re.compile(
     r"(?:exist|found)",
     re.IGNORECASE,
 )
+REJECTED_FIELD = "Rejected Request: "
+"""How LiteLLM's auth starts its refusal of a request field only its admin may set."""
+_REJECTED = re.compile(REJECTED_FIELD + r"([^\n]*?)(?:\.\s|\.?$)", re.MULTILINE)
 _PREFIX = re.compile(r"^(?:litellm\.)?[A-Za-z_]*(?:Error|Exception)\s*[:\-]\s*", re.IGNORECASE)
 _PROVIDER = re.compile(r"^\s*[A-Za-z_]*Exception\s*-\s*")
 _STATUS_PREFIX = re.compile(r"^Error code:\s*\d{3}\s*-\s*")
@@ -158,6 +161,12 @@ def public_error(status: int, body: bytes | str | dict[str, Any] | None) -> Publ
     raw = str(error.get("message") or error.get("detail") or "")
     code = error.get("code")
     code_text = str(code) if code is not None else None
+    rejected = _REJECTED.search(raw)
+    if rejected is not None and status in (400, 401, 403):  # LiteLLM's auth refusing a body field
+        return _rejected_field(rejected.group(1))
+    invalid = invalid_request(raw) if status >= 500 else None
+    if invalid is not None:  # LiteLLM failed on the client's request before any engine saw it
+        return invalid
     ours = code_text is not None and not code_text.isdigit() and not FORBIDDEN.search(raw)
     if ours:  # twllm's own refusals (auth, limits, guard) and already-clean errors
         return PublicError(
@@ -190,6 +199,42 @@ def public_error(status: int, body: bytes | str | dict[str, Any] | None) -> Publ
     inner_code = inner.get("code") if inner else None
     code_out = str(inner_code) if inner_code is not None and not str(inner_code).isdigit() else None
     return make(status, message, code_out, param)
+
+
+_REQUEST_VALIDATION = re.compile(r"\d+ validation errors? for \w*Request\s*\n(\S[^\n]*)\n\s+([^\[\n]+)")
+_TWICE = re.compile(r"got (?:multiple values for|an unexpected) keyword argument '(\w+)'")
+
+
+def invalid_request(raw: str) -> PublicError | None:
+    """A 500 LiteLLM gives for the client's own error, as the 400 it is: its request model's
+    validation (a rerank ``query`` that is not a string), or a field it passes twice or to a call
+    without it (``messages`` or ``response_format`` sent to /v1/completions)."""
+    found = _REQUEST_VALIDATION.search(raw)
+    if found is not None:
+        field, problem = found.group(1).strip(), found.group(2).strip()
+        param = _param(field.split(".")[0])
+        return make(400, scrub(f"{field}: {problem}") or None, "invalid_type", param)
+    if "Unmapped prompt format" in raw:  # LiteLLM's text completion: a `prompt` of another shape
+        return make(400, "`prompt` must be a string or an array of strings or token ids.", "invalid_type", "prompt")
+    twice = _TWICE.search(raw)
+    if twice is not None:
+        name = twice.group(1)
+        return make(400, f"`{name}` is not a parameter of this endpoint.", "unsupported_parameter", name)
+    return None
+
+
+def _rejected_field(text: str) -> PublicError:
+    """LiteLLM's refusal of a request field that only its admin may set (``api_base``, ``model_list``,
+    a secret reference, a URL as a fallback): the client's error, 400, never the 401 LiteLLM gives."""
+    named = re.match(r"(\w+)(?:=\S*)? (?:is not allowed|holds a secret)", text)
+    name = named.group(1) if named else None
+    message = (
+        f"`{name}` is not allowed in the request body."
+        if name
+        else (scrub(text) or "The request sets a field this gateway does not accept").rstrip(".") + "."
+    )
+    message = message[:1].upper() + message[1:]
+    return make(400, message, "unsupported_parameter", name)
 
 
 def _error_object(body: bytes | str | dict[str, Any] | None) -> dict[str, Any]:
