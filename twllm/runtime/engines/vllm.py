@@ -16,6 +16,7 @@ line (where `ps` would show it): vLLM 0.32 reads it in ``vllm/envs.py`` and enfo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -77,12 +78,21 @@ def secret_values(proc: EngineProcess, ctx: RuntimeContext) -> dict[str, str]:
     return values
 
 
+CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+"""vLLM's CPU engine pins its threads to cores chosen alone ("auto"): every CPU engine of a
+deployment (replicas, an embedding model) takes the same cores while the others idle, and a
+restarted replica starves behind a busy one (the chaos test saw 296 s to ready). Unpinned
+("nobind") the kernel spreads them. An operator who sets it in twllm's environment keeps theirs."""
+
+
 class VllmDriver:
     """Starts `vllm serve` from an engine environment; ready once `/v1/models` lists its models."""
 
     def launch(self, proc: EngineProcess, ctx: RuntimeContext) -> Launch:
         python = engine_python(proc, ctx)
         env = dict(proc.env)
+        if proc.device == "cpu" and CPU_BIND not in os.environ:
+            env[CPU_BIND] = "nobind"
         env.update(secret_values(proc, ctx))
         return Launch(argv=serve_argv(python, proc.argv), env=env)
 
