@@ -262,7 +262,7 @@ def measure(target: Target, kind: str, count: int, concurrency: int, max_tokens:
 def rss_per_worker(pid: int) -> list[float]:
     """MiB resident per serving process: the workers when there are several, else the one."""
     root = psutil.Process(pid)
-    children = [p for p in root.children(recursive=True) if "multiprocessing" not in " ".join(p.cmdline())]
+    children = [p for p in root.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
     procs = children or [root]
     return [round(p.memory_info().rss / 2**20, 1) for p in procs]
 
@@ -374,6 +374,8 @@ def run_upstream(upstream: str, args: argparse.Namespace, work: Path, pg: Postgr
             report["rss_mib_per_worker"][name] = rss_per_worker(proxies[name].pid)
         if args.profile and upstream == "standin":
             report["profile"] = profile(proxies["twllm"].pid, targets[2], Path(args.profile))
+        if upstream == "standin" and args.ablation:
+            report["ablation"] = ablation(spec, folder, env, ours, targets[2], proxy_cpus, rest_cpus, args)
         if upstream == "standin" and args.workers_check:
             report["workers"] = workers_check(spec, folder, env, ours, targets[2], proxy_cpus, rest_cpus, args)
         return report
@@ -416,7 +418,7 @@ def wait_answers(targets: list[Target]) -> None:
 def profile(pid: int, target: Target, svg: Path) -> dict:
     """py-spy records the gateway's serving process while closed-loop load runs."""
     root = psutil.Process(pid)
-    serving = next((p for p in root.children(recursive=True) if "multiprocessing" not in " ".join(p.cmdline())), root)
+    serving = next((p for p in root.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())), root)
     py_spy = Path(sys.executable).with_name("py-spy")
     seconds = 20
     recorder = subprocess.Popen(
@@ -433,6 +435,83 @@ def profile(pid: int, target: Target, svg: Path) -> dict:
         sent += 200
     out, _ = recorder.communicate(timeout=120)
     return {"svg": str(svg), "requests": sent, "py_spy": out.decode(errors="replace")[-400:]}
+
+
+ABLATIONS: dict[str, dict[str, str]] = {
+    "all cuts": {},
+    "without: middleware left out": {"TWLLM_GATEWAY_LEAN": "otel,gauges"},
+    "without: OTel lookup skipped": {"TWLLM_GATEWAY_LEAN": "middleware,gauges"},
+    "without: excluded gauges skipped": {"TWLLM_GATEWAY_LEAN": "middleware,otel"},
+    "without: httptools (h11)": {"TWLLM_GATEWAY_HTTP": "h11"},
+    "without: prices out of litellm_params": {"prices": "1"},
+    "none of the cuts": {"TWLLM_GATEWAY_LEAN": "none", "TWLLM_GATEWAY_HTTP": "h11", "prices": "1"},
+}
+"""twllm's gateway with every cut of issue 17, with each one undone alone, and with none."""
+
+
+def ablation(
+    spec: str,
+    folder: Path,
+    env: dict[str, str],
+    ours: dict[str, str],
+    shipped: Target,
+    proxy_cpus: set[int] | None,
+    rest_cpus: set[int] | None,
+    args: argparse.Namespace,
+) -> dict:
+    """CPU per non-streamed request and per 200-token stream of each variant, side by side."""
+    api_base = one_worker_api(folder)
+    handles: dict[str, ProxyHandle] = {}
+    targets: dict[str, Target] = {}
+    try:
+        for number, (name, knobs) in enumerate(ABLATIONS.items()):
+            if not knobs:  # the gateway measured above, as shipped
+                base = shipped.url.removesuffix("/v1/chat/completions")
+                targets[name] = Target(name, base, shipped.headers, shipped.model, shipped.pid)
+                continue
+            config, _ = twllm_config(spec, folder / f"ablation-{number}", env, api_base)
+            if knobs.get("prices"):  # as before issue 17: the deployment's prices in litellm_params too
+                data = yaml.safe_load(config.read_text())
+                for d in data["model_list"]:
+                    d["litellm_params"]["input_cost_per_token"] = d["model_info"]["input_cost_per_token"]
+                    d["litellm_params"]["output_cost_per_token"] = d["model_info"]["output_cost_per_token"]
+                config.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+            extra = {k: v for k, v in knobs.items() if k != "prices"}
+            if proxy_cpus:
+                os.sched_setaffinity(0, proxy_cpus)
+            try:
+                handles[name] = start_proxy(
+                    config,
+                    env={**ours, **extra, GATEWAY_SETTINGS_ENV: str(config.parent / GATEWAY_SETTINGS)},
+                    timeout=PROXY_READY_TIMEOUT_S,
+                )
+            finally:
+                if rest_cpus:
+                    os.sched_setaffinity(0, rest_cpus)
+            targets[name] = Target(name, handles[name].base_url, shipped.headers, shipped.model, handles[name].pid)
+        wait_answers(list(targets.values()))
+        out: dict[str, dict[str, list[float]]] = {name: {"plain": [], "stream": []} for name in targets}
+        for number in range(args.rounds):
+            order = list(targets.values()) if number % 2 == 0 else list(reversed(targets.values()))
+            for t in order:
+                assert t.pid is not None
+                plain = measure(t, "plain", args.requests, 8, 16, {"proxy": t.pid})
+                stream = measure(t, "stream", 16, 8, 200, {"proxy": t.pid})
+                out[t.name]["plain"].append(plain["cpu_s"]["proxy"] * 1000 / args.requests)
+                out[t.name]["stream"].append(stream["cpu_s"]["proxy"] * 1000 / 16)
+                say(
+                    f"ablation {t.name:<40} {out[t.name]['plain'][-1]:.2f} ms/request  {out[t.name]['stream'][-1]:.1f} ms/stream"
+                )
+        return {
+            name: {
+                "cpu_ms_per_request": round(statistics.median(v["plain"]), 2),
+                "cpu_ms_per_200_token_stream": round(statistics.median(v["stream"]), 1),
+            }
+            for name, v in out.items()
+        }
+    finally:
+        for handle in handles.values():
+            handle.stop()
 
 
 def workers_check(
@@ -530,6 +609,8 @@ def summarize(report: dict) -> dict:
             s["workers"] = {**w, "2/1": round(statistics.median(w["2 workers"]) / statistics.median(w["1 worker"]), 3)}
         if "profile" in data:
             s["profile"] = data["profile"]
+        if "ablation" in data:
+            s["ablation"] = data["ablation"]
         out[upstream] = s
     return out
 
@@ -539,10 +620,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", choices=("standin", "vllm", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; even ones run the targets in reverse order")
     parser.add_argument("--requests", type=int, default=400, help="non-streamed requests per run at concurrency 32 / 2")
-    parser.add_argument("--rate", type=float, default=200.0, help="stand-in tokens per second per stream")
+    parser.add_argument("--rate", type=float, default=50.0, help="stand-in tokens per second per stream")
     parser.add_argument("--long", type=int, default=500, help="tokens of a long stream")
     parser.add_argument("--profile", metavar="SVG", help="record a py-spy flame graph of twllm's worker here")
     parser.add_argument("--workers-check", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--ablation", action=argparse.BooleanOptionalAction, default=True, help="each cut undone alone (stand-in)"
+    )
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2)
     parser.add_argument("--json", metavar="FILE", help="also write the whole report here")
     args = parser.parse_args(argv)

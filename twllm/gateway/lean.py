@@ -22,6 +22,9 @@ names what it cost there and why twllm can go without it:
   of a worker's CPU) even when ``prometheus_exclude_metrics`` leaves them all out, as twllm's
   render does (its limits are twllm's own). Computed only when one of them is exported.
 
+``TWLLM_GATEWAY_LEAN`` (a diagnostic, for ``benchmarks/gateway_cpu.py --ablation``) names the
+parts to apply — ``middleware``, ``otel``, ``gauges``; ``none`` applies none; unset, all.
+
 Each part checks that what it removes is still there: a LiteLLM upgrade that renames one logs a
 warning and leaves that part of its proxy as it is (``tests/unit/test_gateway_lean.py`` fails).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Any
 
 log = logging.getLogger("twllm.gateway")
@@ -61,6 +65,9 @@ RATE_LIMIT_SERIES: frozenset[str] = frozenset(
     }
 )
 """What ``PrometheusLogger._set_v3_rate_limit_allowed_and_used_metrics`` sets."""
+
+PARTS = ("middleware", "otel", "gauges")
+LEAN_ENV = "TWLLM_GATEWAY_LEAN"
 
 OTEL_LOGGER = "litellm.integrations.otel.logger"
 AUTH_MODULE = "litellm.proxy.auth.user_api_key_auth"
@@ -126,10 +133,13 @@ def skip_excluded_rate_limit_gauges() -> bool:
 
 
 def install(app: Any) -> list[str]:
-    """Everything above, on LiteLLM's proxy app before it serves. Returns what was switched off."""
-    off = drop_middleware(app)
-    if skip_otel_destinations():
+    """Everything above (or the parts ``TWLLM_GATEWAY_LEAN`` names), on LiteLLM's proxy app
+    before it serves. Returns what was switched off."""
+    chosen = os.environ.get(LEAN_ENV, ",".join(PARTS))
+    parts = {p.strip() for p in chosen.split(",")} & set(PARTS)
+    off = drop_middleware(app) if "middleware" in parts else []
+    if "otel" in parts and skip_otel_destinations():
         off.append(f"{AUTH_MODULE}._seed_request_destinations")
-    if skip_excluded_rate_limit_gauges():
+    if "gauges" in parts and skip_excluded_rate_limit_gauges():
         off.append("PrometheusLogger rate-limit gauges when excluded")
     return off

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         "date_header": True,
         "timeout_graceful_shutdown": 30,
         "log_level": "info",
+        # httptools when installed (a dependency); TWLLM_GATEWAY_HTTP=h11 is a diagnostic that
+        # benchmarks/gateway_cpu.py --ablation uses to measure what the C parser saves.
+        "http": os.environ.get("TWLLM_GATEWAY_HTTP", "auto"),
     }
     try:
         import uvloop  # noqa: F401
