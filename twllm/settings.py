@@ -22,6 +22,8 @@ SPOOL_DIR_ENV = "TWLLM_SPOOL_DIR"
 ENGINES_DIR_ENV = "TWLLM_ENGINES_DIR"
 MODELS_DIR_ENV = "TWLLM_MODELS_DIR"
 OLLAMA_BIN_ENV = "TWLLM_OLLAMA_BIN"
+GATEWAY_LEAN_ENV = "TWLLM_GATEWAY_LEAN"
+GATEWAY_HTTP_ENV = "TWLLM_GATEWAY_HTTP"
 BENCH_PREFIX = "TWLLM_BENCH_"
 BENCH_API_KEY_ENV = BENCH_PREFIX + "API_KEY"
 BENCH_MODELS_ENV = BENCH_PREFIX + "MODELS"
@@ -61,6 +63,12 @@ TABLE: tuple[tuple[str, str], ...] = (
         "Where locally built models live (the demo chat model, copies of packaged models); default ~/.cache/twllm/models.",
     ),
     (OLLAMA_BIN_ENV, "The ollama executable (default: `ollama` on PATH)."),
+    (
+        GATEWAY_LEAN_ENV,
+        "Diagnostic: which of LiteLLM's unneeded per-request work the gateway switches off "
+        "(middleware,otel,gauges; none; default all), for benchmarks/gateway_cpu.py --ablation.",
+    ),
+    (GATEWAY_HTTP_ENV, "Diagnostic: uvicorn's HTTP parser for the gateway (default auto: httptools; h11)."),
     (BENCH_API_KEY_ENV, "The API key `twllm bench` and the load test send (default name of --api-key-env)."),
     (BENCH_MODELS_ENV, "Load test: chat models to load, comma separated (its --models)."),
     (BENCH_EMBEDDINGS_MODEL_ENV, "Load test: an embeddings model to load as well (its --embeddings-model)."),

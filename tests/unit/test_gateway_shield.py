@@ -374,6 +374,9 @@ models:
         (b'{"model": "chat", "tags": "x"}', "invalid_type", "`tags` must be a list of strings"),
         (b'{"model": "chat", "guardrails": false}', "invalid_type", "`guardrails` must be a list"),
         (b'{"model": "chat", "guardrails": [{}]}', "invalid_type", "`guardrails` must be a list"),
+        (b'{"model": "chat", "messages": false}', "invalid_type", "`messages` must be a list"),  # a 500 (CI's fuzz)
+        (b'{"model": "chat", "user": ["a"]}', "invalid_type", "`user` must be a string"),  # a limiter traceback
+        (b'{"model": "chat", "metadata": {"session_id": [1]}}', "invalid_type", "`metadata.session_id` must be"),
     ],
 )
 def test_a_body_litellm_cannot_handle_is_400_before_it_is_read(body: bytes, code: str, says: str) -> None:

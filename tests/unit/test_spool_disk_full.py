@@ -90,7 +90,10 @@ def failures_counted() -> float:
     return metrics.SPOOL_WRITE_FAILURES._value.get()
 
 
-def test_rows_the_full_disk_refuses_reach_postgres_and_the_burst_is_logged_once(tmp_path: Path, caplog):
+def test_rows_the_full_disk_refuses_reach_postgres_and_the_burst_is_logged_once(tmp_path: Path, caplog, monkeypatch):
+    # LiteLLM's logging setup, imported by an earlier test of the run, disables the loggers that
+    # existed then (logging.config's default); the gateway imports it first, so it keeps ours.
+    monkeypatch.setattr(logging.getLogger(ledger_mod.__name__), "disabled", False)
     db = FakeDb()
     spool = FullSpool(tmp_path)
     stored: list[LedgerRow] = []

@@ -301,6 +301,16 @@ def body_problem(body: bytes) -> errors.PublicError | None:
     for name in METADATA:  # LiteLLM's failure hook updates it in place: a 500 for a refused key
         if data.get(name) is not None and not isinstance(data[name], dict):
             return errors.make(400, f"`{name}` must be an object.", "invalid_type", name)
+    expected: tuple[tuple[str, type, str], ...] = (("messages", list, "a list"), ("user", str, "a string"))
+    for name, of_type, what in expected:
+        # LiteLLM fails on other types (a 500; its rate limiter hashes `user` after a 200)
+        if data.get(name) is not None and not isinstance(data[name], of_type):
+            return errors.make(400, f"`{name}` must be {what}.", "invalid_type", name)
+    for name in METADATA:
+        inner = data.get(name) or {}
+        for field in ("session_id", "trace_id"):  # hashed by LiteLLM's rate limiter too
+            if inner.get(field) is not None and not isinstance(inner[field], str):
+                return errors.make(400, f"`{name}.{field}` must be a string.", "invalid_type", f"{name}.{field}")
     tags = data.get("tags")  # LiteLLM's rate limiter and budget code hash each tag: a 500 otherwise
     if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
         return errors.make(400, "`tags` must be a list of strings.", "invalid_type", "tags")

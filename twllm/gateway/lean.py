@@ -36,6 +36,8 @@ import logging
 import os
 from typing import Any
 
+from twllm.settings import GATEWAY_LEAN_ENV
+
 log = logging.getLogger("twllm.gateway")
 
 UNUSED_MIDDLEWARE: frozenset[str] = frozenset(
@@ -67,7 +69,7 @@ RATE_LIMIT_SERIES: frozenset[str] = frozenset(
 """What ``PrometheusLogger._set_v3_rate_limit_allowed_and_used_metrics`` sets."""
 
 PARTS = ("middleware", "otel", "gauges")
-LEAN_ENV = "TWLLM_GATEWAY_LEAN"
+LEAN_ENV = GATEWAY_LEAN_ENV
 
 OTEL_LOGGER = "litellm.integrations.otel.logger"
 AUTH_MODULE = "litellm.proxy.auth.user_api_key_auth"

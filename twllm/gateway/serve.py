@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from twllm.gateway.settings import GatewaySettings
-from twllm.settings import GATEWAY_SETTINGS_ENV, PROMETHEUS_MULTIPROC_DIR_ENV
+from twllm.settings import GATEWAY_HTTP_ENV, GATEWAY_SETTINGS_ENV, PROMETHEUS_MULTIPROC_DIR_ENV
 
 WORKER_HEALTHCHECK_S = 120
 """uvicorn kills a new worker that has not answered its health ping within 5 s by default, and
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         "log_level": "info",
         # httptools when installed (a dependency); TWLLM_GATEWAY_HTTP=h11 is a diagnostic that
         # benchmarks/gateway_cpu.py --ablation uses to measure what the C parser saves.
-        "http": os.environ.get("TWLLM_GATEWAY_HTTP", "auto"),
+        "http": os.environ.get(GATEWAY_HTTP_ENV, "auto"),
     }
     try:
         import uvloop  # noqa: F401
