@@ -376,6 +376,9 @@ models:
         (b'{"model": "chat", "guardrails": [{}]}', "invalid_type", "`guardrails` must be a list"),
         (b'{"model": "chat", "messages": false}', "invalid_type", "`messages` must be a list"),  # a 500 (CI's fuzz)
         (b'{"model": "chat", "user": ["a"]}', "invalid_type", "`user` must be a string"),  # a limiter traceback
+        # sent on as the engine's Authorization header: a 500 for a newline, the engine key bypassed
+        (b'{"model": "chat", "api_key": "a\\nb"}', "unsupported_parameter", "`api_key` is not allowed"),
+        (b'{"model": "chat", "extra_headers": {"x": "y"}}', "unsupported_parameter", "`extra_headers` is not"),
         (b'{"model": "chat", "metadata": {"session_id": [1]}}', "invalid_type", "`metadata.session_id` must be"),
     ],
 )

@@ -301,6 +301,9 @@ def body_problem(body: bytes) -> errors.PublicError | None:
     for name in METADATA:  # LiteLLM's failure hook updates it in place: a 500 for a refused key
         if data.get(name) is not None and not isinstance(data[name], dict):
             return errors.make(400, f"`{name}` must be an object.", "invalid_type", name)
+    for name in OPERATOR_FIELDS:  # where and how to reach an engine is the operator's, never a client's
+        if name in data:
+            return errors.make(400, f"`{name}` is not allowed in the request body.", "unsupported_parameter", name)
     expected: tuple[tuple[str, type, str], ...] = (("messages", list, "a list"), ("user", str, "a string"))
     for name, of_type, what in expected:
         # LiteLLM fails on other types (a 500; its rate limiter hashes `user` after a 200)
@@ -325,6 +328,19 @@ def body_problem(body: bytes) -> errors.PublicError | None:
 
 
 METADATA = ("metadata", "litellm_metadata")
+OPERATOR_FIELDS = (
+    "api_key",
+    "api_base",
+    "base_url",
+    "api_version",
+    "extra_headers",
+    "headers",
+    "model_list",
+    "user_config",
+    "secret_fields",
+)
+"""Request fields LiteLLM would use to reach an engine (its key, URL, headers, deployments): a
+client's would bypass the engine key or inject headers (a 500 for a control character)."""
 
 
 def _without_null_metadata(body: bytes) -> bytes:
