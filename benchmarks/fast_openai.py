@@ -8,10 +8,15 @@ measuring:
   then a usage chunk when ``stream_options.include_usage`` asks for one, then ``[DONE]``;
 - ``GET /v1/models`` and ``GET /health`` → what a vLLM engine answers.
 
+With ``--loading S`` it binds its port at once and answers only after S seconds, as a vLLM
+engine loading its model does (the kernel accepts connections that nobody reads); ``--latency``
+delays each non-streamed answer; ``--name`` goes into every completion id
+(``chatcmpl-<name>-<n>``), so a client behind a proxy sees which stand-in answered.
+
 HTTP/1.1 with keep-alive, parsed by hand on a bare asyncio protocol (uvloop when installed): the
 requests come from our own proxies and clients, which always send ``Content-Length``.
 
-    python benchmarks/fast_openai.py --port 8901 [--rate 200] [--model demo-chat]
+    python benchmarks/fast_openai.py --port 8901 [--rate 200] [--model demo-chat] [--loading 30]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import time
 
 ANSWER = "好"
@@ -66,6 +72,8 @@ class Handler(asyncio.Protocol):
                 if request.get("stream"):
                     await self.stream(request)
                 else:
+                    if self.server.latency:
+                        await asyncio.sleep(self.server.latency)
                     self.send(200, self.server.completion(request))
             elif method == "GET" and path.endswith("/models"):
                 self.send(200, {"object": "list", "data": [{"id": self.server.model, "object": "model"}]})
@@ -92,7 +100,7 @@ class Handler(asyncio.Protocol):
         write = self.transport.write
         write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or 16)
-        ident = f"chatcmpl-standin-{self.server.next_id()}"
+        ident = f"chatcmpl-{self.server.name}-{self.server.next_id()}"
         created = int(time.time())
         model = request.get("model", self.server.model)
         interval = 1.0 / self.server.rate
@@ -129,9 +137,11 @@ class Handler(asyncio.Protocol):
 
 
 class StandIn:
-    def __init__(self, model: str, rate: float) -> None:
+    def __init__(self, model: str, rate: float, latency: float = 0.0, name: str = "standin") -> None:
         self.model = model
         self.rate = rate
+        self.latency = latency
+        self.name = name
         self.count = 0
 
     def next_id(self) -> int:
@@ -141,7 +151,7 @@ class StandIn:
     def completion(self, request: dict) -> dict:
         tokens = min(int(request.get("max_tokens") or 16), 16)
         return {
-            "id": f"chatcmpl-standin-{self.next_id()}",
+            "id": f"chatcmpl-{self.name}-{self.next_id()}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": request.get("model", self.model),
@@ -157,9 +167,15 @@ class StandIn:
         }
 
 
-async def serve(host: str, port: int, standin: StandIn) -> None:
+async def serve(host: str, port: int, standin: StandIn, loading: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Handler(standin), host, port, backlog=1024)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    if loading:  # listening, but nobody reads yet: a vLLM engine loading its model
+        time.sleep(loading)
+    server = await loop.create_server(lambda: Handler(standin), sock=sock)
     print(f"stand-in OpenAI server on http://{host}:{port}", flush=True)
     async with server:
         await server.serve_forever()
@@ -171,6 +187,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="demo-chat")
     parser.add_argument("--rate", type=float, default=200.0, help="streamed tokens per second per stream")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each non-streamed answer")
+    parser.add_argument("--loading", type=float, default=0.0, help="seconds listening before answering anything")
+    parser.add_argument("--name", default="standin", help="in every completion id")
     args = parser.parse_args()
     try:
         import uvloop
@@ -178,7 +197,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args.host, args.port, StandIn(args.model, args.rate)))
+    asyncio.run(serve(args.host, args.port, StandIn(args.model, args.rate, args.latency, args.name), args.loading))
 
 
 if __name__ == "__main__":

@@ -428,9 +428,16 @@ def errors_of(records: list[dict[str, Any]], limit: int = 5) -> list[str]:
     ]
 
 
+UNVERIFIED = "accounts_unavailable"
+
+
 def check_ledger(chaos, results: dict[str, Any], phase: str, key_id: int, records: list[dict[str, Any]]) -> None:
     """Every request the gateway answered (a status line reached the client) is one ledger row.
-    Requests cut by the gateway's death may or may not have one: counted apart."""
+    Requests cut by the gateway's death may or may not have one: counted apart. So are requests
+    refused before their key could be checked (503 ``accounts_unavailable``): no tenant is known
+    to bill, as for a 401."""
+    unverified = [r for r in records if r.get("answered") and UNVERIFIED in str(r.get("error", ""))]
+    records = [r for r in records if not (r.get("answered") and UNVERIFIED in str(r.get("error", "")))]
     answered = sum(1 for r in records if r.get("answered"))
     unsure = sum(1 for r in records if not r.get("answered") and r["outcome"] not in ("ConnectError", "ConnectTimeout"))
     found = wait_ledger(chaos, key_id, answered)
@@ -439,6 +446,7 @@ def check_ledger(chaos, results: dict[str, Any], phase: str, key_id: int, record
         found["unmatched_answered"] = unmatched(chaos, key_id, [r for r in records if r.get("answered")])
     results[phase]["ledger"] = {
         "expected_rows": answered,
+        "refused_before_the_key_was_checked": len(unverified),
         "unanswered_in_flight": unsure,
         **found,
         "lost": lost,

@@ -52,7 +52,7 @@ import psycopg
 import pytest
 import yaml
 from pgutil import Postgres, sql
-from proxyutil import ProxyHandle, start_proxy
+from proxyutil import ProxyHandle, free_port, start_proxy
 
 from twllm.accounting import store
 from twllm.accounting.auth import KEY_CACHE_TTL_S
@@ -499,3 +499,40 @@ def test_a_key_held_up_in_postgres_queues_in_the_worker_not_on_the_pool(postgres
     assert sum(admitted) == 5  # spent 0 + 4 in flight × 0.01 < 0.05: the fifth is the last
     assert sql(postgres.url, "SELECT count(*) FROM budget_holds WHERE key_id = %s", (key_id,)) == [(5,)]
     assert locks_left == 0
+
+
+def test_a_pool_all_in_use_is_busy_not_down(postgres):
+    """A request that finds every pooled connection in use gives up (DatabaseUnavailable) but
+    leaves the circuit breaker closed: the next request still goes to PostgreSQL. Before, a
+    restarted gateway's first burst (6 clients, connections slow to open on 2 busy cores) read as
+    PostgreSQL down and refused unknown keys with 503 accounts_unavailable for a second."""
+    from twllm.accounting.gateway_config import DatabaseUnavailable
+
+    async def go() -> tuple[bool, bool, bool]:
+        db = Database(postgres.url, max_size=1)
+        try:
+            async with db.connection() as held:
+                await held.execute("SELECT 1")
+                with pytest.raises(DatabaseUnavailable):
+                    async with db.connection():
+                        pass
+                busy_then, usable_then = db.busy(), db.usable
+            async with db.connection() as conn:  # the breaker never opened
+                await conn.execute("SELECT 1")
+            return busy_then, usable_then, db.usable
+        finally:
+            await db.close()
+
+    assert asyncio.run(go()) == (True, True, True)
+
+    async def down() -> bool:
+        db = Database(f"postgresql://twllm@127.0.0.1:{free_port()}/twllm", max_size=1)
+        try:
+            with pytest.raises(DatabaseUnavailable):
+                async with db.connection():
+                    pass
+            return db.usable
+        finally:
+            await db.close()
+
+    assert asyncio.run(down()) is False  # nothing listens: down, callers skip it for a moment

@@ -435,3 +435,61 @@ def test_litellms_refusal_of_a_body_field_is_400_not_401() -> None:
         exc_info,
     )
     assert ClientErrorLogFilter().filter(record) is False  # no traceback for the client's error
+
+    from twllm.accounting.auth import Rejection
+    from twllm.accounting.hooks import proxy_exception
+
+    unavailable = Rejection(503, "service_unavailable", "accounts_unavailable", "API keys cannot be checked right now.")
+    from twllm.accounting.hooks import TwllmAuthError
+
+    try:
+        raise proxy_exception(unavailable)
+    except TwllmAuthError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    # Our own refusal, a 503 as well: one line from the shield, no traceback from LiteLLM.
+    assert ClientErrorLogFilter().filter(record) is False
+
+
+def test_the_error_log_filter_sees_litellms_exception_through_its_own_filters() -> None:
+    """LiteLLM's redaction filter on its proxy logger formats a record and drops its arguments;
+    ours runs first, so a client's error is dropped and an engine's failure keeps its words."""
+    import logging
+
+    from litellm._logging import verbose_proxy_logger
+    from litellm.proxy.common_request_processing import log_llm_api_exception
+
+    from twllm.gateway.asgi import install_log_filter
+
+    seen: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    catch = Catch()
+    verbose_proxy_logger.addHandler(catch)
+    # LiteLLM's logging setup, imported by an earlier test, may have disabled existing loggers.
+    disabled, level = verbose_proxy_logger.disabled, verbose_proxy_logger.level
+    verbose_proxy_logger.disabled = False
+    verbose_proxy_logger.setLevel(logging.INFO)
+    install_log_filter(verbose_proxy_logger)
+    install_log_filter(verbose_proxy_logger)  # once per worker, however often it is called
+    try:
+        assert sum(isinstance(f, ClientErrorLogFilter) for f in verbose_proxy_logger.filters) == 1
+
+        class Refusal(Exception):
+            status_code = 400
+
+        class Down(Exception):
+            status_code = 429
+
+        log_llm_api_exception(Refusal("the client's mistake"), "call-1")
+        log_llm_api_exception(Down("No deployments available for selected model, Try again in 30 seconds"), "call-2")
+    finally:
+        verbose_proxy_logger.removeHandler(catch)
+        verbose_proxy_logger.disabled, _ = disabled, verbose_proxy_logger.setLevel(level)
+    assert [r.levelno for r in seen] == [logging.WARNING], [r.getMessage() for r in seen]
+    message = seen[0].getMessage()
+    assert "Down" in message and "No deployments available" in message, message

@@ -119,8 +119,12 @@ def parse_prices(models: Mapping[str, ModelSettings]) -> dict[str, Price]:
 POOL_MAX_SIZE = 8
 """Connections per gateway worker: auth lookups, rate-window upserts, budget reads, ledger writes."""
 POOL_TIMEOUT_S = 1.0
-"""How long a request waits for a pooled connection before the database counts as down."""
-CONNECT_TIMEOUT_S = 2
+"""How long a request waits for a pooled connection before the database counts as down (or,
+when the pool holds connections that are all in use, as busy)."""
+POOL_MIN_SIZE = 2
+CONNECT_TIMEOUT_S = 5
+"""A new connection's limit. A refused one fails at once; on 2 cores busy with engines, a freshly
+started gateway's first connections took over 2 s (the chaos test's restarted gateway)."""
 QUERY_TIMEOUT_S = 2.0
 """A query on the request path that takes longer counts as the database being down."""
 RETRY_AFTER_DOWN_S = 1.0
@@ -145,6 +149,8 @@ class Database:
         self._pool: AsyncConnectionPool | None = None
         self._down_until = 0.0
         self._checking: asyncio.Task[None] | None = None
+        self._in_use = 0
+        self._connect_errors = 0
 
     @property
     def usable(self) -> bool:
@@ -163,10 +169,38 @@ class Database:
             async with asyncio.timeout(timeout):
                 pool = await self._open()
                 async with pool.connection(timeout=POOL_TIMEOUT_S) as conn:
-                    yield conn
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError, TimeoutError) as exc:
+                    self._in_use += 1
+                    try:
+                        yield conn
+                    finally:
+                        self._in_use -= 1
+        except PoolTimeout as exc:
+            if not self.busy():  # no connection to be had: the server is down or unreachable
+                self.mark_down(exc)
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError, TimeoutError) as exc:
             self.mark_down(exc)
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+
+    def busy(self) -> bool:
+        """Whether a pool timeout was a burst, not an outage: connections are in use, or being
+        made with no attempt failing since the last look. That request gives up, but the circuit
+        breaker stays closed, so the next ones still try PostgreSQL instead of every caller
+        skipping it for ``RETRY_AFTER_DOWN_S``."""
+        if self._pool is None:
+            return False
+        stats = self._pool.get_stats()
+        errors = stats.get("connections_errors", 0)
+        failing, self._connect_errors = errors > self._connect_errors, errors
+        return not failing and (self._in_use > 0 or stats.get("pool_size", 0) > 0)
+
+    async def warm(self, timeout: float = 30.0) -> None:
+        """Open the pool and wait for its first connections (a worker's start, before requests)."""
+        try:
+            pool = await self._open()
+            await pool.wait(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - requests find out and count it themselves
+            log.info("twllm accounting: PostgreSQL connections not ready at start (%s)", type(exc).__name__)
 
     def mark_down(self, exc: BaseException) -> None:
         if time.monotonic() >= self._down_until:
@@ -195,7 +229,7 @@ class Database:
                 raise DatabaseUnavailable("no database URL is set")
             pool = AsyncConnectionPool(
                 self.url,
-                min_size=1,
+                min_size=min(POOL_MIN_SIZE, self.max_size),
                 max_size=self.max_size,
                 open=False,
                 timeout=POOL_TIMEOUT_S,

@@ -21,6 +21,7 @@ failure events without our metadata; they are attributed by the key's hash (Lite
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import dataclasses
 import hashlib
@@ -40,7 +41,7 @@ from twllm.accounting.ledger import LedgerRow, LedgerWriter, replay_folder, row_
 from twllm.accounting.names import ModelNames
 from twllm.accounting.outcomes import FailureHold
 from twllm.accounting.spool import Spool
-from twllm.gateway import journal, metrics, responses, streams
+from twllm.gateway import journal, metrics, responses, startup, streams
 from twllm.gateway.streams import EngineStreamCut, faithful
 from twllm.settings import DATABASE_URL_ENV, GATEWAY_SETTINGS_ENV
 
@@ -237,6 +238,21 @@ def runtime() -> Runtime:
     if _runtime is None or _runtime.pid != os.getpid():
         _runtime = Runtime(GatewayConfig.from_env())
     return _runtime
+
+
+def warm() -> None:
+    """At a worker's start: the ledger writer runs (replaying what a dead worker journaled) and
+    the PostgreSQL pool makes its first connections, before the first request needs them. A
+    restarted gateway under load used to refuse its first requests' keys with 503 while those
+    connections were still being made."""
+    rt = runtime()
+    if rt.db.url is None:
+        return
+    rt.start()
+    asyncio.get_running_loop().create_task(rt.db.warm(), name="twllm-accounting-warm")
+
+
+startup.at_startup(warm)
 
 
 def requested_models(body: Mapping[str, Any]) -> list[str]:

@@ -35,7 +35,20 @@ from typing import Any
 
 import orjson
 
-from twllm.gateway import errors, failfast, journal, lean, rerank, responses, score, scrape, spread, streams
+from twllm.gateway import (
+    errors,
+    failfast,
+    journal,
+    lean,
+    readiness,
+    rerank,
+    responses,
+    score,
+    scrape,
+    spread,
+    startup,
+    streams,
+)
 from twllm.gateway.settings import GatewaySettings, HttpSettings
 from twllm.settings import GATEWAY_SETTINGS_ENV
 
@@ -145,7 +158,7 @@ class Shield:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _on_startup(send))
             return
         if scope["type"] != "http":  # websockets (LiteLLM's realtime routes): not served
             if scope["type"] == "websocket":
@@ -519,6 +532,8 @@ class ClientErrorLogFilter(logging.Filter):
         if self.AUTH in msg:
             if record.exc_info is None or errors.REJECTED_FIELD in str(record.exc_info[1]):
                 return False  # a refused body field is the client's error (400, errors.public_error)
+            if type(record.exc_info[1]).__name__ == "TwllmAuthError":
+                return False  # twllm's own refusal (a 503 too): the shield logs it in one line
             return _status_of(record.exc_info[1]) not in range(400, 500)
         if self.CALL not in msg:
             return True
@@ -527,9 +542,14 @@ class ClientErrorLogFilter(logging.Filter):
         if exc is None and record.exc_info and isinstance(record.exc_info, tuple):
             exc = record.exc_info[1]
         status = _status_of(exc)
-        if status is not None and status < 500:
+        if exc is not None:
+            text = str(exc)
+        elif args:  # LiteLLM may pass it as text
+            text = " ".join(str(a) for a in args[1:])
+        else:  # already formatted into the message by another filter
+            text = record.getMessage().partition(" - litellm_call_id=")[2].partition(" - ")[2]
+        if status is not None and status < 500 and not errors.UNAVAILABLE.search(text):
             return False
-        text = str(exc) if exc is not None else " ".join(str(a) for a in args[1:])  # LiteLLM may pass it as text
         if errors.invalid_request(text) is not None:  # the client's error, answered 400
             return False
         if status is None or errors.UNAVAILABLE.search(text) or errors.TIMEOUT.search(text):
@@ -547,6 +567,26 @@ class ClientErrorLogFilter(logging.Filter):
                 ),
             )
         return True
+
+
+def _on_startup(send: Send) -> Send:
+    """``send`` of the lifespan: once the worker has started, the start-up actions run
+    (``twllm.gateway.startup``), before the first request is read."""
+
+    async def forward(message: MutableMapping[str, Any]) -> None:
+        await send(message)
+        if message.get("type") == "lifespan.startup.complete":
+            startup.run()
+
+    return forward
+
+
+def install_log_filter(logger: logging.Logger) -> None:
+    """``ClientErrorLogFilter`` on ``logger``, ahead of LiteLLM's own filters: LiteLLM's
+    redaction filter formats a record into its message and drops its arguments, and with them
+    the exception whose status tells a client's error from an engine's."""
+    if not any(isinstance(f, ClientErrorLogFilter) for f in logger.filters):
+        logger.filters.insert(0, ClientErrorLogFilter())
 
 
 def _status_of(exc: Any) -> int | None:
@@ -569,10 +609,11 @@ def build(settings: HttpSettings | None = None) -> ASGIApp:
     from litellm.proxy.proxy_server import app as proxy_app
     from starlette.middleware.cors import CORSMiddleware
 
-    verbose_proxy_logger.addFilter(ClientErrorLogFilter())
+    install_log_filter(verbose_proxy_logger)
     streams.install()
     failfast.install()
     spread.install()  # least-busy routing takes turns among idle replicas
+    readiness.install()  # no requests to a replica that does not answer its health probe
     rerank.install()  # the Safety Guard's codes survive LiteLLM's rerank route
     responses.install()
     lean.install(proxy_app)  # LiteLLM's per-request work that twllm does not need, off

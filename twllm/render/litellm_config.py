@@ -237,6 +237,10 @@ def _deployment(route: Route, timeout: float, has_siblings: bool = False) -> dic
         info["max_input_tokens"] = route.max_input_tokens
     if has_siblings:
         info["allowed_fails_policy"] = dict(REPLICA_DOWN_POLICY)
+        if route.provider_model.startswith("hosted_vllm/"):
+            # Probed by each gateway worker: a replica that does not answer gets no requests
+            # (twllm.gateway.readiness; a restarted vLLM listens long before it serves).
+            info["twllm_health_url"] = route.api_base.rstrip("/").removesuffix("/v1") + "/health"
     return {"model_name": route.model_name, "litellm_params": params, "model_info": info}
 
 

@@ -1,0 +1,170 @@
+"""Keep requests off a replica whose engine is not serving.
+
+A restarted vLLM engine binds its port at once and answers only when its model is loaded
+(90 s on 2 CPU cores): in between, the kernel accepts connections that nobody reads. LiteLLM's
+cooldown (``gateway.cooldown_s``) takes a failed replica out of rotation for a fixed time only;
+once it ends, the least-busy router prefers the idle, still-loading replica, and every request
+sent there waits for ``gateway.request_timeout_s``. With the chaos test's 60 s timeout the
+retries of several such requests then failed at once on the healthy replica, which went into
+cooldown too: 253 of 804 requests got 503 ``engine_unavailable`` with one replica serving.
+
+``install()`` (once per gateway worker) wraps the router's deployment filter of the pinned
+LiteLLM (>=1.108.7,<1.109): each worker probes the health URL that the render puts in a
+replica's ``model_info`` (``twllm_health_url``: vLLM's ``/health``; only models with several
+vLLM replicas have one) every ``INTERVAL_S``, and a replica whose probe
+failed is not offered to the router. A refused connection marks it down at once, a probe that
+gets no answer in ``TIMEOUT_S`` after ``SLOW_PROBES`` tries in a row (an engine busy with work
+answers its health route at once; one that is loading never does), and so does the router's own
+cooldown of the replica (a failed request): it then stays down past the cooldown, until a probe
+is answered. One good probe marks it up again. If every replica of a model is down, all are
+offered: the router's own retries, cooldown and errors then answer as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("twllm.gateway")
+
+INTERVAL_S = 2.0
+TIMEOUT_S = 3.0
+SLOW_PROBES = 2
+HEALTH_URL = "twllm_health_url"
+
+_installed = False
+
+
+def health_url(deployment: Mapping[str, Any]) -> str | None:
+    info = deployment.get("model_info") or {}
+    url = info.get(HEALTH_URL)
+    return url if isinstance(url, str) and url else None
+
+
+class Readiness:
+    """Which replicas answer their health probe, as this worker last saw."""
+
+    def __init__(self) -> None:
+        self.urls: dict[str, str] = {}  # deployment id -> health url
+        self.down: set[str] = set()
+        self.slow: dict[str, int] = {}
+        self.changed_at: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # --- routing ----------------------------------------------------------------------------
+    def offer(self, deployments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The replicas worth a request: those not seen down, or all when none is up."""
+        watched = False
+        for d in deployments:
+            url = health_url(d)
+            ident = (d.get("model_info") or {}).get("id")
+            if url and isinstance(ident, str):
+                watched = True
+                if self.urls.get(ident) != url:
+                    self.urls[ident] = url
+        if watched:
+            self._ensure_probing()
+        if not self.down:
+            return deployments
+        up = [d for d in deployments if (d.get("model_info") or {}).get("id") not in self.down]
+        return up or deployments
+
+    # --- probing ----------------------------------------------------------------------------
+    def record(self, ident: str, outcome: str) -> None:
+        """One probe's ``outcome``: ``up``, ``refused`` (nothing listens) or ``silent``; or
+        ``failed``: the router put the replica in cooldown after a request failed there."""
+        if outcome == "failed" and ident not in self.urls:
+            return  # not a replica this worker probes: the router's cooldown alone decides
+        was_down = ident in self.down
+        if outcome == "up":
+            self.slow.pop(ident, None)
+            self.down.discard(ident)
+        elif outcome in ("refused", "failed"):
+            self.down.add(ident)
+        else:
+            self.slow[ident] = self.slow.get(ident, 0) + 1
+            if self.slow[ident] >= SLOW_PROBES:
+                self.down.add(ident)
+        now_down = ident in self.down
+        if now_down != was_down:
+            self.changed_at[ident] = time.time()
+            log.warning(
+                "twllm gateway: replica %s %s",
+                ident,
+                (
+                    "is not serving (a request failed there): no requests go to it until it answers its health probe"
+                    if outcome == "failed"
+                    else "is not serving (health probe %s): no requests go to it" % outcome
+                )
+                if now_down
+                else "answers its health probe again: it takes requests",
+            )
+
+    def _ensure_probing(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._task = loop.create_task(self._probe_forever())
+
+    async def _probe_forever(self) -> None:
+        async with httpx.AsyncClient(timeout=TIMEOUT_S, trust_env=False, verify=False) as client:
+            while True:
+                await self.probe_once(client, list(self.urls.items()))
+                await asyncio.sleep(INTERVAL_S)
+
+    async def probe_once(self, client: httpx.AsyncClient, targets: Iterable[tuple[str, str]]) -> None:
+        targets = list(targets)
+        outcomes = await asyncio.gather(*(probe(client, url) for _, url in targets))
+        for (ident, _), outcome in zip(targets, outcomes, strict=True):
+            self.record(ident, outcome)
+
+
+async def probe(client: httpx.AsyncClient, url: str) -> str:
+    try:
+        response = await client.get(url)
+    except httpx.ConnectError:
+        return "refused"
+    except httpx.TimeoutException:
+        return "silent"
+    except httpx.HTTPError:
+        return "refused"
+    return "up" if response.status_code < 500 else "silent"
+
+
+READINESS = Readiness()
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    from litellm.router import Router
+
+    original = Router.async_callback_filter_deployments
+
+    async def offer_ready(self: Any, model: str, healthy_deployments: list[dict], *args: Any, **kwargs: Any) -> Any:
+        return await original(self, model, READINESS.offer(healthy_deployments), *args, **kwargs)
+
+    Router.async_callback_filter_deployments = offer_ready  # type: ignore[method-assign]
+
+    import litellm.router as router_module
+
+    cool = router_module.set_cooldown_deployments
+
+    def cool_and_watch(*args: Any, **kwargs: Any) -> bool:
+        cooled = cool(*args, **kwargs)
+        deployment = kwargs.get("deployment")
+        if cooled and isinstance(deployment, str):
+            READINESS.record(deployment, "failed")
+        return cooled
+
+    router_module.set_cooldown_deployments = cool_and_watch
+    _installed = True
