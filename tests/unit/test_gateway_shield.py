@@ -375,6 +375,22 @@ models:
         (b'{"model": "chat", "guardrails": false}', "invalid_type", "`guardrails` must be a list"),
         (b'{"model": "chat", "guardrails": [{}]}', "invalid_type", "`guardrails` must be a list"),
         (b'{"model": "chat", "messages": false}', "invalid_type", "`messages` must be a list"),  # a 500 (CI's fuzz)
+        # LiteLLM's completion() failed on them with a traceback (the 10,000-case fuzz benchmark)
+        (
+            b'{"model": "chat", "messages": [[1]]}',
+            "invalid_type",
+            "'messages[0]': expected an object, but got an array",
+        ),
+        (
+            b'{"model": "chat", "messages": ["hi"]}',
+            "invalid_type",
+            "'messages[0]': expected an object, but got a string",
+        ),
+        (
+            b'{"model": "chat", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": [1]}]}',
+            "invalid_type",
+            "'messages[1].content[0]': expected an object, but got a number",
+        ),
         (b'{"model": "chat", "user": ["a"]}', "invalid_type", "`user` must be a string"),  # a limiter traceback
         # sent on as the engine's Authorization header: a 500 for a newline, the engine key bypassed
         (b'{"model": "chat", "api_key": "a\\nb"}', "unsupported_parameter", "`api_key` is not allowed"),

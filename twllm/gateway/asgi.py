@@ -322,6 +322,9 @@ def body_problem(body: bytes) -> errors.PublicError | None:
         # LiteLLM fails on other types (a 500; its rate limiter hashes `user` after a 200)
         if data.get(name) is not None and not isinstance(data[name], of_type):
             return errors.make(400, f"`{name}` must be {what}.", "invalid_type", name)
+    problem = _messages_problem(data.get("messages"))
+    if problem is not None:
+        return problem
     for name in METADATA:
         inner = data.get(name) or {}
         for field in ("session_id", "trace_id"):  # hashed by LiteLLM's rate limiter too
@@ -338,6 +341,29 @@ def body_problem(body: bytes) -> errors.PublicError | None:
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth_over(data, MAX_DEPTH):
         return _bad_json(f"The request body nests deeper than {MAX_DEPTH} levels.")
     return None
+
+
+def _messages_problem(messages: Any) -> errors.PublicError | None:
+    """A message, or a part of a message's content, that is not an object: LiteLLM fails on it
+    (a traceback, then a 400 or a 500). OpenAI answers 400 invalid_type naming the item."""
+    if not isinstance(messages, list):
+        return None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return _not_an_object(f"messages[{i}]", message)
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict):
+                    return _not_an_object(f"messages[{i}].content[{j}]", part)
+    return None
+
+
+def _not_an_object(param: str, value: Any) -> errors.PublicError:
+    kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+    return errors.make(
+        400, f"Invalid type for '{param}': expected an object, but got {kind} instead.", "invalid_type", param
+    )
 
 
 METADATA = ("metadata", "litellm_metadata")
