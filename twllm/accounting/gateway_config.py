@@ -194,13 +194,25 @@ class Database:
         failing, self._connect_errors = errors > self._connect_errors, errors
         return not failing and (self._in_use > 0 or stats.get("pool_size", 0) > 0)
 
-    async def warm(self, timeout: float = 30.0) -> None:
-        """Open the pool and wait for its first connections (a worker's start, before requests)."""
+    async def warm(self, timeout: float = 10.0) -> None:
+        """Open the pool and wait for its first connections (a worker's start, before requests);
+        back at once if connecting fails (the server is down: requests find out themselves)."""
         try:
             pool = await self._open()
-            await pool.wait(timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - requests find out and count it themselves
-            log.info("twllm accounting: PostgreSQL connections not ready at start (%s)", type(exc).__name__)
+            log.info("twllm accounting: PostgreSQL pool not opened at start (%s)", type(exc).__name__)
+            return
+        errors = pool.get_stats().get("connections_errors", 0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = pool.get_stats()
+            if stats.get("pool_available", 0) >= min(POOL_MIN_SIZE, self.max_size):
+                return
+            if stats.get("connections_errors", 0) > errors:
+                log.info("twllm accounting: PostgreSQL not reachable at start; requests will retry it")
+                return
+            await asyncio.sleep(0.05)
+        log.info("twllm accounting: PostgreSQL connections not ready %.0f s after start", timeout)
 
     def mark_down(self, exc: BaseException) -> None:
         if time.monotonic() >= self._down_until:

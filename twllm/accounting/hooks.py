@@ -21,7 +21,6 @@ failure events without our metadata; they are attributed by the key's hash (Lite
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import dataclasses
 import hashlib
@@ -240,7 +239,7 @@ def runtime() -> Runtime:
     return _runtime
 
 
-def warm() -> None:
+async def warm() -> None:
     """At a worker's start: the ledger writer runs (replaying what a dead worker journaled) and
     the PostgreSQL pool makes its first connections, before the first request needs them. A
     restarted gateway under load used to refuse its first requests' keys with 503 while those
@@ -249,7 +248,7 @@ def warm() -> None:
     if rt.db.url is None:
         return
     rt.start()
-    asyncio.get_running_loop().create_task(rt.db.warm(), name="twllm-accounting-warm")
+    await rt.db.warm()
 
 
 startup.at_startup(warm)

@@ -596,13 +596,13 @@ class ClientErrorLogFilter(logging.Filter):
 
 
 def _on_startup(send: Send) -> Send:
-    """``send`` of the lifespan: once the worker has started, the start-up actions run
-    (``twllm.gateway.startup``), before the first request is read."""
+    """``send`` of the lifespan: the worker's start is reported once the start-up actions are
+    done (``twllm.gateway.startup``), so it reads no request before."""
 
     async def forward(message: MutableMapping[str, Any]) -> None:
-        await send(message)
         if message.get("type") == "lifespan.startup.complete":
-            startup.run()
+            await startup.run()
+        await send(message)
 
     return forward
 
