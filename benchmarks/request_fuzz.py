@@ -36,7 +36,7 @@ from pgutil import Postgres
 from twllm.accounting.migrate import migrate
 
 
-def run(cases: int, show: int) -> dict:
+def run(cases: int, show: int, keep: Path | None = None) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="twllm-reqfuzz-"))
     pg = Postgres(folder)
     pg.start()
@@ -73,6 +73,15 @@ def run(cases: int, show: int) -> dict:
         took = time.monotonic() - began
     traces = fuzzutil.tracebacks(log)
     report = summarize(outcomes, traces, upstream_failures, took)
+    if keep is not None:  # the whole log and every problem case in full, to replay them
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / "gateway.log").write_text(log)
+        with (keep / "problems.txt").open("w") as out:
+            for o in outcomes:
+                if o.problems:
+                    c = o.case
+                    out.write(f"{o.status} {o.problems}\n{c.method} {c.path} key={c.key!r} ")
+                    out.write(f"content-type={c.content_type!r} headers={list(c.headers)!r}\nbody={c.body!r}\n\n")
     print_table(report, outcomes, traces, show)
     shutil.rmtree(folder, ignore_errors=True)
     return report
@@ -134,8 +143,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--show", type=int, default=10, help="problem cases and tracebacks shown in full")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    parser.add_argument("--keep", type=Path, help="write the gateway log and every problem case in full here")
     args = parser.parse_args()
-    report = run(args.cases, args.show)
+    report = run(args.cases, args.show, args.keep)
     if args.json:
         print(json.dumps(report, indent=2))
     sys.exit(1 if report["cases_with_problems"] or report["tracebacks_in_log"] else 0)

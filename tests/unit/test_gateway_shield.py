@@ -391,6 +391,8 @@ models:
             "invalid_type",
             "'messages[1].content[0]': expected an object, but got a number",
         ),
+        (b'{"model": "chat", "response_format": [[true], []]}', "invalid_type", "'response_format': expected an obj"),
+        (b'{"model": "chat", "stream_options": "yes"}', "invalid_type", "'stream_options': expected an object"),
         (b'{"model": "chat", "user": ["a"]}', "invalid_type", "`user` must be a string"),  # a limiter traceback
         # sent on as the engine's Authorization header: a 500 for a newline, the engine key bypassed
         (b'{"model": "chat", "api_key": "a\\nb"}', "unsupported_parameter", "`api_key` is not allowed"),

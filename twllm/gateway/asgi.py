@@ -325,6 +325,9 @@ def body_problem(body: bytes) -> errors.PublicError | None:
     problem = _messages_problem(data.get("messages"))
     if problem is not None:
         return problem
+    for name in OBJECT_FIELDS:  # LiteLLM fails on another type with a traceback (TypeError)
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            return _not_an_object(name, data[name])
     for name in METADATA:
         inner = data.get(name) or {}
         for field in ("session_id", "trace_id"):  # hashed by LiteLLM's rate limiter too
@@ -367,6 +370,8 @@ def _not_an_object(param: str, value: Any) -> errors.PublicError:
 
 
 METADATA = ("metadata", "litellm_metadata")
+OBJECT_FIELDS = ("response_format", "stream_options")
+"""OpenAI request fields that are objects wherever they appear (chat and completions)."""
 OPERATOR_FIELDS = (
     "api_key",
     "api_base",
