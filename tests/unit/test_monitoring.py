@@ -156,6 +156,7 @@ def test_the_dashboard_has_a_datasource_variable_and_the_panels_asked_for() -> N
         "vllm:kv_cache_usage_perc",
         "vllm:num_requests_waiting",
         "twllm_component_up",
+        "twllm_spool_write_failures_total",
     ):
         assert needed in exprs, needed
     assert "$__" not in exprs  # plain PromQL: evaluates in Prometheus itself, not only in Grafana

@@ -107,6 +107,7 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("twllm_spool_rows", "spooled rows"),
             ("twllm_ledger_write_lag_seconds", "write lag (s)"),
+            ("sum(increase(twllm_spool_write_failures_total[5m]))", "rows not journaled /5m (spool disk)"),
             ("sum by (result) (rate(twllm_key_cache_lookups_total[5m]))", "key cache {{result}}"),
         ),
     ),
