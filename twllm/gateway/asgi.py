@@ -49,6 +49,7 @@ from twllm.gateway import (
     startup,
     streams,
 )
+from twllm.gateway.replay import replaying
 from twllm.gateway.settings import GatewaySettings, HttpSettings
 from twllm.settings import GATEWAY_SETTINGS_ENV
 
@@ -236,17 +237,7 @@ class Shield:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
+        return replaying(b"".join(chunks), receive)
 
 
 async def _json_object(receive: Receive, send: Send) -> tuple[Receive, int] | None:
@@ -269,16 +260,7 @@ async def _json_object(receive: Receive, send: Send) -> tuple[Receive, int] | No
         await send_error(send, problem)
         return None
     body = _without_null_metadata(body)
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay, len(body)
+    return replaying(body, receive), len(body)
 
 
 def body_problem(body: bytes) -> errors.PublicError | None:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from twllm.gateway import errors
+from twllm.gateway.replay import replaying
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -178,17 +179,8 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> Non
     ]
     headers.append((b"content-length", str(len(payload)).encode()))
     inner = {**scope, "path": RERANK_PATH, "raw_path": RERANK_PATH.encode(), "headers": headers}
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": payload, "more_body": False}
-        return await receive()
-
     captured = _Captured()
-    await app(inner, replay, captured.send)
+    await app(inner, replaying(payload, receive), captured.send)
     if captured.start is None:
         return
     if captured.start["status"] >= 400:  # the shield's send rewrites it into OpenAI's shape
