@@ -288,8 +288,7 @@ def body_problem(body: bytes) -> errors.PublicError | None:
         except ValueError:  # an integer longer than Python reads (sys.get_int_max_str_digits)
             return _bad_json("We could not parse the JSON body of your request: a number in it is too long.")
     if not isinstance(data, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
-        return _bad_json(f"The request body must be a JSON object, not {kind}.")
+        return _bad_json(f"The request body must be a JSON object, not {_kind_of(data)}.")
     model = data.get("model")
     if model is not None and not isinstance(model, str):  # LiteLLM's auth fails on it (a 500 or 401)
         return errors.make(400, "`model` must be a string.", "invalid_type", "model")
@@ -345,10 +344,17 @@ def _messages_problem(messages: Any) -> errors.PublicError | None:
 
 
 def _not_an_object(param: str, value: Any) -> errors.PublicError:
-    kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
     return errors.make(
-        400, f"Invalid type for '{param}': expected an object, but got {kind} instead.", "invalid_type", param
+        400,
+        f"Invalid type for '{param}': expected an object, but got {_kind_of(value)} instead.",
+        "invalid_type",
+        param,
     )
+
+
+def _kind_of(value: Any) -> str:
+    """A JSON value's kind as a sentence says it (a value that is not an object)."""
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
 METADATA = ("metadata", "litellm_metadata")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -53,7 +52,6 @@ class Readiness:
         self.urls: dict[str, str] = {}  # deployment id -> health url
         self.down: set[str] = set()
         self.slow: dict[str, int] = {}
-        self.changed_at: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     # --- routing ----------------------------------------------------------------------------
@@ -65,8 +63,7 @@ class Readiness:
             ident = (d.get("model_info") or {}).get("id")
             if url and isinstance(ident, str):
                 watched = True
-                if self.urls.get(ident) != url:
-                    self.urls[ident] = url
+                self.urls[ident] = url
         if watched:
             self._ensure_probing()
         if not self.down:
@@ -92,7 +89,6 @@ class Readiness:
                 self.down.add(ident)
         now_down = ident in self.down
         if now_down != was_down:
-            self.changed_at[ident] = time.time()
             log.warning(
                 "twllm gateway: replica %s %s",
                 ident,
