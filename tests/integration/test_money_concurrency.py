@@ -536,3 +536,41 @@ def test_a_pool_all_in_use_is_busy_not_down(postgres):
             await db.close()
 
     assert asyncio.run(down()) is False  # nothing listens: down, callers skip it for a moment
+
+
+def test_a_slow_query_after_answers_is_slowness_not_an_outage(postgres):
+    """A request whose database work runs past its timeout fails (DatabaseUnavailable), but when
+    PostgreSQL answered moments before, the breaker stays closed: the next request goes to it.
+    Before, one such timeout on a just-restarted gateway (its event loop busy on 2 cores) opened
+    the breaker and 13 requests of the next second got 503 ``accounts_unavailable`` (CI chaos run)."""
+    from twllm.accounting.gateway_config import DatabaseUnavailable
+
+    async def slow(db: Database) -> bool:
+        with pytest.raises(DatabaseUnavailable, match="no answer in 0.3 s"):
+            async with db.connection(timeout=0.3) as conn:
+                await conn.execute("SELECT pg_sleep(2)")
+        return db.usable
+
+    async def go() -> tuple[bool, bool, bool]:
+        db = Database(postgres.url)
+        try:
+            async with db.connection() as conn:
+                await conn.execute("SELECT 1")
+            lately = db.answered_lately()
+            usable_after = await slow(db)
+            async with db.connection() as conn:  # the breaker never opened
+                await conn.execute("SELECT 1")
+            return lately, usable_after, db.usable
+        finally:
+            await db.close()
+
+    assert asyncio.run(go()) == (True, True, True)
+
+    async def never_answered() -> bool:
+        db = Database(postgres.url)
+        try:
+            return await slow(db)  # nothing answered yet: it may be hung, callers skip it a moment
+        finally:
+            await db.close()
+
+    assert asyncio.run(never_answered()) is False

@@ -53,7 +53,7 @@ def test_a_refused_probe_takes_a_replica_out_at_once_a_silent_one_after_two() ->
 def test_replicas_without_a_health_url_are_left_alone() -> None:
     state = Readiness()
     plain = [{"model_info": {"id": "a"}}, {"model_info": {"id": "b"}}]
-    state.down.add("a")  # as if probed once under another config
+    state.down["a"] = readiness.PROBED  # as if probed once under another config
     assert state.urls == {} and ids(state.offer(plain)) == ["b"]
     assert state._task is None  # nothing to probe, no task
 
@@ -82,19 +82,28 @@ def test_probe_tells_refused_silent_and_up(loop, monkeypatch) -> None:
         await writer.drain()
         writer.close()
 
+    async def hanging_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()  # a connection closed under the request: no answer, but something listens
+
     async def go() -> list[str]:
         server = await asyncio.start_server(answering, "127.0.0.1", 0)
-        up_port = server.sockets[0].getsockname()[1]
+        rude = await asyncio.start_server(hanging_up, "127.0.0.1", 0)
+        ports = (
+            closed_port,
+            mute.getsockname()[1],
+            rude.sockets[0].getsockname()[1],
+            server.sockets[0].getsockname()[1],
+        )
         async with httpx.AsyncClient(timeout=0.5, trust_env=False) as client:
-            found = [
-                await probe(client, f"http://127.0.0.1:{port}/health")
-                for port in (closed_port, mute.getsockname()[1], up_port)
-            ]
+            found = [await probe(client, f"http://127.0.0.1:{port}/health") for port in ports]
         server.close()
+        rude.close()
         return found
 
     try:
-        assert loop.run_until_complete(go()) == ["refused", "silent", "up"]
+        # Only a refused connection takes a replica out at once; a broken answer counts as silent.
+        assert loop.run_until_complete(go()) == ["refused", "silent", "silent", "up"]
     finally:
         mute.close()
 
@@ -115,7 +124,7 @@ def test_probe_once_records_each_replica(loop) -> None:
                 )
 
     loop.run_until_complete(go())
-    assert state.down == {"r0", "r2"}  # vLLM's /health answers 503 when its engine core is gone
+    assert set(state.down) == {"r0", "r2"}  # vLLM's /health answers 503 when its engine core is gone
 
 
 def test_installed_into_litellms_router_no_request_goes_to_a_replica_seen_down(loop) -> None:
@@ -152,12 +161,12 @@ def test_installed_into_litellms_router_no_request_goes_to_a_replica_seen_down(l
             found[d["model_info"]["id"]] += 1
         return found
 
-    saved = set(readiness.READINESS.down)
+    saved = dict(readiness.READINESS.down)
     readiness.READINESS._task = loop.create_future()  # type: ignore[assignment]  # no probes: the test sets what they saw
     try:
         readiness.READINESS.down.clear()
         assert set(loop.run_until_complete(picks(40))) == {"r0", "r1"}
-        readiness.READINESS.down.add("r1")
+        readiness.READINESS.record("r1", "refused")
         assert loop.run_until_complete(picks(40)) == Counter({"r0": 40})
         readiness.READINESS.record("r1", "up")
         assert set(loop.run_until_complete(picks(40))) == {"r0", "r1"}
@@ -165,19 +174,36 @@ def test_installed_into_litellms_router_no_request_goes_to_a_replica_seen_down(l
         import litellm
         import litellm.router as router_module
 
-        async def fail_on(ident: str) -> bool:  # what the router does after a request failed there
+        def fail_on(ident: str, status: int = 500) -> bool:  # what the router does after a request failed there
+            error = (
+                litellm.InternalServerError("engine gone", "hosted_vllm", "m")
+                if status >= 500
+                else litellm.BadRequestError("too long", "m", "hosted_vllm")
+            )
             return router_module.set_cooldown_deployments(
                 litellm_router_instance=router,
-                original_exception=litellm.InternalServerError("engine gone", "hosted_vllm", "m"),
-                exception_status=500,
+                original_exception=error,
+                exception_status=status,
                 deployment=ident,
-                time_to_cooldown=0.5,
+                time_to_cooldown=30,
             )
 
-        assert loop.run_until_complete(fail_on("r1")) is True
-        assert "r1" in readiness.READINESS.down  # and stays down past the cooldown, until a probe answers
-        loop.run_until_complete(asyncio.sleep(0.6))
+        assert fail_on("r1", 400) is False and readiness.READINESS.down == {}  # the request's fault, not r1's
+        assert fail_on("r1") is False  # no timed cooldown in the router...
+        assert readiness.READINESS.down == {"r1": readiness.FAILED}  # ...but out until a probe answers
         assert loop.run_until_complete(picks(20)) == Counter({"r0": 20})
+        readiness.READINESS.record("r1", "up")
+        assert set(loop.run_until_complete(picks(40))) == {"r0", "r1"}
+
+        # The CI failure: r0 restarting (its probe refused), then one request failed on r1, the
+        # only replica serving. LiteLLM's cooldown took r1 out for 30 s and the router refused
+        # every request ("No deployments available"); now r1, whose probe answered, is still
+        # offered, ahead of r0, whose probe did not.
+        readiness.READINESS.record("r0", "refused")
+        fail_on("r1")
+        assert loop.run_until_complete(picks(20)) == Counter({"r1": 20})
+        readiness.READINESS.record("r1", "refused")  # neither answers: all are offered
+        assert set(loop.run_until_complete(picks(40))) == {"r0", "r1"}
     finally:
         readiness.READINESS._task = None
         readiness.READINESS.down = saved

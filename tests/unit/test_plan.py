@@ -145,6 +145,20 @@ def test_cpu_engines_get_the_cpu_target_and_a_kv_cache_size_and_no_gpus():
     assert flag(e.argv, "--dtype") == "float32"
 
 
+def test_engines_keep_idle_connections_longer_than_the_gateway_does():
+    """The server must close idle connections last: the gateway's LiteLLM reuses one for
+    AIOHTTP_KEEPALIVE_TIMEOUT, and a request sent on one the engine was closing failed with a
+    500 the engine never logged (and put a serving replica in cooldown in a CI chaos run)."""
+    from litellm.constants import AIOHTTP_KEEPALIVE_TIMEOUT
+
+    plan = plan_of(
+        "  - {name: a, model: llama-3.1-8b-instruct}\n  - {name: c, model: llama-3.2-1b-instruct, device: cpu}\n"
+    )
+    assert len(plan.engines) == 2
+    for e in plan.engines:
+        assert int(e.env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) > AIOHTTP_KEEPALIVE_TIMEOUT + 30
+
+
 def test_engine_api_key_is_a_reference_never_a_value():
     plan = plan_of("  - {name: a, model: llama-3.1-8b-instruct}\n")
     e = plan.engines[0]

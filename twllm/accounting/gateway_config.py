@@ -125,8 +125,14 @@ POOL_MIN_SIZE = 2
 CONNECT_TIMEOUT_S = 5
 """A new connection's limit. A refused one fails at once; on 2 cores busy with engines, a freshly
 started gateway's first connections took over 2 s (the chaos test's restarted gateway)."""
-QUERY_TIMEOUT_S = 2.0
-"""A query on the request path that takes longer counts as the database being down."""
+QUERY_TIMEOUT_S = 5.0
+"""A request's database work that takes longer fails that request (503 ``accounts_unavailable``).
+It counts as the database being down only when nothing was answered for ``SLOW_NOT_DOWN_S``:
+on 2 cores busy with engines, a just-restarted gateway's worker once waited 2 s for a query
+PostgreSQL had answered at once (its event loop was busy), and a breaker opened then refused
+every request of the next second."""
+SLOW_NOT_DOWN_S = 10.0
+"""A timeout within this long after PostgreSQL last answered is slowness, not an outage."""
 RETRY_AFTER_DOWN_S = 1.0
 """After a connection failure, how long every caller skips the database (no request waits on it)."""
 
@@ -151,6 +157,7 @@ class Database:
         self._checking: asyncio.Task[None] | None = None
         self._in_use = 0
         self._connect_errors = 0
+        self._answered_at = -SLOW_NOT_DOWN_S
 
     @property
     def usable(self) -> bool:
@@ -174,13 +181,23 @@ class Database:
                         yield conn
                     finally:
                         self._in_use -= 1
+                    self._answered_at = time.monotonic()
         except PoolTimeout as exc:
             if not self.busy():  # no connection to be had: the server is down or unreachable
                 self.mark_down(exc)
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
-        except (psycopg.OperationalError, psycopg.InterfaceError, OSError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            if not self.answered_lately():
+                self.mark_down(exc)
+            raise DatabaseUnavailable(f"no answer in {timeout:g} s") from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
             self.mark_down(exc)
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+
+    def answered_lately(self) -> bool:
+        """Whether some connection's work finished within ``SLOW_NOT_DOWN_S``: a timeout now is a
+        slow moment (a busy machine, a held lock), and the circuit breaker stays closed."""
+        return time.monotonic() - self._answered_at < SLOW_NOT_DOWN_S
 
     def busy(self) -> bool:
         """Whether a pool timeout was a burst, not an outage: connections are in use, or being

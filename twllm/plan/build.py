@@ -230,7 +230,7 @@ def _vllm_process(
         args.setdefault("kv-cache-memory-bytes", CPU_KV_CACHE_DEFAULT)
     argv += engine_flags(args)
 
-    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(ENGINE_KEEP_ALIVE_S)}
     if model.device == "gpu":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     else:
@@ -252,6 +252,14 @@ def _vllm_process(
         ready_url=f"http://{_connect_host(host)}:{port}/v1/models",
         start_timeout_s=start_timeout_s,
     )
+
+
+ENGINE_KEEP_ALIVE_S = 75
+"""How long a vLLM engine keeps an idle connection open (vLLM's own default is 5 s). The gateway's
+LiteLLM keeps idle engine connections for 15 s (its AIOHTTP_KEEPALIVE_TIMEOUT) and reuses them: with
+the engine closing first, a request now and then went out on a connection the engine was closing,
+failed (InternalServerError 500, with nothing in the engine's log) and, in a CI chaos run, put the
+only serving replica in cooldown. The side that keeps a connection longer must be the server."""
 
 
 def engine_flags(args: dict[str, Any]) -> list[str]:
