@@ -335,6 +335,9 @@ def collect(client: openai.OpenAI, **request: Any) -> dict[str, Any]:
     return out
 
 
+PACE_TRIES = 3
+
+
 @pytest.mark.parametrize(
     "language, regex, floor",
     [
@@ -354,13 +357,21 @@ def test_streams_stream_at_the_engines_pace_with_usage(engine, gateway, output_s
         "stream_options": {"include_usage": True},
         "extra_body": {"structured_outputs": {"regex": regex}},
     }
-    a, b = collect(engine, **request), collect(gateway, **request)
-    print(
-        f"\n{language}: engine {a['chunks']} chunks (first {a['first_s']:.3f} s), "
-        f"gateway {b['chunks']} chunks (first {b['first_s']:.3f} s)",
-        file=sys.stderr,
-    )
-    assert b["chunks"] >= floor * a["chunks"], (a["chunks"], b["chunks"])
+    # vLLM merges the tokens a slow reader has not taken yet into one chunk, so a machine busy
+    # elsewhere (CI: once 18 chunks against the engine's 60) can thin the gateway's stream for a
+    # moment. A gateway that buffers thins every try: the best of PACE_TRIES pairs must pass.
+    tries: list[tuple[int, int]] = []
+    for _ in range(PACE_TRIES):
+        a, b = collect(engine, **request), collect(gateway, **request)
+        tries.append((a["chunks"], b["chunks"]))
+        print(
+            f"\n{language}: engine {a['chunks']} chunks (first {a['first_s']:.3f} s), "
+            f"gateway {b['chunks']} chunks (first {b['first_s']:.3f} s)",
+            file=sys.stderr,
+        )
+        if b["chunks"] >= floor * a["chunks"]:
+            break
+    assert b["chunks"] >= floor * a["chunks"], tries
     assert b["usage"] == a["usage"] and b["usage_chunks"] == a["usage_chunks"] == 1
     assert b["finish"] == a["finish"]
     assert b["objects"] == a["objects"] == {"chat.completion.chunk"}
