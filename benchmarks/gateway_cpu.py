@@ -24,7 +24,8 @@ upstream and PostgreSQL on the others, so that a proxy's latency is not the sche
 Reported per proxy: CPU ms per non-streamed request, CPU µs per streamed chunk (the difference
 between ``--long``-token and 8-token streams, divided by the extra chunks), p50/p99 latency over
 direct at concurrency 1 and 32, output tokens/s of ``--long``-token streams at concurrency 16
-vs direct, and RSS per worker; then twllm with 2 workers vs 1 (throughput at concurrency 32).
+vs direct, and RSS per worker; then, unpinned, twllm with 2 workers vs 1 (throughput at
+concurrency 32, and tokens/s of long streams at concurrency 16 next to direct's).
 ``--profile SVG`` also records a py-spy flame graph of twllm's worker under non-streamed load.
 
     .venv/bin/python benchmarks/gateway_cpu.py [--upstream standin|vllm|both] [--rounds 2] [--json]
@@ -377,7 +378,9 @@ def run_upstream(upstream: str, args: argparse.Namespace, work: Path, pg: Postgr
         if upstream == "standin" and args.ablation:
             report["ablation"] = ablation(spec, folder, env, ours, targets[2], proxy_cpus, rest_cpus, args)
         if upstream == "standin" and args.workers_check:
-            report["workers"] = workers_check(spec, folder, env, ours, targets[2], proxy_cpus, rest_cpus, args)
+            report["workers"] = workers_check(
+                spec, folder, env, ours, targets[0], targets[2], proxy_cpus, rest_cpus, args
+            )
         return report
     finally:
         for handle in proxies.values():
@@ -519,12 +522,15 @@ def workers_check(
     folder: Path,
     env: dict[str, str],
     ours: dict[str, str],
+    direct: Target,
     one_worker: Target,
     proxy_cpus: set[int] | None,
     rest_cpus: set[int] | None,
     args: argparse.Namespace,
 ) -> dict:
-    """twllm's gateway with 2 workers vs 1 (the one already running), both unpinned."""
+    """twllm's gateway with 2 workers (the default on this 2-core box) vs 1, both unpinned:
+    requests/s at concurrency 32, and tokens/s of long streams at concurrency 16 next to direct's
+    in the same unpinned setting (the issue's streaming target, as deployed)."""
     config, _ = twllm_config(spec.replace("workers: 1", "workers: 2"), folder / "twllm-2w", env, one_worker_api(folder))
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0)) + sorted(proxy_cpus or ())))
     two = start_proxy(config, env={**ours, GATEWAY_SETTINGS_ENV: str(config.parent / GATEWAY_SETTINGS)}, workers=2,
@@ -533,13 +539,21 @@ def workers_check(
         target = Target("twllm 2 workers", two.base_url, one_worker.headers, one_worker.model, two.pid)
         wait_answers([target])
         out: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
+        streams: dict[str, list[float]] = {"direct": [], "1 worker": [], "2 workers": []}
         for number in range(args.rounds * 2):
-            pair = [("1 worker", one_worker), ("2 workers", target)]
-            for label, t in pair if number % 2 == 0 else reversed(pair):
-                r = measure(t, "plain", args.requests * 2, 32, 16, {})
-                out[label].append(r["rps"])
-                say(f"workers {label}: {r['rps']:.1f} req/s, failures {r['failures']}")
-        return {k: [round(v, 1) for v in vs] for k, vs in out.items()}
+            trio = [("direct", direct), ("1 worker", one_worker), ("2 workers", target)]
+            for label, t in trio if number % 2 == 0 else reversed(trio):
+                if label != "direct":
+                    r = measure(t, "plain", args.requests * 2, 32, 16, {})
+                    out[label].append(r["rps"])
+                    say(f"workers {label}: {r['rps']:.1f} req/s, failures {r['failures']}")
+                s = measure(t, "stream", 32, 16, args.long, {})
+                streams[label].append(s["tokens_per_s"])
+                say(f"workers {label}: streams {s['tokens_per_s']:.1f} tokens/s, failures {s['failures']}")
+        return {
+            **{k: [round(v, 1) for v in vs] for k, vs in out.items()},
+            "stream_tokens_per_s": {k: [round(v, 1) for v in vs] for k, vs in streams.items()},
+        }
     finally:
         two.stop()
         if rest_cpus:
@@ -607,6 +621,12 @@ def summarize(report: dict) -> dict:
         if "workers" in data:
             w = data["workers"]
             s["workers"] = {**w, "2/1": round(statistics.median(w["2 workers"]) / statistics.median(w["1 worker"]), 3)}
+            st = w.get("stream_tokens_per_s")
+            if st:
+                s["workers"]["stream_vs_direct"] = {
+                    k: round(statistics.median(st[k]) / statistics.median(st["direct"]), 3)
+                    for k in ("1 worker", "2 workers")
+                }
         if "profile" in data:
             s["profile"] = data["profile"]
         if "ablation" in data:
