@@ -442,9 +442,10 @@ def profile(pid: int, target: Target, svg: Path) -> dict:
 
 ABLATIONS: dict[str, dict[str, str]] = {
     "all cuts": {},
-    "without: middleware left out": {"TWLLM_GATEWAY_LEAN": "otel,gauges"},
-    "without: OTel lookup skipped": {"TWLLM_GATEWAY_LEAN": "middleware,gauges"},
-    "without: excluded gauges skipped": {"TWLLM_GATEWAY_LEAN": "middleware,otel"},
+    "without: middleware left out": {"TWLLM_GATEWAY_LEAN": "otel,enterprise,gauges"},
+    "without: OTel lookup skipped": {"TWLLM_GATEWAY_LEAN": "middleware,enterprise,gauges"},
+    "without: enterprise search skipped": {"TWLLM_GATEWAY_LEAN": "middleware,otel,gauges"},
+    "without: excluded gauges skipped": {"TWLLM_GATEWAY_LEAN": "middleware,otel,enterprise"},
     "without: httptools (h11)": {"TWLLM_GATEWAY_HTTP": "h11"},
     "without: prices out of litellm_params": {"prices": "1"},
     "none of the cuts": {"TWLLM_GATEWAY_LEAN": "none", "TWLLM_GATEWAY_HTTP": "h11", "prices": "1"},

@@ -62,6 +62,40 @@ def test_otel_destinations_are_skipped_only_without_the_sdk(monkeypatch: pytest.
     assert (auth._seed_request_destinations is lean._no_destinations) is (not sdk)
 
 
+def test_the_enterprise_package_is_looked_for_once_not_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LiteLLM's route check (run for every authenticated request) imports litellm_enterprise;
+    not installed, each call searched sys.path for it. Marked missing, no call searches."""
+    import importlib.machinery
+    import sys
+
+    from litellm.proxy._types import UserAPIKeyAuth
+    from litellm.proxy.auth.route_checks import RouteChecks
+
+    assert importlib.util.find_spec(lean.ENTERPRISE) is None, "installed here: nothing to skip"
+    monkeypatch.delitem(sys.modules, lean.ENTERPRISE, raising=False)
+    searched: list[str] = []
+    original = importlib.machinery.PathFinder.find_spec
+
+    def find_spec(name, path=None, target=None):  # type: ignore[no-untyped-def]
+        if name.split(".")[0] == lean.ENTERPRISE:
+            searched.append(name)
+        return original(name, path, target)
+
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", find_spec)
+
+    def three_requests() -> int:
+        searched.clear()
+        for _ in range(3):
+            assert RouteChecks.should_call_route(route="/v1/chat/completions", valid_token=UserAPIKeyAuth()) is True
+        return len(searched)
+
+    assert three_requests() == 3  # LiteLLM still looks it up on every request
+    assert lean.skip_missing_enterprise() is True
+    assert lean.skip_missing_enterprise() is False  # once
+    assert three_requests() == 0
+    assert sys.modules[lean.ENTERPRISE] is None
+
+
 def test_rate_limit_gauges_are_skipped_only_when_every_one_is_excluded() -> None:
     from litellm.integrations.prometheus import PrometheusLogger
 

@@ -17,13 +17,19 @@ names what it cost there and why twllm can go without it:
   OpenTelemetry v2 logger on every request to find a tenant's trace destinations; without the
   OpenTelemetry SDK (twllm does not install it) the import fails, is swallowed, and is tried
   again on the next request — ≈6 % of a worker's CPU. With the SDK absent it is a no-op, once.
+- **The enterprise package looked for on every request** (``skip_missing_enterprise``):
+  LiteLLM's route check imports ``litellm_enterprise`` for every authenticated request; twllm
+  does not install it, and a failed import is not remembered, so each request searched
+  ``sys.path`` for it again (≈4.5 % of a worker's samples in the profile). With the package
+  absent it is marked missing in ``sys.modules`` once: the import then fails at once, as before.
 - **Rate-limit gauges nobody exports** (``skip_excluded_rate_limit_gauges``): LiteLLM's
   Prometheus logger computes its per-key/team/project rate-limit gauges for every request (≈4 %
   of a worker's CPU) even when ``prometheus_exclude_metrics`` leaves them all out, as twllm's
   render does (its limits are twllm's own). Computed only when one of them is exported.
 
 ``TWLLM_GATEWAY_LEAN`` (a diagnostic, for ``benchmarks/gateway_cpu.py --ablation``) names the
-parts to apply — ``middleware``, ``otel``, ``gauges``; ``none`` applies none; unset, all.
+parts to apply — ``middleware``, ``otel``, ``enterprise``, ``gauges``; ``none`` applies none;
+unset, all.
 
 Each part checks that what it removes is still there: a LiteLLM upgrade that renames one logs a
 warning and leaves that part of its proxy as it is (``tests/unit/test_gateway_lean.py`` fails).
@@ -32,8 +38,10 @@ warning and leaves that part of its proxy as it is (``tests/unit/test_gateway_le
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
+import sys
 from typing import Any
 
 from twllm.settings import GATEWAY_LEAN_ENV
@@ -68,10 +76,11 @@ RATE_LIMIT_SERIES: frozenset[str] = frozenset(
 )
 """What ``PrometheusLogger._set_v3_rate_limit_allowed_and_used_metrics`` sets."""
 
-PARTS = ("middleware", "otel", "gauges")
+PARTS = ("middleware", "otel", "enterprise", "gauges")
 LEAN_ENV = GATEWAY_LEAN_ENV
 
 OTEL_LOGGER = "litellm.integrations.otel.logger"
+ENTERPRISE = "litellm_enterprise"
 AUTH_MODULE = "litellm.proxy.auth.user_api_key_auth"
 
 
@@ -113,6 +122,16 @@ def _no_destinations(*args: object, **kwargs: object) -> None:
     """No OpenTelemetry SDK: no trace destination to anchor (what LiteLLM ends with, too)."""
 
 
+def skip_missing_enterprise() -> bool:
+    """Mark LiteLLM's enterprise package missing once, when it is not installed, so that the
+    imports LiteLLM tries on every request fail at once instead of searching ``sys.path``.
+    Returns whether it was marked."""
+    if ENTERPRISE in sys.modules or importlib.util.find_spec(ENTERPRISE) is not None:
+        return False  # installed (or already marked): left alone
+    sys.modules[ENTERPRISE] = None  # type: ignore[assignment]  # the import system's "known missing"
+    return True
+
+
 def skip_excluded_rate_limit_gauges() -> bool:
     """Let LiteLLM's Prometheus logger skip its rate-limit gauges when every one is excluded."""
     from litellm.integrations.prometheus import PrometheusLogger
@@ -142,6 +161,8 @@ def install(app: Any) -> list[str]:
     off = drop_middleware(app) if "middleware" in parts else []
     if "otel" in parts and skip_otel_destinations():
         off.append(f"{AUTH_MODULE}._seed_request_destinations")
+    if "enterprise" in parts and skip_missing_enterprise():
+        off.append(f"the search for {ENTERPRISE} on every request")
     if "gauges" in parts and skip_excluded_rate_limit_gauges():
         off.append("PrometheusLogger rate-limit gauges when excluded")
     return off
