@@ -104,7 +104,9 @@ class GatewaySpec(_Model):
     on identical replicas it herded requests onto one of them (p95 1.0 s, 40 % less throughput).
     Idle replicas take turns (``twllm.gateway.spread``; LiteLLM's own would always pick the first)."""
     cooldown_s: float = Field(30.0, ge=0, le=3600)
-    """Seconds a deployment is skipped after it fails allowed_fails times in a minute."""
+    """Seconds a deployment is skipped after it fails allowed_fails times in a minute. Replicas of a
+    model with several vLLM replicas are kept in or out of rotation by their health probe instead
+    (twllm.gateway.readiness): out until the probe answers, at most about 2 s after a failure."""
     allowed_fails: int = Field(3, ge=0, le=1000)
     """Failures per minute before a deployment is cooled down."""
     health_check_interval_s: int = Field(30, ge=5, le=3600)
