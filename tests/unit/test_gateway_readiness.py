@@ -220,3 +220,9 @@ def test_the_render_gives_each_vllm_replica_its_health_url() -> None:
     ]
     alone = [d for d in deployments if d["model_name"] != "taide-8b"]
     assert alone and all(readiness.HEALTH_URL not in d["model_info"] for d in alone)
+    # The probe replaces LiteLLM's background health check for these replicas (a replica it found
+    # down stayed out until its next run, 30 s later); the others keep it.
+    from litellm.proxy.health_check import _skips_health_checks
+
+    assert all(_skips_health_checks(d) for d in taide)
+    assert not any(_skips_health_checks(d) for d in alone)

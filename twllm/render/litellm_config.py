@@ -241,6 +241,10 @@ def _deployment(route: Route, timeout: float, has_siblings: bool = False) -> dic
             # Probed by each gateway worker: a replica that does not answer gets no requests
             # (twllm.gateway.readiness; a restarted vLLM listens long before it serves).
             info["twllm_health_url"] = route.api_base.rstrip("/").removesuffix("/v1") + "/health"
+            # ...instead of LiteLLM's background check (a completion every health_check_interval_s,
+            # 30 s): a replica it once found down stayed out of rotation until its next run, and a
+            # restarted engine took its first request 15-26 s after it answered (chaos test).
+            info["disable_background_health_check"] = True
     return {"model_name": route.model_name, "litellm_params": params, "model_info": info}
 
 
