@@ -26,6 +26,10 @@ request on the only serving replica, while the other was restarting, put both in
 
 If every replica of a model is down, those whose last probe answered (down only for a failed
 request) are offered, else all: a request is never refused while some replica may serve it.
+
+The render also leaves these replicas out of LiteLLM's background health check
+(``disable_background_health_check``): it found a loading replica down and kept it out of
+rotation until its next run, 30 s later, whatever the probe said.
 """
 
 from __future__ import annotations
