@@ -515,7 +515,7 @@ def test_a_killed_engine_fails_no_request_and_comes_back(chaos, results):
     check_ledger(chaos, results, "a_engine_kill", key_id, records)
     assert phase["requests"]["plain"]["failed"] == 0, shown(phase)
     endings = phase["requests"]["stream"]["outcomes"]
-    assert set(endings) <= {"done", "error_event"}, phase  # no stream hung or ended silently cut
+    assert set(endings) <= {"done", "error_event"}, shown(phase)  # no stream hung or ended silently cut
     assert back["relaunched_after_s"] <= ENGINE_RESTART_BUDGET_S, shown(phase)
     # Ready once vLLM has started again: 40-130 s here on 2 busy cores (the spec's start_timeout_s).
     assert back["ready_after_s"] <= ENGINE_READY_BUDGET_S, shown(phase)
@@ -644,7 +644,7 @@ def test_d_full_spool_disk_fails_no_request_and_loses_no_row(chaos, results):
     assert phase["gateway_pid_unchanged"] and phase["gateway_restarts"] == 0, shown(phase)
     assert failures >= 1, shown(phase)
     assert phase["error_lines_logged"] >= 1 and phase["recovered_lines_logged"] >= 1, shown(phase)
-    assert phase["error_lines_logged"] <= 4, phase  # once per burst (per worker), not once per row
+    assert phase["error_lines_logged"] <= 4, shown(phase)  # once per burst (per worker), not once per row
 
 
 class Filler:

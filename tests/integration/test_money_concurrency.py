@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import math
 import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -501,6 +502,16 @@ def test_a_key_held_up_in_postgres_queues_in_the_worker_not_on_the_pool(postgres
     assert locks_left == 0
 
 
+@contextlib.asynccontextmanager
+async def opened(url: str, **kwargs: Any) -> AsyncIterator[Database]:
+    """A worker's Database on ``url``, closed afterwards."""
+    db = Database(url, **kwargs)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
 def test_a_pool_all_in_use_is_busy_not_down(postgres):
     """A request that finds every pooled connection in use gives up (DatabaseUnavailable) but
     leaves the circuit breaker closed: the next request still goes to PostgreSQL. Before, a
@@ -509,8 +520,7 @@ def test_a_pool_all_in_use_is_busy_not_down(postgres):
     from twllm.accounting.gateway_config import DatabaseUnavailable
 
     async def go() -> tuple[bool, bool, bool]:
-        db = Database(postgres.url, max_size=1)
-        try:
+        async with opened(postgres.url, max_size=1) as db:
             async with db.connection() as held:
                 await held.execute("SELECT 1")
                 with pytest.raises(DatabaseUnavailable):
@@ -520,20 +530,15 @@ def test_a_pool_all_in_use_is_busy_not_down(postgres):
             async with db.connection() as conn:  # the breaker never opened
                 await conn.execute("SELECT 1")
             return busy_then, usable_then, db.usable
-        finally:
-            await db.close()
 
     assert asyncio.run(go()) == (True, True, True)
 
     async def down() -> bool:
-        db = Database(f"postgresql://twllm@127.0.0.1:{free_port()}/twllm", max_size=1)
-        try:
+        async with opened(f"postgresql://twllm@127.0.0.1:{free_port()}/twllm", max_size=1) as db:
             with pytest.raises(DatabaseUnavailable):
                 async with db.connection():
                     pass
             return db.usable
-        finally:
-            await db.close()
 
     assert asyncio.run(down()) is False  # nothing listens: down, callers skip it for a moment
 
@@ -552,8 +557,7 @@ def test_a_slow_query_after_answers_is_slowness_not_an_outage(postgres):
         return db.usable
 
     async def go() -> tuple[bool, bool, bool]:
-        db = Database(postgres.url)
-        try:
+        async with opened(postgres.url) as db:
             async with db.connection() as conn:
                 await conn.execute("SELECT 1")
             lately = db.answered_lately()
@@ -561,16 +565,11 @@ def test_a_slow_query_after_answers_is_slowness_not_an_outage(postgres):
             async with db.connection() as conn:  # the breaker never opened
                 await conn.execute("SELECT 1")
             return lately, usable_after, db.usable
-        finally:
-            await db.close()
 
     assert asyncio.run(go()) == (True, True, True)
 
     async def never_answered() -> bool:
-        db = Database(postgres.url)
-        try:
+        async with opened(postgres.url) as db:
             return await slow(db)  # nothing answered yet: it may be hung, callers skip it a moment
-        finally:
-            await db.close()
 
     assert asyncio.run(never_answered()) is False

@@ -96,8 +96,6 @@ class Readiness:
     def record(self, ident: str, outcome: str, detail: str = "") -> None:
         """One probe's ``outcome``: ``up``, ``refused`` (nothing listens) or ``silent``; or
         ``failed``: a request failed there for a reason of the replica's (``detail`` says which)."""
-        if outcome == FAILED and ident not in self.urls:
-            return  # not a replica this worker probes: the router's cooldown alone decides
         was_down = ident in self.down
         if outcome == "up":
             self.slow.pop(ident, None)
@@ -135,8 +133,8 @@ class Readiness:
         self._task = loop.create_task(self._probe_forever())
 
     async def _probe_forever(self) -> None:
-        # A new connection per probe: the engine closes idle ones after 5 s, and a probe sent on
-        # one it is closing fails though the engine serves.
+        # A new connection per probe: a probe sent on an idle connection the engine is closing
+        # fails though the engine serves.
         limits = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=TIMEOUT_S, trust_env=False, verify=False, limits=limits) as client:
             while True:

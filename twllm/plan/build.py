@@ -206,6 +206,14 @@ def _share(limit: int | None, replicas: int) -> int | None:
     return None if limit is None else max(1, limit // replicas)
 
 
+ENGINE_KEEP_ALIVE_S = 75
+"""How long a vLLM engine keeps an idle connection open (vLLM's own default is 5 s). The gateway's
+LiteLLM keeps idle engine connections for 15 s (its AIOHTTP_KEEPALIVE_TIMEOUT) and reuses them: with
+the engine closing first, a request now and then went out on a connection the engine was closing,
+failed (InternalServerError 500, with nothing in the engine's log) and, in a CI chaos run, put the
+only serving replica in cooldown. The side that keeps a connection longer must be the server."""
+
+
 def _vllm_process(
     engine_id: str, model: ResolvedModel, host: str, port: int, gpus: tuple[int, ...], start_timeout_s: float
 ) -> EngineProcess:
@@ -252,14 +260,6 @@ def _vllm_process(
         ready_url=f"http://{_connect_host(host)}:{port}/v1/models",
         start_timeout_s=start_timeout_s,
     )
-
-
-ENGINE_KEEP_ALIVE_S = 75
-"""How long a vLLM engine keeps an idle connection open (vLLM's own default is 5 s). The gateway's
-LiteLLM keeps idle engine connections for 15 s (its AIOHTTP_KEEPALIVE_TIMEOUT) and reuses them: with
-the engine closing first, a request now and then went out on a connection the engine was closing,
-failed (InternalServerError 500, with nothing in the engine's log) and, in a CI chaos run, put the
-only serving replica in cooldown. The side that keeps a connection longer must be the server."""
 
 
 def engine_flags(args: dict[str, Any]) -> list[str]:
