@@ -10,6 +10,7 @@ free ports and is stopped (SIGTERM, then SIGKILL) by ``stop()``.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import time
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from pgutil import free_port
 
 from twllm.plan.build import ENGINE_KEY_ENV, make_plan
 from twllm.plan.model import EngineProcess, Plan
@@ -27,6 +27,7 @@ from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.engines.envs import child_env
 from twllm.runtime.engines.vllm import VllmDriver
 from twllm.runtime.gateway import gateway_launch
+from twllm.runtime.ports import ephemeral_range
 from twllm.spec.resolve import parse_spec
 
 ENGINE_KEY = "sk-engine-stack-0123456789abcdef"
@@ -49,21 +50,30 @@ def _stop(child: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: floa
 
 ENGINE_PORTS = 8
 """Consecutive ports kept for a stack's engines (engines.port_base counts up from the first)."""
+PORTS_FROM = 20000
+"""The lowest port a test stack is given (above the registered ports most daemons listen on)."""
+_random = random.Random()
 _TAKEN: set[int] = set()
 """Ports handed out already: the kernel may offer a free port twice, as nothing binds it yet."""
 
 
 def free_block(count: int) -> int:
-    """The first of ``count`` consecutive ports nothing listens on and no stack was given: a
-    single free port as the engines' base would leave base + 1 … to chance (CI once gave the
-    second replica a port already taken)."""
+    """The first of ``count`` consecutive ports nothing is bound to and no stack was given, below
+    the kernel's ephemeral range. A single free port as the engines' base would leave base + 1 …
+    to chance (CI once gave the second replica a port already taken), and a port the kernel may
+    pick for an outgoing connection can be taken while the engines load before the gateway starts
+    (CI once saw exactly that: "address already in use" 40 s after the port was found free)."""
+    low, high = ephemeral_range()
+    first, last = PORTS_FROM, low - count
+    if last < first:  # a host whose ephemeral range starts low: the ports above it, else any
+        first, last = (high + 1, 65535 - count) if high + 1 <= 65535 - count else (1024, 65535 - count)
     for _ in range(200):
-        base = free_port()
+        base = _random.randint(first, last)
         block = set(range(base, base + count))
-        if base + count < 65000 and not block & _TAKEN and all(_bindable(port) for port in block):
+        if not block & _TAKEN and all(_bindable(port) for port in block):
             _TAKEN.update(block)
             return base
-    raise RuntimeError(f"no {count} free consecutive ports")
+    raise RuntimeError(f"no {count} free consecutive ports in {first}-{last + count}")
 
 
 def _bindable(port: int) -> bool:

@@ -33,7 +33,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import requirement_missing
-from test_local_deploy import MASTER, free_block, listening, twllm
+from stackutil import free_block
+from test_local_deploy import MASTER, listening, twllm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # the first test also deploys
 

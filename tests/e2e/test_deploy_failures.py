@@ -7,7 +7,8 @@ import json
 import socket
 
 import pytest
-from test_local_deploy import MASTER, free_block, listening, twllm
+from stackutil import free_block
+from test_local_deploy import MASTER, listening, twllm
 
 pytestmark = pytest.mark.e2e
 

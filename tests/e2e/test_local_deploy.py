@@ -19,36 +19,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from stackutil import free_block
 
 pytestmark = pytest.mark.e2e
 
 MASTER = "sk-e2e-master-key-0123456789"
-
-
-_TAKEN: set[int] = set()
-"""Ports handed out already: the kernel may offer a free port twice, as nothing binds it yet."""
-
-
-def free_block(count: int) -> int:
-    """The first of ``count`` consecutive free ports (never one handed out before)."""
-    for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = sock.getsockname()[1]
-        block = set(range(base, base + count))
-        if base + count < 65000 and not block & _TAKEN and all(not listening(p) and bindable(p) for p in block):
-            _TAKEN.update(block)
-            return base
-    raise RuntimeError("no free port block")
-
-
-def bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def listening(port: int) -> bool:

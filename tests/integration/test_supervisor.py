@@ -138,6 +138,56 @@ def test_order_readiness_restart_and_stop(tmp_path, ports, monkeypatch):
     assert h.sd.read_state().status == DeploymentStatus.STOPPED
 
 
+def plain_bindable(port: int) -> bool:
+    """Whether a socket without SO_REUSEADDR can bind the port: not while anything is bound to it,
+    which is also what keeps the kernel from picking it for an outgoing connection."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_components_port_is_held_until_it_is_up_and_while_it_restarts(tmp_path, ports, monkeypatch):
+    """CI once lost the gateway's port: found free, then taken in the 40 s the engines loaded
+    before the gateway started. The supervisor now holds each port while its component waits or
+    restarts; the component (binding with SO_REUSEADDR, as uvicorn, vLLM and PostgreSQL do) still
+    gets it, and nothing is held after a stop."""
+    monkeypatch.setattr(supervisor_mod, "BACKOFF_BASE_S", 4.0)
+    db, engine, gateway = ports
+    loaded = tmp_path / "engine-loaded"
+    slow = http_server("vllm-m-0", "engine", engine)
+    slow.ready = lambda: loaded.exists() and listening(engine)
+
+    h = Harness(
+        tmp_path,
+        lambda plan, ctx, rendered: [
+            http_server("database", "database", db),
+            slow,
+            http_server("gateway", "gateway", gateway),
+        ],
+    ).start()
+    h.wait_for(lambda s: s.component("vllm-m-0").status == ComponentStatus.STARTING)
+    time.sleep(0.5)
+    assert h.sd.read_state().component("gateway").status == ComponentStatus.WAITING
+    assert not listening(gateway) and not plain_bindable(gateway)  # held, not served
+
+    loaded.touch()
+    h.wait_for(lambda s: s.status == DeploymentStatus.READY)
+    assert listening(gateway)
+
+    os.kill(h.sd.read_state().component("gateway").pid, signal.SIGKILL)
+    h.wait_for(lambda s: s.component("gateway").status == ComponentStatus.RESTARTING)
+    assert not listening(gateway) and not plain_bindable(gateway)  # held through the 4 s backoff
+    h.wait_for(lambda s: s.component("gateway").status == ComponentStatus.READY)
+    assert listening(gateway)
+
+    h.stop()
+    assert h.code == 0
+    assert all(plain_bindable(port) for port in ports)
+
+
 def test_a_component_that_never_comes_up_fails_the_deploy_and_stops_the_rest(tmp_path, ports):
     db, engine, gateway = ports
 

@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from twllm.runtime.components import KIND_ORDER, Component, build_components
 from twllm.runtime.engines.base import RuntimeContext
 from twllm.runtime.logs import RotatingLog
 from twllm.runtime.metrics import ComponentSample, MetricsServer
+from twllm.runtime.ports import hold
 from twllm.runtime.state import (
     ComponentState,
     ComponentStatus,
@@ -73,6 +75,10 @@ class _Run:
     provision_error: str | None = None
     log: RotatingLog | None = None
     next_probe: float = 0.0
+    held: socket.socket | None = None
+    """The component's port, bound by the supervisor while no process of the component listens
+    on it (see twllm.runtime.ports.hold): the engines load for a minute before the gateway
+    starts, and their outgoing connections could otherwise take its port."""
 
 
 def runtime_context(sd: StateDir, plan: Plan, env: dict[str, str] | None = None) -> RuntimeContext:
@@ -365,7 +371,9 @@ class Supervisor:
                 fingerprint=comp.fingerprint,
                 restarts=old.restarts if old else 0,
             )
-            self.runs.append(_Run(comp=comp, state=state))
+            run = _Run(comp=comp, state=state)
+            self.runs.append(run)
+            self._hold(run)
 
     def _run(self, name: str) -> _Run | None:
         return next((r for r in self.runs if r.comp.name == name), None)
@@ -405,6 +413,23 @@ class Supervisor:
         run.state.status = phase
         if detail is not None:
             run.state.detail = detail
+        if phase == ComponentStatus.RESTARTING:
+            self._hold(run)
+        elif phase in (ComponentStatus.READY, ComponentStatus.STOPPED, ComponentStatus.FAILED):
+            self._release(run)
+
+    @staticmethod
+    def _hold(run: _Run) -> None:
+        """Keep the port from the kernel's picks until the component is up (its servers bind with
+        SO_REUSEADDR, as the hold does, so they bind while it is held)."""
+        if run.held is None and run.comp.port:
+            run.held = hold(run.comp.port)
+
+    @staticmethod
+    def _release(run: _Run) -> None:
+        if run.held is not None:
+            run.held.close()
+            run.held = None
 
     def _detail(self, run: _Run, line: str) -> None:
         run.state.detail = line
