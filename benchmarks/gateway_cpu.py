@@ -8,7 +8,10 @@ Side by side in one run, three ways to reach the same upstream:
           and api_base twllm renders) and a master key, called with the master key;
   twllm   twllm's gateway as deployed (``python -m twllm.gateway.serve`` on the config twllm
           renders from the spec below: the shield, tenant keys, the spend ledger in a real
-          embedded PostgreSQL, /metrics on), called with a tenant key.
+          embedded PostgreSQL, /metrics on), called with a tenant key: its requests take
+          twllm's own fast path (``twllm.gateway.forward``);
+  twllm-litellm  the same gateway with ``gateway.fast_path: false``: every request on LiteLLM's
+          path, as before the fast path.
 
 Two upstreams (``--upstream``):
 
@@ -69,6 +72,9 @@ from pgutil import Postgres  # noqa: E402  (the tests' embedded PostgreSQL)
 from proxyutil import ProxyHandle, start_proxy  # noqa: E402  (the tests' proxy starter)
 
 MODEL = "demo-chat"
+SLOW = "twllm-litellm"
+"""twllm's gateway with ``gateway.fast_path: false``: every request on LiteLLM's path."""
+PROXIES = ("bare", "twllm", SLOW)
 PROMPT = "你好，請用一句話介紹台北。"
 PROXY_READY_TIMEOUT_S = 240.0
 SPEC_STANDIN = """\
@@ -307,6 +313,9 @@ def run_upstream(upstream: str, args: argparse.Namespace, work: Path, pg: Postgr
             spec = SPEC_VLLM.format(workers=1, engine_port=free_port(), model=MODEL, models=models)
             api_base = None
         config, deployment = twllm_config(spec, folder / "twllm", env, api_base)
+        # the same gateway with its fast path off: every request takes LiteLLM's path (as before it)
+        slow_spec = spec.replace("workers: 1", "workers: 1, fast_path: false")
+        slow_config, _ = twllm_config(slow_spec, folder / SLOW, env, api_base)
         if upstream == "vllm":
             loaded = parse_spec(spec, "bench-cpu.yaml", env)
             (proc,) = make_plan(loaded, GpuInventory(0), folder / "state").engines
@@ -326,6 +335,12 @@ def run_upstream(upstream: str, args: argparse.Namespace, work: Path, pg: Postgr
         try:
             proxies["bare"] = start_proxy(bare, env=common, entry="litellm", timeout=PROXY_READY_TIMEOUT_S)
             proxies["twllm"] = start_proxy(config, env=ours, timeout=PROXY_READY_TIMEOUT_S)
+            slow_env = {
+                **ours,
+                GATEWAY_SETTINGS_ENV: str(slow_config.parent / GATEWAY_SETTINGS),
+                SPOOL_DIR_ENV: str(folder / "spool-litellm"),
+            }
+            proxies[SLOW] = start_proxy(slow_config, env=slow_env, timeout=PROXY_READY_TIMEOUT_S)
         finally:
             if rest_cpus:
                 os.sched_setaffinity(0, rest_cpus)
@@ -346,6 +361,7 @@ def run_upstream(upstream: str, args: argparse.Namespace, work: Path, pg: Postgr
                 MODEL,
                 proxies["twllm"].pid,
             ),
+            Target(SLOW, proxies[SLOW].base_url, {"Authorization": f"Bearer {tenant_key}"}, MODEL, proxies[SLOW].pid),
         ]
         wait_answers(targets)
         roots = {"upstream": upstream_pid, "postgres": pg.proc.pid} if upstream_pid else {"postgres": pg.proc.pid}
@@ -371,7 +387,7 @@ def run_upstream(upstream: str, args: argparse.Namespace, work: Path, pg: Postgr
                     results[label][target.name].append(r)
                     say(f"{upstream} round {number} {label:<12} {target.name:<6} {brief(r, target.name)}")
         report: dict[str, Any] = {"runs": results, "rss_mib_per_worker": {}}
-        for name in ("bare", "twllm"):
+        for name in PROXIES:
             report["rss_mib_per_worker"][name] = rss_per_worker(proxies[name].pid)
         if args.profile and upstream == "standin":
             report["profile"] = profile(proxies["twllm"].pid, targets[2], Path(args.profile))
@@ -595,7 +611,7 @@ def summarize(report: dict) -> dict:
                         )
                 med["failures"] = sum(r["failures"] for r in results)
                 row[name] = med
-            for name in ("bare", "twllm"):
+            for name in PROXIES:
                 if "p50_ms" in row[name]:
                     row[name]["p50_over_direct_ms"] = row[name]["p50_ms"] - row["direct"]["p50_ms"]
                     row[name]["p99_over_direct_ms"] = row[name]["p99_ms"] - row["direct"]["p99_ms"]
@@ -604,19 +620,20 @@ def summarize(report: dict) -> dict:
             s[label] = row
         if "stream long" in s:
             extra = data["long"] - 8
-            for name in ("bare", "twllm"):
+            for name in PROXIES:
                 per_chunk = (
                     s["stream long"][name]["cpu_ms_per_stream"] - s["stream short"][name]["cpu_ms_per_stream"]
                 ) / extra
                 s.setdefault("cpu_us_per_chunk", {})[name] = round(per_chunk * 1000, 1)
         ratios: dict[str, float] = {}
-        for label in s:
-            if label.startswith("plain"):
-                ratios[f"cpu per request, {label}: twllm/bare"] = (
-                    s[label]["twllm"]["cpu_ms_per_request"] / s[label]["bare"]["cpu_ms_per_request"]
-                )
-        if "cpu_us_per_chunk" in s:
-            ratios["cpu per chunk: twllm/bare"] = s["cpu_us_per_chunk"]["twllm"] / s["cpu_us_per_chunk"]["bare"]
+        for name in ("twllm", SLOW):
+            for label in s:
+                if label.startswith("plain"):
+                    ratios[f"cpu per request, {label}: {name}/bare"] = (
+                        s[label][name]["cpu_ms_per_request"] / s[label]["bare"]["cpu_ms_per_request"]
+                    )
+            if "cpu_us_per_chunk" in s:
+                ratios[f"cpu per chunk: {name}/bare"] = s["cpu_us_per_chunk"][name] / s["cpu_us_per_chunk"]["bare"]
         s["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
         s["rss_mib_per_worker"] = data["rss_mib_per_worker"]
         if "workers" in data:

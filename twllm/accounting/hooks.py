@@ -26,8 +26,11 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
@@ -36,11 +39,12 @@ from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAut
 
 from twllm.accounting.auth import Authenticator, Identity, Rejection
 from twllm.accounting.gateway_config import Database, GatewayConfig
+from twllm.accounting.keys import hash_key
 from twllm.accounting.ledger import LedgerRow, LedgerWriter, replay_folder, row_from_logging
 from twllm.accounting.names import ModelNames
 from twllm.accounting.outcomes import FailureHold
 from twllm.accounting.spool import Spool
-from twllm.gateway import journal, metrics, responses, startup, streams
+from twllm.gateway import errors, forward, journal, metrics, responses, startup, streams
 from twllm.gateway.streams import EngineStreamCut, faithful
 from twllm.settings import DATABASE_URL_ENV, GATEWAY_SETTINGS_ENV
 
@@ -417,3 +421,91 @@ async def _guard_take(call_id: str, *, failed: bool) -> dict[str, Any] | None:
 
 spend_logger = SpendLogger()
 """The instance ``litellm_settings.callbacks`` names (LiteLLM refuses a class there)."""
+
+
+class FastAccounts:
+    """The checks and the ledger for the gateway's own forwarding (``twllm.gateway.forward``):
+    the same ``Authenticator`` and ledger rows as LiteLLM's path, without LiteLLM's objects."""
+
+    async def admit(self, api_key: str, route: str, model: str) -> forward.Admission | None:
+        rt = runtime()
+        rt.start()
+        if rt.auth.is_master(api_key):
+            return None  # the master key's requests keep LiteLLM's path (and its admin rights)
+        try:
+            identity = await rt.auth.authenticate(api_key, route, [model])
+        except Rejection as rejection:
+            self._refused(rt, api_key, model, rejection)
+            error = errors.public_error(rejection.status, rejection.body())
+            error.headers = dict(rejection.headers)
+            raise forward.Refused(error) from None
+        key = identity.key
+        if key is None:
+            return None
+        return forward.Admission(key.tenant_id, key.id, key.tenant, identity.hold)
+
+    @staticmethod
+    def _refused(rt: Runtime, api_key: str, model: str, rejection: Rejection) -> None:
+        """A known key's refusal is a row, as on LiteLLM's path (an unknown key's is no one's)."""
+        if rt.db.url is None:
+            return
+        key = rt.auth.cache.peek(hash_key(api_key))
+        if key is None:
+            rt.unattributed += 1
+            return
+        now = time.time()
+        admission = forward.Admission(key.tenant_id, key.id, key.tenant)
+        FastAccounts.row(
+            rt,
+            forward.Outcome(
+                admission,
+                str(uuid.uuid4()),
+                now,
+                model,
+                model,
+                None,
+                0,
+                0,
+                0,
+                None,
+                rejection.status,
+                "TwllmAuthError",
+                False,
+            ),
+        )
+
+    def settle(self, outcome: forward.Outcome) -> None:
+        rt = runtime()
+        if rt.db.url is None:
+            return
+        self.row(rt, outcome)
+
+    @staticmethod
+    def row(rt: Runtime, outcome: forward.Outcome) -> None:
+        names = rt.config.names
+        model = names.answered(outcome.deployment, outcome.model)
+        price = rt.config.price(model)
+        admission = outcome.admission
+        row = LedgerRow(
+            ts=datetime.fromtimestamp(outcome.started, tz=UTC),
+            request_id=outcome.request_id,
+            tenant_id=admission.tenant_id,
+            key_id=admission.key_id,
+            model=model,
+            deployment=outcome.deployment,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            cost=price.cost(outcome.prompt_tokens, outcome.completion_tokens),
+            currency=price.currency,
+            latency_ms=outcome.latency_ms,
+            ttft_ms=outcome.ttft_ms,
+            status_code=outcome.status,
+            error_class=outcome.error_class,
+            stream=outcome.stream,
+            requested_model=outcome.requested_model,
+            hold=admission.hold,
+        )
+        rt.commit(PreparedRow(outcome.request_id, row, admission.key_id, admission.tenant))
+
+
+forward.register(FastAccounts())

@@ -38,6 +38,7 @@ import orjson
 from twllm.gateway import (
     errors,
     failfast,
+    forward,
     journal,
     lean,
     readiness,
@@ -149,8 +150,11 @@ class Shield:
         settings: HttpSettings,
         metrics: ASGIApp | None = None,
         mounts: Mapping[str, ASGIApp] | None = None,
+        forwarder: forward.Forwarder | None = None,
     ) -> None:
         self.app = app
+        self.forwarder = forwarder
+        """twllm's own forwarding of the hot routes (None: LiteLLM serves every request)."""
         self.settings = settings
         self.mounts = dict(mounts or {})
         """Path prefix -> app served there instead of LiteLLM (``MOUNTS``)."""
@@ -198,8 +202,13 @@ class Shield:
             checked = await _json_object(limited, send)  # LiteLLM fails on other bodies with a 500
             if checked is None:
                 return
-            receive, length = checked
-            scope = {**scope, "headers": litellm_request_headers(scope, length)}
+            body = checked
+            # twllm's own forwarding (forward.py), for the requests that need nothing of LiteLLM's;
+            # after the body, ``limited`` says when the client hangs up
+            if self.forwarder is not None and await self.forwarder.serve(path, scope, body, limited, send):
+                return
+            receive = replaying(body, limited)
+            scope = {**scope, "headers": litellm_request_headers(scope, len(body))}
         if score.is_score(path):  # vLLM's score API, answered by LiteLLM's rerank (score.py)
             await score.serve(self.app, scope, receive, _Rewriter(send, method, path).send)
             return
@@ -240,8 +249,8 @@ class Shield:
         return replaying(b"".join(chunks), receive)
 
 
-async def _json_object(receive: Receive, send: Send) -> tuple[Receive, int] | None:
-    """``receive`` replaying a body LiteLLM can read and its length, or None once a 400 has been sent.
+async def _json_object(receive: Receive, send: Send) -> bytes | None:
+    """The body, as LiteLLM can read it, or None once a 400 has been sent.
 
     Every POST route served is OpenAI's JSON API. LiteLLM answers a body that is a JSON array or
     scalar with a 500 (its auth reads fields off it) and logs a traceback for one that is not
@@ -259,8 +268,7 @@ async def _json_object(receive: Receive, send: Send) -> tuple[Receive, int] | No
     if problem is not None:
         await send_error(send, problem)
         return None
-    body = _without_null_metadata(body)
-    return replaying(body, receive), len(body)
+    return _without_null_metadata(body)
 
 
 def body_problem(body: bytes) -> errors.PublicError | None:
@@ -639,8 +647,9 @@ def build(settings: HttpSettings | None = None) -> ASGIApp:
 
     gateway = scrape.settings_from_env()
     settings = settings or gateway.http
+    forwarder = forward.Forwarder(forward.load_table_from_env()) if settings.fast_path else None
     shielded: ASGIApp = Shield(
-        proxy_app, settings, scrape.route(gateway.metrics, scrape.master_key(gateway)), load_mounts()
+        proxy_app, settings, scrape.route(gateway.metrics, scrape.master_key(gateway)), load_mounts(), forwarder
     )
     if settings.cors_origins:
         return CORSMiddleware(

@@ -101,6 +101,8 @@ class HttpSettings(_Section):
 
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     cors_origins: tuple[str, ...] = ()
+    fast_path: bool = True
+    """twllm forwards the requests that need nothing of LiteLLM's itself (twllm.gateway.forward)."""
 
 
 class MetricsSettings(_Section):

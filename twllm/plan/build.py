@@ -149,6 +149,7 @@ def make_plan(loaded: LoadedSpec, inventory: GpuInventory, state_dir: Path) -> P
             tls_cert=_spec_path(loaded, gw.tls.cert) if gw.tls else None,
             tls_key=_spec_path(loaded, gw.tls.key) if gw.tls else None,
             cors_origins=tuple(gw.cors_origins),
+            fast_path=gw.fast_path,
         ),
         database=DatabasePlan(
             embedded=db.url is None,

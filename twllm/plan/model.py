@@ -94,6 +94,7 @@ class GatewayPlan(_Frozen):
     tls_cert: str | None = None
     tls_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    fast_path: bool = True
 
 
 class DatabasePlan(_Frozen):

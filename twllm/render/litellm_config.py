@@ -277,7 +277,11 @@ def gateway_settings(plan: Plan, spec: Spec) -> GatewaySettings:
             embedded=plan.database.embedded, url_env=plan.database.url_env, url=plan.database.url
         ),
         guard=guard_settings(spec, plan),
-        http=HttpSettings(max_request_bytes=plan.gateway.max_request_bytes, cors_origins=plan.gateway.cors_origins),
+        http=HttpSettings(
+            max_request_bytes=plan.gateway.max_request_bytes,
+            cors_origins=plan.gateway.cors_origins,
+            fast_path=plan.gateway.fast_path,
+        ),
         metrics=MetricsSettings(enabled=spec.monitoring.metrics.enabled, port=spec.monitoring.metrics.port),
         models={
             name: ModelSettings(

@@ -133,6 +133,10 @@ class GatewaySpec(_Model):
     """Serve HTTPS with this certificate and key (PEM files) instead of plain HTTP."""
     cors_origins: list[str] = []
     """Browser origins allowed to call the gateway (e.g. https://app.example.tw); none by default."""
+    fast_path: bool = True
+    """Forward plain requests to vLLM engines directly (chat, completions and embeddings with a
+    tenant key, OpenAI's fields only, no guard, no fallbacks): the same checks, ledger row and
+    errors at a fraction of LiteLLM's CPU. false: every request takes LiteLLM's path."""
 
     @model_validator(mode="after")
     def _key_prefix(self) -> GatewaySpec:
