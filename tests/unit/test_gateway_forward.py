@@ -145,3 +145,22 @@ def test_pick_prefers_the_least_busy_replica_that_answers_its_probe_and_takes_tu
     assert fw.pick(group, {a}).id == b  # a retry tries the other one
     fw.in_flight[b] = 1
     assert fw.pick(group, {a, b}).id == a  # every one tried: the least busy again
+
+
+def test_the_workers_shutdown_closes_the_connections_to_the_engines() -> None:
+    """Left open, aiohttp logs 'Unclosed client session' as the worker exits."""
+    from twllm.gateway.asgi import _lifespan
+
+    fw = forward.Forwarder(forward.load_table(config_of(SPEC), ENV))
+    reported: list[dict] = []
+
+    async def send(message: dict) -> None:
+        reported.append(message)
+
+    async def go() -> bool:
+        session = fw.session()
+        await _lifespan(send, fw)({"type": "lifespan.shutdown.complete"})
+        return bool(session.closed)
+
+    assert asyncio.run(go()) is True
+    assert reported == [{"type": "lifespan.shutdown.complete"}]

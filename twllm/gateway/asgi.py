@@ -163,7 +163,7 @@ class Shield:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, _on_startup(send))
+            await self.app(scope, receive, _lifespan(send, self.forwarder))
             return
         if scope["type"] != "http":  # websockets (LiteLLM's realtime routes): not served
             if scope["type"] == "websocket":
@@ -596,16 +596,19 @@ class ClientErrorLogFilter(logging.Filter):
         return True
 
 
-def _on_startup(send: Send) -> Send:
+def _lifespan(send: Send, forwarder: forward.Forwarder | None = None) -> Send:
     """``send`` of the lifespan: the worker's start is reported once the start-up actions are
-    done (``twllm.gateway.startup``), so it reads no request before."""
+    done (``twllm.gateway.startup``), so it reads no request before; at its end the fast path's
+    connections to the engines are closed."""
 
-    async def forward(message: MutableMapping[str, Any]) -> None:
+    async def report(message: MutableMapping[str, Any]) -> None:
         if message.get("type") == "lifespan.startup.complete":
             await startup.run()
+        elif message.get("type") == "lifespan.shutdown.complete" and forwarder is not None:
+            await forwarder.close()
         await send(message)
 
-    return forward
+    return report
 
 
 def install_log_filter(logger: logging.Logger) -> None:

@@ -361,6 +361,11 @@ class Forwarder:
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False)
         return self._session
 
+    async def close(self) -> None:
+        """Close the connections to the engines (the worker is stopping)."""
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
     async def serve(self, path: str, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
         """Serve the request and return True, or return False having done nothing (LiteLLM then
         serves it)."""
