@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import faulthandler
 import os
 import shutil
 import sys
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     # The proxy's startup reads its config from here (each worker does, on import of the app).
     os.environ["CONFIG_FILE_PATH"] = str(config)
     os.environ["NUM_WORKERS"] = str(args.workers)
+    # A worker that crashes in C code (CI once saw one segfault in libpython while PostgreSQL was
+    # stopped under load) prints its Python stack to the log: workers are spawned and inherit it.
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+    faulthandler.enable()
     # Our hooks are imported by module name relative to the config's folder first.
     sys.path.insert(0, str(config.parent))
     prepare_metrics(args.host)
